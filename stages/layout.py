@@ -1,0 +1,66 @@
+"""Where each stage reads and writes, relative to the project root (the DVC root).
+
+``dvc.yaml`` names the same paths; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+RESULTS = Path("results")
+
+
+def run_key(shots: int, seed: int) -> str:
+    return f"k{shots}-s{seed}"
+
+
+def prepared(category: str) -> Path:
+    """Directory with train.zarr (the shot pool), test.zarr and shots.json."""
+    return ARTIFACTS / "prepare" / category
+
+
+def augmented(category: str, shots: int, seed: int) -> Path:
+    """Directory with lora.safetensors and generated.zarr."""
+    return ARTIFACTS / "augment" / category / run_key(shots, seed)
+
+
+def normals(category: str) -> Path:
+    """Directory with train.zarr and test.zarr of estimated normals."""
+    return ARTIFACTS / "normals" / category
+
+
+def normals_generated(category: str, shots: int, seed: int) -> Path:
+    return ARTIFACTS / "normals_generated" / category / f"{run_key(shots, seed)}.zarr"
+
+
+def features(category: str) -> Path:
+    """Directory with train.zarr and test.zarr of backbone features."""
+    return ARTIFACTS / "features" / category
+
+
+def features_generated(category: str, shots: int, seed: int) -> Path:
+    return ARTIFACTS / "features_generated" / category / f"{run_key(shots, seed)}.zarr"
+
+
+def mappers(category: str, shots: int, seed: int) -> Path:
+    """Directory with the four mapper checkpoints (safetensors) and config.json."""
+    return ARTIFACTS / "mappers" / category / run_key(shots, seed)
+
+
+def loss_curve(category: str, shots: int, seed: int) -> Path:
+    return RESULTS / "loss" / category / f"{run_key(shots, seed)}.csv"
+
+
+def scores(category: str, shots: int, seed: int) -> Path:
+    return ARTIFACTS / "scores" / category / f"{run_key(shots, seed)}.zarr"
+
+
+def evaluation(category: str, shots: int, seed: int) -> Path:
+    """Directory with metrics.json, ablations.json, roc.csv, pro.csv and heatmap PNGs."""
+    return RESULTS / "evaluate" / category / run_key(shots, seed)
+
+
+def summary() -> Path:
+    """Directory with summary.md/.csv, ablations.md/.csv and the overview figure."""
+    return RESULTS / "summary"
