@@ -36,7 +36,14 @@ def provenance(stage: str, params: Mapping[str, Any], **extra: Any) -> dict[str,
 
 
 def _temp_sibling(path: Path) -> Path:
+    """A fresh temporary directory beside ``path``; leftovers of killed runs are removed.
+
+    Only one writer per output exists at a time (DVC locks the repository), so any older
+    ``.<name>.tmp-*`` sibling belongs to a run that died.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 

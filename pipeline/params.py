@@ -181,8 +181,9 @@ class Params(Section):
         root = Path(self.data.root)
         for category in self.data.categories:
             # A real dataset must use its official category names; a local dataset (the demo)
-            # may name its own, as long as the folder exists.
-            if category not in known and not (root / category).is_dir():
+            # may name its own, as long as the folder exists. A missing root is reported by
+            # the data layer when a stage reads it.
+            if category not in known and root.is_dir() and not (root / category).is_dir():
                 raise ValueError(
                     f"data.categories: unknown category {category!r} "
                     f"(allowed for {self.data.dataset}: {', '.join(known)}, "
@@ -196,8 +197,11 @@ class Params(Section):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
+        if not key:  # a cross-section check: its message already names the keys
+            lines.append(f"{source}: {msg.removeprefix('Value error, ')}")
+            continue
         if e["type"] == "extra_forbidden":
             parent = e["loc"][:-1]
             model: type[BaseModel] = Params

@@ -151,6 +151,25 @@ def report(params: ParamsOpt = Path("params.yaml")) -> None:
     _run_stage("report", params)
 
 
+@app.command("sweep-lambda")
+def sweep_lambda(
+    values: Annotated[str, typer.Option(help="Comma-separated weights.")] = "0,0.05,0.1,0.2,0.5,1",
+    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/sensitivity"),
+) -> None:
+    """Sweep the estimated-stream weight with `dvc exp run` (only score/evaluate re-run); plot."""
+    from stages.sensitivity import run_sweep
+
+    try:
+        weights = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--values: not a comma-separated list of numbers: {values!r}")
+    try:
+        run_sweep(weights, params, out)
+    except CmdsAdError as err:
+        _fail(str(err))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -1,0 +1,42 @@
+# make demo: install, generate the embedded demo dataset, run the whole pipeline with DVC on the CPU.
+# make test: install, run the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install demo test bench clean-results
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CUDA build that lies on this machine's disk (see README)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data/demo: | $(STAMP)
+	cmds-ad demo-data data/demo
+
+demo: install data/demo
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "make demo needs a git checkout (DVC tracks runs with git)"; exit 1; }
+	time dvc repro
+	@cat results/summary/summary.md
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/scoring.py
+	$(BIN)/python benchmarks/diffusion.py
+	$(BIN)/python benchmarks/pipeline.py
+
+clean-results:
+	rm -rf artifacts results

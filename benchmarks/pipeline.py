@@ -1,0 +1,51 @@
+"""Pipeline costs: full `dvc repro`, re-score after a fusion-weight change, no-op repro.
+
+Runs in a scratch git + DVC copy of the project (the working copy is untouched).
+
+    python benchmarks/pipeline.py            # the full demo (3 categories, k = 1, 2, 4)
+    python benchmarks/pipeline.py --quick    # one category, k = 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from stages.scratch_project import make_project, sh, stages_run, write_params
+
+
+def timed(args: list[str], cwd: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = sh(args, cwd).stdout
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one category, k = 1")
+    args = parser.parse_args()
+    categories = ("disc",) if args.quick else ("disc", "dome", "slab")
+    overrides = {"fewshot.shots": [1]} if args.quick else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp) / "p", overrides, categories=categories)
+        full, out = timed(["dvc", "repro"], project)
+        n_full = len(stages_run(out))
+        write_params(project, {"score.lambda_1": 0.2, "score.lambda_2": 0.2})
+        rescore, out = timed(["dvc", "repro"], project)
+        rescored = sorted(stages_run(out))
+        noop, out = timed(["dvc", "repro"], project)
+        assert not stages_run(out), out
+        version, _ = timed(["dvc", "--version"], project)
+        print(f"categories: {', '.join(categories)}")
+        print(f"full dvc repro:                 {full:8.1f} s  ({n_full} stage instances)")
+        print(f"re-score after lambda change:   {rescore:8.1f} s  ({len(rescored)} instances: "
+              f"{', '.join(sorted({s.split('@')[0] for s in rescored}))})")
+        print(f"re-score / full:                {100 * rescore / full:8.1f} %")
+        print(f"no-op dvc repro:                {noop:8.2f} s")
+        print(f"dvc --version (DVC start-up):   {version:8.2f} s")
+
+
+if __name__ == "__main__":
+    main()
