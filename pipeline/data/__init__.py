@@ -1,0 +1,94 @@
+"""Dataset readers behind one API (DESIGN 1.1).
+
+>>> refs = list_samples("mvtec3d", "data/demo", "disc", "test")   # cheap: paths and labels
+>>> raw = load_sample(refs[0])                                     # reads one sample's files
+
+Splits are named ``train``, ``validation`` and ``test`` for every dataset (Eyecandies'
+``val`` and ``test_public`` folders are mapped). Sample ids are ``<defect_type>/<stem>``
+(``good/000``, ``crack/003``), unique within a split and sorted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.eyecandies import list_eyecandies, read_eyecandies_xyz
+from pipeline.data.mvtec import list_mvtec, read_mask, read_rgb, read_xyz
+from pipeline.errors import InputError
+
+DATASETS = ("mvtec3d", "eyecandies")
+
+__all__ = ["DATASETS", "RawSample", "SampleRef", "list_samples", "load_sample", "read_rgb"]
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's files are; no pixel data."""
+
+    dataset: str
+    category: str
+    split: str
+    id: str
+    label: int  # 0 good, 1 defective
+    defect_type: str
+    rgb: Path
+    xyz: Path | None = None  # MVTec 3D-AD point cloud TIFF
+    depth: Path | None = None  # Eyecandies 16-bit depth PNG
+    depth_info: Path | None = None  # Eyecandies depth range YAML
+    gt: Path | None = None  # None: no mask file (all good)
+
+    @property
+    def geometry_path(self) -> Path:
+        """The file the point cloud comes from (for error messages)."""
+        return self.xyz if self.xyz is not None else self.depth  # type: ignore[return-value]
+
+
+@dataclass
+class RawSample:
+    """One sample as read: rgb uint8 (H, W, 3), xyz float32 (H, W, 3), gt bool (H, W)."""
+
+    rgb: np.ndarray
+    xyz: np.ndarray
+    gt: np.ndarray
+
+
+def list_samples(dataset: str, root: str | Path, category: str, split: str) -> list[SampleRef]:
+    """All samples of a split, sorted by id; raises InputError for a missing/empty layout."""
+    if dataset == "mvtec3d":
+        entries = list_mvtec(root, category, split)
+    elif dataset == "eyecandies":
+        entries = list_eyecandies(root, category, split)
+    else:
+        raise InputError(f"data.dataset: unknown dataset {dataset!r} (expected one of {DATASETS})")
+    return [SampleRef(dataset=dataset, category=category, split=split, **e) for e in entries]
+
+
+def load_sample(ref: SampleRef) -> RawSample:
+    """Read and validate one sample; every error names the file at fault."""
+    rgb = read_rgb(ref.rgb)
+    if ref.xyz is not None:
+        xyz = read_xyz(ref.xyz)
+    elif ref.depth is not None and ref.depth_info is not None:
+        xyz = read_eyecandies_xyz(ref.depth, ref.depth_info)
+    else:
+        raise InputError(f"{ref.rgb}: sample {ref.id!r} has no geometry file")
+    if xyz.shape[:2] != rgb.shape[:2]:
+        raise InputError(
+            f"{ref.geometry_path}: point cloud size {xyz.shape[1]}x{xyz.shape[0]} (WxH) does not "
+            f"match rgb image {ref.rgb.name} size {rgb.shape[1]}x{rgb.shape[0]}"
+        )
+    if ref.gt is not None and ref.gt.exists():
+        gt = read_mask(ref.gt)
+        if gt.shape != rgb.shape[:2]:
+            raise InputError(
+                f"{ref.gt}: mask size {gt.shape[1]}x{gt.shape[0]} (WxH) does not match rgb "
+                f"image {ref.rgb.name} size {rgb.shape[1]}x{rgb.shape[0]}"
+            )
+    elif ref.gt is not None:
+        raise InputError(f"{ref.gt}: ground-truth mask not found")
+    else:
+        gt = np.zeros(rgb.shape[:2], dtype=bool)
+    return RawSample(rgb=rgb, xyz=xyz, gt=gt)

@@ -1,0 +1,135 @@
+"""Eyecandies reader (DESIGN 1.1).
+
+Layout (one folder per split, all items of a sample side by side)::
+
+    <root>/<Category>/{train,val,test_public}/data/
+        NNN_image_0..5.png  NNN_depth.png (16-bit)  NNN_info_depth.yaml  NNN_normals.png
+        NNN_pose.txt  [NNN_mask.png in test sets]
+
+As in CFM, M3DM and CMDS-AD we use one lighting condition (``image_4``), convert the 16-bit
+depth to metres with the range in ``info_depth.yaml`` (``d / 65535 * (max - min) + min``) and
+back-project it with a pinhole camera of focal length 711.11 px whose principal point is the
+image centre (``cx = W / 2``, ``cy = H / 2``, pixel ``(u, v)`` at integer coordinates), in the
+camera frame (the pose is not applied). The depth is a z-depth along the optical axis.
+
+Our splits map to folders as: train -> ``train``, validation -> ``val``, test ->
+``test_public``. Test labels come from the mask: a sample is defective when any mask pixel is
+non-zero; ids are ``good/<stem>`` or ``bad/<stem>`` (defect type ``bad``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.data.mvtec import category_dir, clean_xyz, read_mask
+from pipeline.errors import InputError
+
+FOCAL_LENGTH = 711.11
+RGB_ITEM = "image_4"
+SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test_public"}
+
+
+def read_depth_info(path: str | Path) -> tuple[float, float]:
+    """The (min, max) metric depth range of ``NNN_info_depth.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: depth range file not found")
+    try:
+        info = yaml.safe_load(path.read_text())
+        lo = float(info["normalization"]["min"])
+        hi = float(info["normalization"]["max"])
+    except Exception as err:
+        raise InputError(
+            f"{path}: expected 'normalization: {{min: .., max: ..}}' ({type(err).__name__}: {err})"
+        ) from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise InputError(f"{path}: invalid depth range min={lo}, max={hi}")
+    return lo, hi
+
+
+def read_depth16(path: str | Path) -> np.ndarray:
+    """A 16-bit single-channel depth PNG as ``uint16`` (H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: depth image not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except Exception as err:
+        raise InputError(f"{path}: cannot read depth image ({err})") from None
+    if arr.ndim != 2 or not mode.startswith("I"):
+        raise InputError(f"{path}: expected a 16-bit single-channel depth PNG, got mode {mode!r}")
+    if arr.min() < 0 or arr.max() > 65535:
+        raise InputError(f"{path}: depth values outside the 16-bit range")
+    return arr.astype(np.uint16)
+
+
+def depth_to_xyz(depth_m: np.ndarray, focal: float = FOCAL_LENGTH) -> np.ndarray:
+    """Back-project a metric z-depth map with the pinhole camera of the module docstring."""
+    h, w = depth_m.shape
+    u = np.arange(w, dtype=np.float64)[None, :] - w / 2.0
+    v = np.arange(h, dtype=np.float64)[:, None] - h / 2.0
+    z = depth_m.astype(np.float64)
+    xyz = np.stack([u * z / focal, v * z / focal, z], axis=-1)
+    xyz[z <= 0] = 0.0  # no measurement
+    return xyz.astype(np.float32)
+
+
+def read_eyecandies_xyz(depth_path: str | Path, info_path: str | Path) -> np.ndarray:
+    depth_path = Path(depth_path)
+    raw = read_depth16(depth_path)
+    lo, hi = read_depth_info(info_path)
+    depth_m = raw.astype(np.float64) / 65535.0 * (hi - lo) + lo
+    return clean_xyz(depth_to_xyz(depth_m), depth_path)
+
+
+def _item(data_dir: Path, stem: str, item: str) -> Path:
+    suffix = ".yaml" if item == "info_depth" else ".png"
+    return data_dir / f"{stem}_{item}{suffix}"
+
+
+def list_eyecandies(root: str | Path, category: str, split: str) -> list[dict]:
+    """Sample descriptions of one split, sorted by id; missing files are reported here."""
+    if split not in SPLIT_FOLDERS:
+        raise InputError(f"unknown split {split!r} (expected one of {', '.join(SPLIT_FOLDERS)})")
+    data_dir = category_dir(root, category) / SPLIT_FOLDERS[split] / "data"
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir}: split folder not found (not in the Eyecandies layout)")
+    suffix = f"_{RGB_ITEM}.png"
+    stems = {p.name[: -len(suffix)] for p in data_dir.iterdir() if p.name.endswith(suffix)}
+    stems |= {p.name[: -len("_depth.png")] for p in data_dir.iterdir() if p.name.endswith("_depth.png")}
+    out: list[dict] = []
+    for stem in sorted(stems):
+        rgb = _item(data_dir, stem, RGB_ITEM)
+        depth = _item(data_dir, stem, "depth")
+        info = _item(data_dir, stem, "info_depth")
+        for path, what in ((rgb, "rgb image"), (depth, "depth image"), (info, "depth range file")):
+            if not path.is_file():
+                raise InputError(f"{path}: {what} not found")
+        gt = None
+        label = 0
+        if split == "test":
+            gt = _item(data_dir, stem, "mask")
+            label = int(read_mask(gt).any())
+        kind = "bad" if label else "good"
+        out.append(
+            {
+                "id": f"{kind}/{stem}",
+                "label": label,
+                "defect_type": kind,
+                "rgb": rgb,
+                "depth": depth,
+                "depth_info": info,
+                "gt": gt,
+            }
+        )
+    if not out:
+        raise InputError(f"{data_dir}: split is empty (no *_{RGB_ITEM}.png samples found)")
+    out.sort(key=lambda s: s["id"])
+    return out

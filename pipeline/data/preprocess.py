@@ -1,0 +1,211 @@
+"""Per-sample preprocessing (DESIGN 1.1, steps 1-4).
+
+1. Support-plane removal: RANSAC plane on the valid points of a ``plane_border``-pixel border,
+   seeded; every point closer than ``plane_distance`` to it becomes (0, 0, 0).
+2. Largest connected cluster. The published code runs DBSCAN (eps 0.006 m, min 30 points) on
+   the unorganised cloud. On the organised grid we build the graph that links each valid pixel
+   to its 8 grid neighbours whose 3D distance is <= eps and keep its largest connected
+   component (if it has at least ``min_points`` points). This is the same cluster as DBSCAN's
+   whenever the object is a grid-connected surface sampled more densely than eps (tested
+   against sklearn), and runs in milliseconds instead of seconds.
+3. Pad to a square, centred (xyz and gt with zeros, rgb with black = 0), then resize to
+   ``size``: rgb bicubic (PIL), xyz and gt nearest (pixel-centre sampling).
+4. Foreground: pixels with a non-zero point after 1-3, dilated by one pixel (3 x 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+if TYPE_CHECKING:
+    from pipeline.params import DataParams
+
+RGB_PAD_VALUE = 0  # black: the padded band has no point, so it is background anyway
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 224
+    plane_border: int = 10
+    plane_distance: float = 0.005
+    ransac_iterations: int = 200
+    cluster_eps: float = 0.006
+    cluster_min_points: int = 30
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, data: DataParams) -> PreprocessConfig:
+        return cls(
+            size=data.size,
+            plane_border=data.plane_border,
+            plane_distance=data.plane_distance,
+            ransac_iterations=data.ransac_iterations,
+            cluster_eps=data.cluster_eps,
+            cluster_min_points=data.cluster_min_points,
+            seed=data.seed,
+        )
+
+
+@dataclass
+class Prepared:
+    rgb: np.ndarray  # (S, S, 3) uint8
+    xyz: np.ndarray  # (S, S, 3) float32, zeros = background
+    gt: np.ndarray  # (S, S) uint8 0/1
+    fg: np.ndarray  # (S, S) uint8 0/1
+
+
+def valid_mask(xyz: np.ndarray) -> np.ndarray:
+    return np.any(xyz != 0, axis=-1)
+
+
+def fit_plane_ransac(
+    points: np.ndarray, threshold: float, iterations: int, rng: np.random.Generator
+) -> tuple[np.ndarray, float] | None:
+    """RANSAC plane ``n . p + d = 0`` (unit n) through (N, 3) points; None if under 3 points.
+
+    The best hypothesis (most inliers within ``threshold``) is refined by a least-squares fit
+    to its inliers.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    n = len(pts)
+    if n < 3:
+        return None
+    idx = rng.integers(0, n, size=(iterations, 3))
+    a, b, c = pts[idx[:, 0]], pts[idx[:, 1]], pts[idx[:, 2]]
+    normals = np.cross(b - a, c - a)
+    norms = np.linalg.norm(normals, axis=1)
+    ok = norms > 1e-12
+    if not ok.any():
+        return None
+    normals = normals[ok] / norms[ok, None]
+    offsets = -np.einsum("ij,ij->i", normals, a[ok])
+    # Count inliers hypothesis by hypothesis in blocks so memory stays small.
+    best, best_count = 0, -1
+    for start in range(0, len(normals), 32):
+        dist = np.abs(pts @ normals[start : start + 32].T + offsets[start : start + 32])
+        counts = (dist < threshold).sum(axis=0)
+        j = int(np.argmax(counts))
+        if counts[j] > best_count:
+            best, best_count = start + j, int(counts[j])
+    normal, offset = normals[best], offsets[best]
+    inliers = pts[np.abs(pts @ normal + offset) < threshold]
+    if len(inliers) >= 3:
+        centre = inliers.mean(axis=0)
+        _, _, vt = np.linalg.svd(inliers - centre, full_matrices=False)
+        refined = vt[-1]
+        # Keep the refinement only if it explains the data at least as well.
+        if (np.abs((pts - centre) @ refined) < threshold).sum() >= best_count:
+            normal, offset = refined, -float(refined @ centre)
+    return normal, float(offset)
+
+
+def remove_plane(
+    xyz: np.ndarray, border: int, distance: float, iterations: int, seed: int
+) -> np.ndarray:
+    """Zero every point closer than ``distance`` to the RANSAC plane of the image border."""
+    h, w = xyz.shape[:2]
+    ring = np.zeros((h, w), dtype=bool)
+    b = min(border, h // 2, w // 2)
+    ring[:b], ring[-b:], ring[:, :b], ring[:, -b:] = True, True, True, True
+    valid = valid_mask(xyz)
+    plane = fit_plane_ransac(xyz[ring & valid], distance, iterations, np.random.default_rng(seed))
+    if plane is None:  # no border to fit: nothing to remove
+        return xyz
+    normal, offset = plane
+    dist = np.abs(xyz.astype(np.float64) @ normal + offset)
+    out = xyz.copy()
+    out[valid & (dist < distance)] = 0.0
+    return out
+
+
+def grid_components(xyz: np.ndarray, eps: float) -> tuple[np.ndarray, int]:
+    """Label map (-1 = no point) of the 8-neighbour grid graph with 3D edges <= eps."""
+    h, w = xyz.shape[:2]
+    valid = valid_mask(xyz)
+    index = np.full((h, w), -1, dtype=np.int64)
+    index[valid] = np.arange(int(valid.sum()))
+    rows, cols = [], []
+    # Right, down, down-right and down-left cover all 8 neighbours of an undirected graph.
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        ys0, ys1 = slice(0, h - dy), slice(dy, h)
+        xs0 = slice(max(0, -dx), w - max(0, dx))
+        xs1 = slice(max(0, dx), w - max(0, -dx))
+        p, q = xyz[ys0, xs0], xyz[ys1, xs1]
+        link = valid[ys0, xs0] & valid[ys1, xs1]
+        link &= np.sum((p - q).astype(np.float64) ** 2, axis=-1) <= eps * eps
+        rows.append(index[ys0, xs0][link])
+        cols.append(index[ys1, xs1][link])
+    n = int(valid.sum())
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n, n))
+    count, labels = connected_components(graph, directed=False)
+    out = np.full((h, w), -1, dtype=np.int64)
+    out[valid] = labels
+    return out, int(count)
+
+
+def largest_cluster(xyz: np.ndarray, eps: float, min_points: int) -> np.ndarray:
+    """Keep only the largest connected cluster (>= min_points points); zero the rest."""
+    labels, count = grid_components(xyz, eps)
+    out = np.zeros_like(xyz)
+    if count == 0:
+        return out
+    sizes = np.bincount(labels[labels >= 0], minlength=count)
+    best = int(np.argmax(sizes))  # ties: the lowest label, i.e. first in raster order
+    if sizes[best] < min_points:
+        return out
+    keep = labels == best
+    out[keep] = xyz[keep]
+    return out
+
+
+def pad_square(arr: np.ndarray, value: float = 0) -> np.ndarray:
+    """Pad (H, W, ...) to a centred square of side max(H, W)."""
+    h, w = arr.shape[:2]
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    pad = [(top, s - h - top), (left, s - w - left)] + [(0, 0)] * (arr.ndim - 2)
+    return np.pad(arr, pad, mode="constant", constant_values=value)
+
+
+def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a square (S, S, ...) array by pixel-centre sampling."""
+    s = arr.shape[0]
+    src = np.minimum(((np.arange(size) + 0.5) * s / size).astype(np.int64), s - 1)
+    return arr[src][:, src]
+
+
+def resize_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def foreground(xyz: np.ndarray) -> np.ndarray:
+    """Pixels with a point, dilated by one pixel (3 x 3), as uint8 0/1."""
+    return ndimage.binary_dilation(valid_mask(xyz), structure=np.ones((3, 3), bool)).astype(np.uint8)
+
+
+def clean_points(xyz: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Steps 1-2 at the input resolution."""
+    xyz = remove_plane(xyz, cfg.plane_border, cfg.plane_distance, cfg.ransac_iterations, cfg.seed)
+    return largest_cluster(xyz, cfg.cluster_eps, cfg.cluster_min_points)
+
+
+def preprocess(rgb: np.ndarray, xyz: np.ndarray, gt: np.ndarray, cfg: PreprocessConfig) -> Prepared:
+    """Steps 1-4 for one sample; the result may have no foreground (the caller decides)."""
+    xyz = clean_points(xyz, cfg)
+    rgb_s = resize_bicubic(pad_square(rgb, RGB_PAD_VALUE), cfg.size)
+    xyz_s = resize_nearest(pad_square(xyz, 0.0), cfg.size).astype(np.float32)
+    gt_s = resize_nearest(pad_square(gt.astype(np.uint8), 0), cfg.size)
+    return Prepared(
+        rgb=rgb_s,
+        xyz=np.ascontiguousarray(xyz_s),
+        gt=(gt_s > 0).astype(np.uint8),
+        fg=foreground(xyz_s),
+    )
