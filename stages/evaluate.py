@@ -1,0 +1,219 @@
+"""Stage ``evaluate`` (category, k, seed): metrics, curves, heatmaps and fusion ablations
+(DESIGN 1.7).
+
+Reads   artifacts/scores/<cat>/k<k>-s<seed>.zarr (stream maps, fg, map, map_pro, map_roc,
+        image_score), artifacts/prepare/<cat>/test.zarr (gt, rgb; attrs ids, labels)
+Writes  results/evaluate/<cat>/k<k>-s<seed>/ (atomically):
+        metrics.json   flat dict for ``dvc metrics show``: i_auroc (from image_score),
+                       p_auroc (from map_roc), aupro@<limit> (from map_pro), category, shots,
+                       seed, n_test, ...; an undefined metric is null, with its reason under
+                       ``undefined``
+        roc.csv        fpr,tpr (image level)              } DVC plots
+        pro.csv        fpr,pro up to the largest limit, at most 1000 points }
+        heatmaps/<id>.png  overlays of ``map`` (common colour scale [0, max over the test set])
+                       on the RGB image with the gt contour in white, for
+                       ``evaluate.heatmaps_per_class`` good and defective images each, chosen
+                       evenly over each class's score ranking from the highest score down
+                       (see :func:`pipeline.report.choose_examples`)
+        overview.png   those overlays, the ROC and PRO curves and the score histograms
+        ablations.json fusion variants recomputed from the stored stream maps (no model):
+                       {variant: metrics} for the variants in ``ABLATIONS``
+
+Also ``metrics_command`` behind ``cmds-ad metrics FILE.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import metrics as M
+from pipeline import report as R
+from pipeline.artifacts import Store, atomic_dir, open_store
+from pipeline.errors import InputError
+from pipeline.params import Params
+from pipeline.progress import info, track
+from stages import layout
+
+# variant name -> update of the ``score`` section (DESIGN 1.6 ablations)
+ABLATIONS: dict[str, dict[str, str]] = {
+    "2d_only": {"modalities": "2d"},
+    "3d_only": {"modalities": "3d"},
+    "real_only": {"streams": "real"},
+    "estimated_only": {"streams": "estimated"},
+    "sum": {"fusion": "sum"},
+    "max": {"fusion": "max"},
+    "product": {"fusion": "product"},
+}
+PRO_PLOT_POINTS = 1000
+
+
+# ------------------------------------------------------------------------ cmds-ad metrics
+
+
+def metrics_command(file: Path, aupro_thresholds: int | None) -> None:
+    """Print the metrics of the maps in an NPZ (anomaly_maps, gt, labels[, scores]) as JSON."""
+    file = Path(file)
+    if not file.is_file():
+        raise InputError(f"{file}: file not found")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"{file}: not a readable .npz file ({err})") from None
+    missing = [n for n in ("anomaly_maps", "gt", "labels") if n not in arrays]
+    if missing:
+        raise InputError(
+            f"{file}: missing array(s) {', '.join(missing)} (has: {', '.join(sorted(arrays))})"
+        )
+    try:
+        result = M.evaluate_maps(
+            arrays["anomaly_maps"], arrays["gt"], arrays["labels"],
+            scores=arrays.get("scores"), aupro_thresholds=aupro_thresholds,
+        )
+    except InputError as err:
+        raise InputError(f"{file}: {err}") from None
+    print(json.dumps(result, indent=2))
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def _ids(store: Store, path: Path) -> list[str]:
+    ids = store.attrs.get("ids")
+    if not isinstance(ids, list):
+        raise InputError(f"{path}: attribute 'ids' missing")
+    return [str(i) for i in ids]
+
+
+def _read(store: Store, path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    array = store[name]
+    if tuple(array.shape) != shape:
+        raise InputError(f"{path}: array {name!r} has shape {tuple(array.shape)}, expected {shape}")
+    return np.asarray(array[:])
+
+
+def _public(result: dict) -> dict:
+    """Metric values for JSON: the undefined reasons only when there are any."""
+    out = {k: v for k, v in result.items() if k != "undefined" and k != "n_images"}
+    if result.get("undefined"):
+        out["undefined"] = dict(result["undefined"])
+    return out
+
+
+def _ablations(scores: Store, path: Path, params: Params, category: str, gt: np.ndarray,
+               labels: np.ndarray) -> dict:
+    """Every fusion variant from the stored stream maps, streamed in batches."""
+    from pipeline.scoring import STREAM_NAMES, finish_maps
+
+    n, size = gt.shape[0], gt.shape[1:]
+    for name in (*STREAM_NAMES, "fg"):
+        if tuple(scores[name].shape) != (n, *size):
+            raise InputError(f"{path}: array {name!r} has shape {tuple(scores[name].shape)}, "
+                             f"expected {(n, *size)}")
+    p = params.evaluate
+    batch = params.score.batch_size
+    map_pro = np.empty(gt.shape, dtype=np.float32)
+    map_roc = np.empty(gt.shape, dtype=np.float32)
+    image_score = np.empty(n, dtype=np.float32)
+    out = {}
+    steps = [(v, start) for v in ABLATIONS for start in range(0, n, batch)]
+    for variant, start in track(steps, f"ablations {category}"):
+        stop = min(n, start + batch)
+        streams = {name: np.asarray(scores[name][start:stop]) for name in STREAM_NAMES}
+        fg = np.asarray(scores["fg"][start:stop])
+        variant_params = params.score.model_copy(update=ABLATIONS[variant])
+        scored = finish_maps(streams, fg, category, variant_params)
+        map_pro[start:stop] = scored.map_pro
+        map_roc[start:stop] = scored.map_roc
+        image_score[start:stop] = scored.image_score
+        if stop == n:
+            try:
+                result = M.evaluate(map_pro, gt, labels, scores=image_score, roc_maps=map_roc,
+                                    limits=p.limits, aupro_thresholds=p.aupro_thresholds)
+            except InputError as err:
+                raise InputError(f"{path}: fusion variant {variant!r}: {err}") from None
+            out[variant] = {"score_update": ABLATIONS[variant], **_public(result.metrics)}
+    return out
+
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+    p = params.evaluate
+    scores_path = layout.scores(category, shots, seed)
+    test_path = layout.prepared(category) / "test.zarr"
+    scores = open_store(scores_path)
+    test = open_store(test_path)
+    ids = _ids(scores, scores_path)
+    test_ids = _ids(test, test_path)
+    if ids != test_ids:
+        diff = next((i for i, (a, b) in enumerate(zip(ids, test_ids)) if a != b),
+                    min(len(ids), len(test_ids)))
+        raise InputError(
+            f"{scores_path}: sample ids do not match {test_path} ({len(ids)} vs {len(test_ids)} "
+            f"samples; first difference at position {diff}: "
+            f"{ids[diff] if diff < len(ids) else None!r} vs "
+            f"{test_ids[diff] if diff < len(test_ids) else None!r})"
+        )
+    n = len(ids)
+    if n == 0:
+        raise InputError(f"{test_path}: empty test set, nothing to evaluate")
+    labels_attr = test.attrs.get("labels")
+    if not isinstance(labels_attr, list) or len(labels_attr) != n:
+        raise InputError(f"{test_path}: attribute 'labels' missing or not one per sample")
+    labels = np.asarray(labels_attr, dtype=np.int64)
+
+    gt_array = test["gt"]
+    if gt_array.ndim != 3 or gt_array.shape[0] != n:
+        raise InputError(f"{test_path}: 'gt' has shape {tuple(gt_array.shape)}, expected (N, S, S)")
+    shape = tuple(int(v) for v in gt_array.shape)
+    gt = (np.asarray(gt_array[:]) > 0).astype(np.uint8)
+    map_pro = _read(scores, scores_path, "map_pro", shape)
+    map_roc = _read(scores, scores_path, "map_roc", shape)
+    image_score = _read(scores, scores_path, "image_score", (n,)).astype(np.float64)
+    if tuple(scores["map"].shape) != shape:
+        raise InputError(f"{scores_path}: array 'map' has shape {tuple(scores['map'].shape)}, "
+                         f"expected {shape}")
+
+    info(f"evaluate {category} {layout.run_key(shots, seed)}: {n} test images")
+    try:
+        ev = M.evaluate(map_pro, gt, labels, scores=image_score, roc_maps=map_roc,
+                        limits=p.limits, aupro_thresholds=p.aupro_thresholds)
+    except InputError as err:
+        raise InputError(f"{scores_path} with {test_path}: {err}") from None
+    del map_roc
+    metrics = {**_public(ev.metrics), "category": category, "shots": shots, "seed": seed,
+               "n_test": n}
+    ablations = _ablations(scores, scores_path, params, category, gt, labels)
+
+    # overlays of the raw fused map on one colour scale for the whole test set
+    vmax = 0.0
+    for start in range(0, n, params.score.batch_size):
+        vmax = max(vmax, float(np.max(scores["map"][start:start + params.score.batch_size])))
+    chosen = R.choose_examples(image_score, labels, p.heatmaps_per_class)
+    examples = []
+    pro_limit = max(p.limits)
+    roc_x, roc_y = ev.roc if ev.roc is not None else (np.zeros(0), np.zeros(0))
+    pro_x, pro_y = ev.pro_plot(pro_limit, PRO_PLOT_POINTS)
+    with atomic_dir(layout.evaluation(category, shots, seed)) as out:
+        (out / "heatmaps").mkdir()
+        for i in chosen:
+            image = R.overlay(np.asarray(test["rgb"][i]), np.asarray(scores["map"][i]), gt[i], vmax)
+            R.write_bytes(out / "heatmaps" / f"{R.safe_name(ids[i])}.png", R.png_bytes(image))
+            kind = "good" if labels[i] == 0 else "defective"
+            examples.append((image, f"{ids[i]} ({kind})\nscore {image_score[i]:.3g}"))
+        text = "   ".join(
+            f"{c.title} {'n/a' if ev.metrics[c.key] is None else f'{100 * ev.metrics[c.key]:.1f}'}"
+            for c in R.metric_columns(p.limits)
+        ) + "  (%)"
+        title = f"{category}  k={shots}  seed={seed}  ({n} test images)"
+        R.write_bytes(out / "overview.png", R.overview_png(
+            title, examples, ev.roc, (pro_x, pro_y), pro_limit, image_score, labels, text))
+        R.write_bytes(out / "roc.csv", R.curve_csv(("fpr", "tpr"), roc_x, roc_y).encode())
+        R.write_bytes(out / "pro.csv", R.curve_csv(("fpr", "pro"), pro_x, pro_y).encode())
+        R.write_bytes(out / "metrics.json",
+                      (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+        R.write_bytes(out / "ablations.json",
+                      (json.dumps(ablations, indent=2, sort_keys=True) + "\n").encode())

@@ -1,0 +1,102 @@
+"""Stage ``report``: summary tables over categories, k and seeds (DESIGN 1.7).
+
+Reads   results/evaluate/<cat>/k<k>-s<seed>/{metrics,ablations}.json for every category in
+        ``data.categories``, k in ``fewshot.shots`` and seed in ``fewshot.seeds``
+Writes  results/summary/ (atomically):
+        summary.md / summary.csv  per dataset and k: one row per category and the mean over
+                                  categories, in %; with several seeds mean ± sample std
+                                  (the mean row: mean over categories per seed, then over seeds)
+        ablations.md / .csv       fusion variants (and the configured model), mean over
+                                  categories per k
+        summary.png               bars per category and k (I-AUROC, AUPRO at the first limit)
+and prints the summary table to the terminal. A metric undefined for any category (null in
+metrics.json) makes the mean ``n/a`` rather than a mean over fewer categories.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import report as R
+from pipeline.artifacts import atomic_dir
+from pipeline.errors import InputError
+from pipeline.params import Params
+from stages import layout
+from stages.evaluate import ABLATIONS
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: not found (run the evaluate stage for this category and k)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _print_table(rows: list[R.Row], columns: list[R.Column]) -> None:
+    table = Table(title="CMDS-AD summary (%)")
+    for heading in ("dataset", "k", "category", *(c.title for c in columns)):
+        table.add_column(heading, justify="left" if heading in ("dataset", "category") else "right")
+    for r in rows:
+        style = "bold" if r.name == "mean" else None
+        table.add_row(r.dataset, str(r.shots), r.name, *(c.text() for c in r.cells), style=style)
+    Console(width=160).print(table)
+
+
+def run(params: Params) -> None:
+    dataset = params.data.dataset
+    categories = list(params.data.categories)
+    shots = list(params.fewshot.shots)
+    seeds = list(params.fewshot.seeds)
+    columns = R.metric_columns(params.evaluate.limits)
+
+    metrics: dict[tuple[str, int, int], dict] = {}
+    ablations: dict[tuple[str, int, int], dict] = {}
+    for cat in categories:
+        for k in shots:
+            for s in seeds:
+                folder = layout.evaluation(cat, k, s)
+                metrics[(cat, k, s)] = _load_json(folder / "metrics.json")
+                ablations[(cat, k, s)] = _load_json(folder / "ablations.json")
+                missing = [c.key for c in columns if c.key not in metrics[(cat, k, s)]]
+                if missing:
+                    raise InputError(
+                        f"{folder / 'metrics.json'}: no value for {', '.join(missing)} "
+                        "(evaluate.limits changed? re-run the evaluate stage)"
+                    )
+
+    rows = R.summary_rows(metrics, dataset, categories, shots, seeds, columns)
+    variants = [v for v in ABLATIONS if any(v in a for a in ablations.values())]
+    abl_rows = R.ablation_rows(ablations, metrics, variants, dataset, categories, shots, seeds,
+                               columns)
+    seeds_text = ", ".join(map(str, seeds))
+    intro = (
+        f"# CMDS-AD results: {dataset}\n\n"
+        f"Values in %, categories: {', '.join(categories)}; seeds: {seeds_text}"
+        + (" (mean ± sample std over seeds)." if len(seeds) > 1 else ".")
+    )
+    abl_intro = (
+        f"# Fusion ablations: {dataset}\n\n"
+        "Mean over categories, in %; `configured` is the model as scored (params `score`), "
+        "the others re-fuse the stored stream maps: "
+        + "; ".join(
+            f"`{v}`: " + ", ".join(f"{k}={val}" for k, val in ABLATIONS[v].items())
+            for v in variants
+        ) + "."
+    )
+    with atomic_dir(layout.summary()) as out:
+        R.write_bytes(out / "summary.md", R.rows_markdown(rows, columns, "category", intro).encode())
+        R.write_bytes(out / "summary.csv", R.rows_csv(rows, columns, "category").encode())
+        R.write_bytes(out / "ablations.md",
+                      R.rows_markdown(abl_rows, columns, "variant", abl_intro).encode())
+        R.write_bytes(out / "ablations.csv", R.rows_csv(abl_rows, columns, "variant").encode())
+        R.write_bytes(out / "summary.png", R.summary_png(rows, columns, dataset))
+    _print_table(rows, columns)

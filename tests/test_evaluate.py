@@ -1,0 +1,199 @@
+"""The ``evaluate`` stage on tiny synthetic score and test stores."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.artifacts import StoreWriter
+from pipeline.errors import InputError
+from pipeline.metrics import aupro_key, evaluate
+from pipeline.params import Params, parse_params
+from pipeline.scoring import STREAM_NAMES, finish_maps
+from stages import evaluate as stage
+from stages import layout
+
+S, N, CAT = 32, 8, "bagel"
+LIMITS = (0.3, 0.1, 0.05, 0.01)
+
+
+def make_params(**evaluate_section) -> Params:
+    return parse_params({
+        "data": {"categories": [CAT], "size": S},
+        "fewshot": {"shots": [1], "seeds": [0]},
+        "score": {"batch_size": 3},
+        "evaluate": {"heatmaps_per_class": 2, **evaluate_section},
+    })
+
+
+def write_inputs(params: Params, test_ids=None, labels=None, seed: int = 0) -> dict:
+    """prepare/<cat>/test.zarr and scores/<cat>/k1-s0.zarr: the 2D streams see the defects,
+    the 3D streams see false defects in good images (so the 2D/3D ablations differ)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"good/{i:03d}" for i in range(N // 2)] + [f"crack/{i:03d}" for i in range(N // 2)]
+    true_labels = [0] * (N // 2) + [1] * (N // 2)
+    gt = np.zeros((N, S, S), dtype=np.uint8)
+    fake = np.zeros((N, S, S), dtype=np.float32)
+    for i in range(N):
+        y, x = rng.integers(4, S - 10, 2)
+        (gt if true_labels[i] else fake)[i, y:y + 5, x:x + 6] = 1
+    streams = {
+        "psi2d_real": 0.2 * rng.random((N, S, S)) + 0.8 * gt,
+        "psi2d_est": 0.2 * rng.random((N, S, S)) + 0.3 * gt,
+        "psi3d_real": 0.2 * rng.random((N, S, S)) + 0.8 * fake,
+        "psi3d_est": 0.2 * rng.random((N, S, S)),
+    }
+    streams = {k: v.astype(np.float16) for k, v in streams.items()}
+    fg = np.ones((N, S, S), dtype=np.uint8)
+    fg[:, :2] = 0
+    scored = finish_maps(streams, fg, CAT, params.score)
+    rgb = rng.integers(0, 256, (N, S, S, 3), dtype=np.uint8)
+    with StoreWriter(layout.prepared(CAT) / "test.zarr",
+                     attrs={"ids": test_ids or ids, "labels": labels or true_labels}) as w:
+        w.write("rgb", rgb)
+        w.write("gt", gt)
+    with StoreWriter(layout.scores(CAT, 1, 0),
+                     attrs={"ids": ids, "labels": true_labels, "category": CAT}) as w:
+        for name in STREAM_NAMES:
+            w.write(name, streams[name])
+        w.write("fg", fg)
+        w.write("map", scored.map)
+        w.write("map_pro", scored.map_pro)
+        w.write("map_roc", scored.map_roc)
+        w.write("image_score", scored.image_score)
+    return {"gt": gt, "labels": np.array(true_labels), "scored": scored, "ids": ids}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_stage_outputs(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = make_params()
+    data = write_inputs(params)
+    stage.run(params, CAT, 1, 0)
+    out = layout.evaluation(CAT, 1, 0)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    sc = data["scored"]
+    expected = evaluate(sc.map_pro, data["gt"], data["labels"], scores=sc.image_score,
+                        roc_maps=sc.map_roc).metrics
+    assert metrics["category"] == CAT and metrics["shots"] == 1 and metrics["seed"] == 0
+    assert metrics["n_test"] == N
+    for key in ("i_auroc", "p_auroc", *map(aupro_key, LIMITS)):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-12)
+    # P-AUROC really comes from map_roc, not map_pro
+    from_pro = evaluate(sc.map_pro, data["gt"], data["labels"]).metrics["p_auroc"]
+    assert from_pro != pytest.approx(metrics["p_auroc"], abs=1e-9)
+    assert "undefined" not in metrics
+
+    ablations = json.loads((out / "ablations.json").read_text())
+    assert set(ablations) == set(stage.ABLATIONS)
+    for key in ("i_auroc", "p_auroc", *map(aupro_key, LIMITS)):
+        # the configured fusion is the product of both streams and modalities
+        assert ablations["product"][key] == pytest.approx(metrics[key], abs=1e-6)
+    assert ablations["2d_only"]["i_auroc"] == 1.0
+    assert ablations["3d_only"]["i_auroc"] < 0.5  # 3D streams only see the fake defects
+    assert ablations["2d_only"]["score_update"] == {"modalities": "2d"}
+
+    roc = read_csv(out / "roc.csv")
+    assert (float(roc[0]["fpr"]), float(roc[0]["tpr"])) == (0.0, 0.0)
+    assert (float(roc[-1]["fpr"]), float(roc[-1]["tpr"])) == (1.0, 1.0)
+    pro = read_csv(out / "pro.csv")
+    fpr = np.array([float(r["fpr"]) for r in pro])
+    pro_v = np.array([float(r["pro"]) for r in pro])
+    assert 2 <= len(pro) <= 1001 and fpr[-1] == pytest.approx(0.3) and fpr[0] == 0.0
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro_v) >= -1e-9)
+    # the plotted curve integrates to (nearly) the AUPRO@0.3
+    area = np.sum(0.5 * (pro_v[1:] + pro_v[:-1]) * np.diff(fpr)) / 0.3
+    assert area == pytest.approx(metrics["aupro@0.3"], abs=0.02)
+
+    heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert len(heatmaps) == 4
+    assert sum(h.startswith("good_") for h in heatmaps) == 2
+    # the highest-scoring good image is always shown
+    good = np.flatnonzero(data["labels"] == 0)
+    top_good = data["ids"][good[np.argmax(sc.image_score[good])]]
+    assert f"{top_good.replace('/', '_')}.png" in heatmaps
+    from PIL import Image
+
+    img = np.asarray(Image.open(out / "heatmaps" / heatmaps[0]))
+    assert img.shape == (S, S, 3)
+    assert Image.open(out / "overview.png").size[0] > 500
+
+
+def test_evaluate_is_deterministic(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = make_params(heatmaps_per_class=1)
+    write_inputs(params)
+    out = layout.evaluation(CAT, 1, 0)
+    stage.run(params, CAT, 1, 0)
+    first = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    stage.run(params, CAT, 1, 0)
+    second = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert first.keys() == second.keys() and len(first) == 7  # 5 files + 2 heatmaps
+    assert all(first[k] == second[k] for k in first)
+
+
+def test_approximate_aupro_option(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = make_params(aupro_thresholds=100, limits=[0.3, 0.01])
+    data = write_inputs(params)
+    stage.run(params, CAT, 1, 0)
+    metrics = json.loads((layout.evaluation(CAT, 1, 0) / "metrics.json").read_text())
+    sc = data["scored"]
+    expected = evaluate(sc.map_pro, data["gt"], data["labels"], scores=sc.image_score,
+                        limits=[0.3, 0.01], aupro_thresholds=100).metrics
+    assert metrics["aupro_thresholds"] == 100 and "aupro@0.1" not in metrics
+    assert metrics["aupro@0.01"] == pytest.approx(expected["aupro@0.01"], abs=1e-12)
+
+
+def test_mismatched_ids_fail_naming_both_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = make_params()
+    ids = [f"good/{i:03d}" for i in range(N)]
+    write_inputs(params, test_ids=ids)
+    with pytest.raises(InputError) as err:
+        stage.run(params, CAT, 1, 0)
+    msg = str(err.value)
+    assert "scores/bagel/k1-s0.zarr" in msg and "prepare/bagel/test.zarr" in msg
+    assert "position 4" in msg
+    assert not (tmp_path / "results").exists()
+
+
+def test_label_disagreeing_with_gt_fails_without_output(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = make_params()
+    labels = [0] * (N // 2) + [1] * (N // 2)
+    labels[5] = 0
+    write_inputs(params, labels=labels)
+    with pytest.raises(InputError, match=r"image\(s\) \[5\] labelled good"):
+        stage.run(params, CAT, 1, 0)
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_scores_store(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="scores/bagel/k1-s0.zarr"):
+        stage.run(make_params(), CAT, 1, 0)
+
+
+def test_failure_while_writing_leaves_no_partial_output(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = make_params()
+    write_inputs(params)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(stage.R, "overview_png", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        stage.run(params, CAT, 1, 0)
+    folder = tmp_path / "results" / "evaluate" / CAT
+    assert list(folder.iterdir()) == []  # neither k1-s0 nor a temporary sibling

@@ -1,0 +1,129 @@
+"""The ``report`` stage on synthetic evaluate results (metrics.json / ablations.json)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.params import parse_params
+from stages import layout
+from stages import report as stage
+from stages.evaluate import ABLATIONS
+
+CATS = ("bagel", "carrot", "tire")
+KEYS = ("i_auroc", "p_auroc", "aupro@0.3", "aupro@0.1", "aupro@0.05", "aupro@0.01")
+
+
+def make_params(seeds=(0, 1)):
+    return parse_params({
+        "data": {"categories": list(CATS)},
+        "fewshot": {"shots": [1, 4], "seeds": list(seeds)},
+    })
+
+
+def write_results(seeds=(0, 1), undefined: tuple | None = None) -> dict:
+    """Random metric values per (category, k, seed); returns them for checking."""
+    rng = np.random.default_rng(0)
+    values = {}
+    for cat in CATS:
+        for k in (1, 4):
+            for s in seeds:
+                m = {key: float(rng.uniform(0.4, 1.0)) for key in KEYS}
+                if undefined == (cat, k, s):
+                    m["i_auroc"] = None
+                    m["undefined"] = {"i_auroc": "no good image in the set"}
+                values[(cat, k, s)] = m
+                folder = layout.evaluation(cat, k, s)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "metrics.json").write_text(json.dumps(
+                    {**m, "category": cat, "shots": k, "seed": s, "n_test": 10}))
+                abl = {v: {key: float(rng.uniform(0.3, 1.0)) for key in KEYS} for v in ABLATIONS}
+                values[(cat, k, s, "abl")] = abl
+                (folder / "ablations.json").write_text(json.dumps(abl))
+    return values
+
+
+def rows_by_name(text: str) -> dict[tuple[str, str], dict]:
+    return {(r["k"], r.get("category") or r.get("variant")): r
+            for r in csv.DictReader(io.StringIO(text))}
+
+
+def test_report_tables(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    values = write_results()
+    stage.run(make_params())
+    out = layout.summary()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ablations.csv", "ablations.md", "summary.csv", "summary.md", "summary.png"]
+
+    rows = rows_by_name((out / "summary.csv").read_text())
+    assert len(rows) == 2 * (len(CATS) + 1)
+    # the mean row: mean over categories per seed, then mean and sample std over seeds
+    per_seed = [np.mean([values[(c, 4, s)]["aupro@0.3"] for c in CATS]) * 100 for s in (0, 1)]
+    mean = rows[("4", "mean")]
+    assert float(mean["AUPRO@30%"]) == pytest.approx(np.mean(per_seed), abs=1e-4)
+    assert float(mean["AUPRO@30% std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-4)
+    assert mean["n_seeds"] == "2" and mean["dataset"] == "mvtec3d"
+    cat = rows[("1", "carrot")]
+    vals = [values[("carrot", 1, s)]["i_auroc"] * 100 for s in (0, 1)]
+    assert float(cat["I-AUROC"]) == pytest.approx(np.mean(vals), abs=1e-4)
+    assert float(cat["AUPRO@1%"]) == pytest.approx(
+        np.mean([values[("carrot", 1, s)]["aupro@0.01"] * 100 for s in (0, 1)]), abs=1e-4)
+
+    md = (out / "summary.md").read_text()
+    assert "## mvtec3d k=1" in md and "## mvtec3d k=4" in md and "±" in md
+    assert "| category | I-AUROC | P-AUROC | AUPRO@30% |" in md
+    assert f"{np.mean(per_seed):.1f} ± {np.std(per_seed, ddof=1):.1f}" in md
+
+    abl = rows_by_name((out / "ablations.csv").read_text())
+    assert set(n for _, n in abl) == {"configured", *ABLATIONS}
+    per_seed = [np.mean([values[(c, 1, s, "abl")]["sum"]["p_auroc"] for c in CATS]) * 100
+                for s in (0, 1)]
+    assert float(abl[("1", "sum")]["P-AUROC"]) == pytest.approx(np.mean(per_seed), abs=1e-4)
+    configured = [np.mean([values[(c, 1, s)]["p_auroc"] for c in CATS]) * 100 for s in (0, 1)]
+    assert float(abl[("1", "configured")]["P-AUROC"]) == pytest.approx(np.mean(configured),
+                                                                       abs=1e-4)
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "CMDS-AD summary" in printed and "carrot" in printed and "mean" in printed
+
+
+def test_report_single_seed_and_undefined(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_results(seeds=(0,), undefined=("tire", 1, 0))
+    stage.run(make_params(seeds=(0,)))
+    md = (layout.summary() / "summary.md").read_text()
+    assert "±" not in md
+    rows = rows_by_name((layout.summary() / "summary.csv").read_text())
+    assert rows[("1", "tire")]["I-AUROC"] == "" and rows[("1", "mean")]["I-AUROC"] == ""
+    assert rows[("4", "mean")]["I-AUROC"] != "" and rows[("1", "mean")]["I-AUROC std"] == ""
+    assert "n/a" in md
+
+
+def test_report_is_deterministic(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_results()
+    stage.run(make_params())
+    first = {p.name: p.read_bytes() for p in layout.summary().iterdir()}
+    stage.run(make_params())
+    second = {p.name: p.read_bytes() for p in layout.summary().iterdir()}
+    assert first == second
+
+
+def test_report_missing_result_fails_without_output(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_results()
+    (layout.evaluation("carrot", 4, 1) / "ablations.json").unlink()
+    with pytest.raises(InputError, match="carrot/k4-s1/ablations.json: not found"):
+        stage.run(make_params())
+    assert not layout.summary().exists()
+    (layout.evaluation("carrot", 4, 1) / "ablations.json").write_text("{broken")
+    with pytest.raises(InputError, match="not valid JSON"):
+        stage.run(make_params())
+    assert not layout.summary().exists()
