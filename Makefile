@@ -36,7 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/features.py
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/diffusion.py
-	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/dvc_pipeline.py
 
 clean-results:
 	rm -rf artifacts results

@@ -2,8 +2,8 @@
 
 Runs in a scratch git + DVC copy of the project (the working copy is untouched).
 
-    python benchmarks/pipeline.py            # the full demo (3 categories, k = 1, 2, 4)
-    python benchmarks/pipeline.py --quick    # one category, k = 1
+    python benchmarks/dvc_pipeline.py            # the full demo (3 categories, k = 1, 2, 4)
+    python benchmarks/dvc_pipeline.py --quick    # one category, k = 1
 """
 
 from __future__ import annotations

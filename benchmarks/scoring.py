@@ -1,0 +1,160 @@
+"""Peak memory and speed of the ``score`` stage versus the number of test images.
+
+For each test-set size, the parent builds a synthetic project (demo-size features: EfficientNet-
+Lite0 layers 40/112/320 channels on a 28 x 28 grid, S = 224, random CAHFM mappers) in a temporary
+folder, then runs ``stages.score.run`` in a fresh subprocess and reads that process's peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``). Scoring streams one batch at a time, so the peak
+should not grow with the number of images beyond the writer's shard buffer (one shard per array,
+at most 32 MiB each; see pipeline/artifacts.py). ``--shard-mib 2`` shrinks that buffer in the
+scoring process to show the loop itself is flat.
+
+    .venv/bin/python benchmarks/scoring.py [--sizes 50 200] [--threads 1] [--shard-mib 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Running as a script puts benchmarks/ first on sys.path, where benchmarks/pipeline.py would
+# shadow the pipeline package: import from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+CATEGORY = "bagel"
+
+
+def _params(size: int, batch_size: int):
+    from pipeline.params import parse_params
+
+    return parse_params({"data": {"categories": [CATEGORY], "size": size},
+                         "score": {"batch_size": batch_size}})
+
+
+def build_project(root: Path, n: int, channels: list[int], grid: int, size: int,
+                  resolution: int, architecture: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.artifacts import StoreWriter, atomic_dir, atomic_write_json
+    from pipeline.models.mapper import build_mapper
+    from stages import layout
+
+    os.chdir(root)
+    rng = np.random.default_rng(0)
+    ids = [f"{'crack' if i % 2 else 'good'}/{i:03d}" for i in range(n)]
+    labels = [i % 2 for i in range(n)]
+    attrs = {"ids": ids, "backbone": "efficientnet_lite0", "grid": [grid, grid],
+             "channels": channels, "layers": [2, 3, 4]}
+    with StoreWriter(layout.features(CATEGORY) / "test.zarr", attrs=attrs) as w:
+        for m in ("rgb", "real", "est"):
+            for layer, c in enumerate(channels):
+                w.create(f"{m}_{layer}", n, (c, grid, grid), np.float16)
+        for start in range(0, n, 25):
+            b = min(25, n - start)
+            for m in ("rgb", "real", "est"):
+                for layer, c in enumerate(channels):
+                    # Coarsely quantised so the store compresses and builds quickly.
+                    x = np.round(rng.normal(size=(b, c, grid, grid)) * 4) / 4
+                    w.append(f"{m}_{layer}", x.astype(np.float16))
+    fg = np.zeros((n, size, size), np.uint8)
+    fg[:, size // 8: -size // 8, size // 8: -size // 8] = 1
+    with StoreWriter(layout.prepared(CATEGORY) / "test.zarr",
+                     attrs={"ids": ids, "labels": labels, "category": CATEGORY}) as w:
+        w.write("fg", fg)
+    torch.manual_seed(0)
+    mappers = {}
+    with atomic_dir(layout.mappers(CATEGORY, 1, 0)) as tmp:
+        for name in ("real_2d_to_3d", "real_3d_to_2d", "est_2d_to_3d", "est_3d_to_2d"):
+            model = build_mapper(architecture, channels, channels).eval()
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / f"{name}.safetensors"))
+            mappers[name] = {"file": f"{name}.safetensors", "in_channels": channels,
+                             "out_channels": channels, "width": model.width}
+        atomic_write_json(tmp / "config.json", {
+            "architecture": architecture, "resolution": resolution, "grid": [grid, grid],
+            "backbone": "efficientnet_lite0", "channels": channels, "mappers": mappers})
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(root: Path, size: int, batch_size: int, threads: int, shard_mib: float) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if shard_mib > 0:
+        # Diagnostic only: smaller writer shards, to separate the writer's shard buffer from the
+        # scoring loop's own memory.
+        import pipeline.artifacts
+
+        pipeline.artifacts.SHARD_BYTES = int(shard_mib * 2**20)
+    from stages import layout, score  # noqa: F401  (imports before the baseline reading)
+
+    os.chdir(root)
+    params = _params(size, batch_size)
+    baseline = _rss_mib()
+    t0 = time.perf_counter()
+    score.run(params, CATEGORY, 1, 0)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"wall_s": wall, "peak_rss_mib": peak, "baseline_rss_mib": baseline}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
+    ap.add_argument("--channels", type=int, nargs=3, default=[40, 112, 320])
+    ap.add_argument("--grid", type=int, default=28)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--resolution", type=int, default=28)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--architecture", default="cahfm")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shard-mib", type=float, default=0,
+                    help="override the writer's shard size (MiB) in the scoring process; "
+                         "0 = as shipped (32 MiB)")
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        child(args.child, args.size, args.batch_size, args.threads, args.shard_mib)
+        return
+
+    print(f"score stage: {args.architecture} mappers, channels {args.channels}, grid {args.grid}, "
+          f"resolution {args.resolution}, S={args.size}, batch {args.batch_size}, "
+          f"{args.threads} thread(s), writer shards "
+          f"{f'{args.shard_mib:g} MiB (override)' if args.shard_mib else '32 MiB (as shipped)'}")
+    print(f"{'images':>7} {'wall s':>8} {'s/image':>8} {'peak RSS MiB':>13} "
+          f"{'peak - baseline MiB':>20}")
+    env = {**os.environ, "CMDS_AD_QUIET": "1", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(args.threads)}
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+            here = Path.cwd()
+            build_project(Path(tmp), n, args.channels, args.grid, args.size, args.resolution,
+                          args.architecture)
+            os.chdir(here)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", tmp, "--size", str(args.size),
+                 "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                 "--shard-mib", str(args.shard_mib)],
+                env=env, check=True, capture_output=True, text=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{n:>7} {r['wall_s']:>8.1f} {r['wall_s'] / n:>8.3f} "
+                  f"{r['peak_rss_mib']:>13.0f} {r['peak_rss_mib'] - r['baseline_rss_mib']:>20.0f}")
+
+
+if __name__ == "__main__":
+    main()
