@@ -1,0 +1,233 @@
+"""Stage ``augment``: LoRA training with peft, diffusers LoRA files, img2img generation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline import augment as aug
+from pipeline.artifacts import StoreWriter, open_store
+from pipeline.errors import InputError, ModelError, ParamsError
+from pipeline.models import diffusion as md
+from pipeline.params import Params, parse_params
+from stages import augment as stage
+from stages import layout
+
+CPU = torch.device("cpu")
+SIZE = 32  # data.size for the synthetic stores (small: fast)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "diffusion-models"
+
+
+def make_params(cache: Path, root: Path, **augment: object) -> Params:
+    section = {"n_per_shot": 2, "steps": 3, "resolution": 32, "inference_steps": 5,
+               "strength": 0.4, "lora_rank": 4, "lr": 1e-3}
+    section.update(augment)
+    return parse_params({
+        "data": {"dataset": "mvtec3d", "root": str(root), "categories": ["bagel"], "size": SIZE},
+        "fewshot": {"shots": [1, 2], "seeds": [0]},
+        "models": {"diffusion": "demo:tiny-sd", "cache_dir": str(cache)},
+        "augment": section,
+        "fit_mapper": {"steps": {1: 1, 2: 1}},
+    })
+
+
+def write_prepare(root: Path, n: int = 3) -> list[str]:
+    """A prepare output for bagel: train.zarr with n smooth coloured images, and shots.json."""
+    ids = [f"good/{i:03d}" for i in range(n)]
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    images = np.stack([
+        np.stack([xx * 255, yy * 255, np.full_like(xx, 60 * (i + 1))], -1) for i in range(n)
+    ]).astype(np.uint8)
+    folder = root / layout.prepared("bagel")
+    with StoreWriter(folder / "train.zarr", attrs={"ids": ids}) as writer:
+        writer.create("rgb", n, (SIZE, SIZE, 3), "uint8")
+        writer.append("rgb", images)
+    (folder / "shots.json").write_text(json.dumps({"k1-s0": ids[:1], "k2-s0": ids[:2]}))
+    return ids
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    write_prepare(tmp_path)
+    return tmp_path
+
+
+def test_stage_end_to_end_is_byte_identical(project: Path, cache: Path) -> None:
+    params = make_params(cache, project)
+    stats = stage.run(params, "bagel", shots=2, seed=0)
+    out = layout.augmented("bagel", 2, 0)
+    store = open_store(out / "generated.zarr")
+    rgb = store["rgb"][:]
+    assert rgb.shape == (4, SIZE, SIZE, 3) and rgb.dtype == np.uint8
+    assert store.attrs["ids"] == ["gen/good/000/0", "gen/good/000/1", "gen/good/001/0",
+                                  "gen/good/001/1"]
+    assert store.attrs["source_ids"] == ["good/000", "good/000", "good/001", "good/001"]
+    assert store.attrs["seeds"] == [aug.image_seed(0, 2, 0, i, j) for i in (0, 1) for j in (0, 1)]
+    assert len(set(store.attrs["seeds"])) == 4
+    assert store.attrs["base_model"] == "demo:tiny-sd"
+    assert store.attrs["stage"] == "augment" and store.attrs["params"]["n_per_shot"] == 2
+    assert not np.array_equal(rgb[0], rgb[1])  # different seeds, different images
+    meta = aug.read_lora_metadata(out / "lora.safetensors")
+    assert meta[aug.BASE_MODEL_KEY] == "demo:tiny-sd" and meta[aug.STATUS_KEY] == "trained"
+    assert stats["lora_steps"] == 3 and stats["images"] == 4
+    # The artifact reproduces: a fresh pipeline + the saved LoRA + the recorded seeds give the
+    # stored images again.
+    pipe, source = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    assert aug.load_lora(pipe, out / "lora.safetensors", base_model="demo:tiny-sd")
+    aug.use_euler_ancestral(pipe)
+    shot = open_store(layout.prepared("bagel") / "train.zarr")["rgb"][1]
+    with md.demo_threads(CPU, source):
+        again = aug.generate(pipe, shot, "a photo of sks bagel", store.attrs["seeds"][2:],
+                             strength=0.4, guidance=4.0, inference_steps=5, resolution=32,
+                             out_size=SIZE)
+    assert np.array_equal(again, rgb[2:])
+    first = tree_digest(out)
+    stage.run(params, "bagel", shots=2, seed=0)
+    assert tree_digest(out) == first
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temp leftovers
+
+
+def test_lora_changes_output_and_reloads_identically(tmp_path: Path, cache: Path) -> None:
+    images = [np.full((32, 32, 3), v, np.uint8) for v in (40, 200)]
+    cfg = aug.LoraTraining(rank=4, targets=("to_q", "to_k", "to_v", "to_out.0"),
+                           train_text_encoder=True, lr=1e-2, steps=3, resolution=32,
+                           color_jitter=0.1, seed=0)
+    pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    sample, t = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500])
+    tokens = pipe.tokenizer("a photo of sks bagel", padding="max_length",
+                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def output(p: object) -> torch.Tensor:
+        with torch.no_grad():
+            text = p.text_encoder(tokens)[0]
+            return p.unet(sample, t, text).sample
+
+    before = output(pipe)
+    losses = aug.train_lora(pipe, images, "a photo of sks bagel", cfg)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    after = output(pipe)
+    assert (after - before).abs().max() > 1e-4  # the LoRA changes the model
+    aug.save_lora(pipe, tmp_path, "lora.safetensors", md.DEMO_SD, train_text_encoder=True)
+    keys = load_file(tmp_path / "lora.safetensors").keys()
+    assert any(k.startswith("unet.") for k in keys)
+    assert any(k.startswith("text_encoder.") for k in keys)
+
+    fresh, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    assert torch.equal(output(fresh), before)
+    fresh.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")  # plain diffusers API
+    assert torch.allclose(output(fresh), after, atol=1e-6)
+    other, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    assert aug.load_lora(other, tmp_path / "lora.safetensors", base_model=md.DEMO_SD)
+    assert torch.allclose(output(other), after, atol=1e-5)
+
+
+def test_lora_from_another_base_model_is_rejected(tmp_path: Path, cache: Path) -> None:
+    images = [np.full((32, 32, 3), 90, np.uint8)]
+    cfg = aug.LoraTraining(rank=4, targets=("to_q", "to_v"), train_text_encoder=False,
+                           lr=1e-3, steps=1, resolution=32, color_jitter=0.0, seed=1)
+    pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    aug.train_lora(pipe, images, "x", cfg)
+    path = aug.save_lora(pipe, tmp_path, "lora.safetensors", "someone/other-base", False)
+    fresh, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    with pytest.raises(ModelError, match=f"{path}.*'someone/other-base'"):
+        aug.load_lora(fresh, path, base_model=md.DEMO_SD)
+    # No recorded id, but tensors that do not fit this UNet (another architecture).
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    down = next(k for k in tensors if "down" in k or "lora_A" in k)
+    tensors[down] = torch.zeros(tensors[down].shape[0], tensors[down].shape[1] + 5)
+    bad = tmp_path / "bad" / "lora.safetensors"
+    bad.parent.mkdir()
+    save_file(tensors, str(bad), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=f"{bad}.*does not fit"):
+        aug.load_lora(fresh, bad)
+    with pytest.raises(ModelError, match="LoRA file not found"):
+        aug.load_lora(fresh, tmp_path / "missing.safetensors")
+
+
+def test_n_per_shot_zero_writes_empty_outputs(project: Path, cache: Path) -> None:
+    params = make_params(cache, project, n_per_shot=0)
+    stats = stage.run(params, "bagel", shots=1, seed=0)
+    out = layout.augmented("bagel", 1, 0)
+    store = open_store(out / "generated.zarr")
+    assert store["rgb"].shape == (0, SIZE, SIZE, 3) and store.attrs["ids"] == []
+    assert stats["lora_steps"] == 0
+    assert aug.read_lora_metadata(out / "lora.safetensors")[aug.STATUS_KEY] == "empty"
+    pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    assert aug.load_lora(pipe, out / "lora.safetensors") is False
+
+
+def test_k_without_shots_entry_names_fewshot_shots(project: Path, cache: Path) -> None:
+    params = make_params(cache, project)
+    with pytest.raises(InputError, match="fewshot.shots"):
+        stage.run(params, "bagel", shots=4, seed=0)
+    assert not (project / "artifacts" / "augment").exists()
+
+
+def test_negative_n_per_shot_is_rejected_by_params(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(ParamsError, match="augment.n_per_shot"):
+        make_params(cache, tmp_path, n_per_shot=-1)
+
+
+def test_bad_generation_and_target_params(project: Path, cache: Path) -> None:
+    with pytest.raises(ParamsError, match="augment.strength"):
+        stage.run(make_params(cache, project, strength=0.1, inference_steps=5), "bagel", 1, 0)
+    with pytest.raises(ParamsError, match="augment.resolution"):
+        stage.run(make_params(cache, project, resolution=34), "bagel", 1, 0)
+    with pytest.raises(ParamsError, match="augment.lora_targets"):
+        stage.run(make_params(cache, project, lora_targets=["no_such_layer"]), "bagel", 1, 0)
+    assert not (project / "artifacts" / "augment").exists()
+
+
+def test_offline_hub_model_fails_fast_without_artifact(project: Path, cache: Path) -> None:
+    params = make_params(cache, project)
+    params = params.model_copy(update={"models": params.models.model_copy(
+        update={"diffusion": "someone/sd-not-cached"})})
+    with pytest.raises(ModelError, match="someone/sd-not-cached.*--local-dir"):
+        stage.run(params, "bagel", shots=1, seed=0)
+    assert not (project / "artifacts" / "augment").exists()
+
+
+def test_train_split_option_reads_raw_training_images(project: Path, cache: Path) -> None:
+    good = project / "data" / "bagel" / "train" / "good"
+    (good / "rgb").mkdir(parents=True)
+    (good / "xyz").mkdir()
+    for i in range(3):  # non-square raw images: padded to square and resized by the stage
+        Image.fromarray(np.full((30, 40, 3), 50 * i, np.uint8)).save(good / "rgb" / f"{i:03d}.png")
+        (good / "xyz" / f"{i:03d}.tiff").write_bytes(b"")
+    params = make_params(cache, project / "data", train_on="train_split", n_per_shot=1)
+    images = stage.read_training_split(params, "bagel", 32)
+    assert len(images) == 3 and images[0].shape == (32, 32, 3)
+    assert images[2][0, 0].tolist() == [0, 0, 0]  # padding rows are black
+    assert images[2][16, 16].tolist() == [100, 100, 100]
+    stage.run(params, "bagel", shots=1, seed=0)
+    assert open_store(layout.augmented("bagel", 1, 0) / "generated.zarr")["rgb"].shape[0] == 1
+
+
+def test_colour_jitter_is_seeded_and_bounded() -> None:
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = aug.colour_jitter(x, 0.3, torch.Generator().manual_seed(5))
+    b = aug.colour_jitter(x, 0.3, torch.Generator().manual_seed(5))
+    c = aug.colour_jitter(x, 0.3, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(aug.colour_jitter(x, 0.0, torch.Generator()), x)
