@@ -4,11 +4,10 @@ For each test-set size, the parent builds a synthetic project (demo-size feature
 Lite0 layers 40/112/320 channels on a 28 x 28 grid, S = 224, random CAHFM mappers) in a temporary
 folder, then runs ``stages.score.run`` in a fresh subprocess and reads that process's peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``). Scoring streams one batch at a time, so the peak
-should not grow with the number of images beyond the writer's shard buffer (one shard per array,
-at most 32 MiB each; see pipeline/artifacts.py). ``--shard-mib 2`` shrinks that buffer in the
-scoring process to show the loop itself is flat.
+should not grow with the number of images (the score store is written with 4 MiB shards, so
+the writer buffers at most one small shard per array).
 
-    .venv/bin/python benchmarks/scoring.py [--sizes 50 200] [--threads 1] [--shard-mib 2]
+    .venv/bin/python benchmarks/scoring.py [--sizes 50 200] [--threads 1]
 """
 
 from __future__ import annotations
@@ -83,7 +82,8 @@ def build_project(root: Path, n: int, channels: list[int], grid: int, size: int,
                              "out_channels": channels, "width": model.width}
         atomic_write_json(tmp / "config.json", {
             "architecture": architecture, "resolution": resolution, "grid": [grid, grid],
-            "backbone": "efficientnet_lite0", "channels": channels, "mappers": mappers})
+            "backbone": "efficientnet_lite0", "layers": [2, 3, 4], "channels": channels,
+            "mappers": mappers})
 
 
 def _rss_mib() -> float:
@@ -91,16 +91,10 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(root: Path, size: int, batch_size: int, threads: int, shard_mib: float) -> None:
+def child(root: Path, size: int, batch_size: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    if shard_mib > 0:
-        # Diagnostic only: smaller writer shards, to separate the writer's shard buffer from the
-        # scoring loop's own memory.
-        import pipeline.artifacts
-
-        pipeline.artifacts.SHARD_BYTES = int(shard_mib * 2**20)
     from stages import layout, score  # noqa: F401  (imports before the baseline reading)
 
     os.chdir(root)
@@ -123,19 +117,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--architecture", default="cahfm")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--shard-mib", type=float, default=0,
-                    help="override the writer's shard size (MiB) in the scoring process; "
-                         "0 = as shipped (32 MiB)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.size, args.batch_size, args.threads, args.shard_mib)
+        child(args.child, args.size, args.batch_size, args.threads)
         return
 
     print(f"score stage: {args.architecture} mappers, channels {args.channels}, grid {args.grid}, "
           f"resolution {args.resolution}, S={args.size}, batch {args.batch_size}, "
-          f"{args.threads} thread(s), writer shards "
-          f"{f'{args.shard_mib:g} MiB (override)' if args.shard_mib else '32 MiB (as shipped)'}")
+          f"{args.threads} thread(s)")
     print(f"{'images':>7} {'wall s':>8} {'s/image':>8} {'peak RSS MiB':>13} "
           f"{'peak - baseline MiB':>20}")
     env = {**os.environ, "CMDS_AD_QUIET": "1", "HF_HUB_OFFLINE": "1",
@@ -148,8 +138,7 @@ def main() -> None:
             os.chdir(here)
             out = subprocess.run(
                 [sys.executable, __file__, "--child", tmp, "--size", str(args.size),
-                 "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                 "--shard-mib", str(args.shard_mib)],
+                 "--batch-size", str(args.batch_size), "--threads", str(args.threads)],
                 env=env, check=True, capture_output=True, text=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{n:>7} {r['wall_s']:>8.1f} {r['wall_s'] / n:>8.3f} "

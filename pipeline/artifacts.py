@@ -95,9 +95,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _samples_per_shard(sample_shape: tuple[int, ...], dtype: np.dtype, n: int) -> int:
+def _samples_per_shard(
+    sample_shape: tuple[int, ...], dtype: np.dtype, n: int, shard_bytes: int
+) -> int:
     sample_bytes = max(1, int(np.prod(sample_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-    return int(max(1, min(n, SHARD_BYTES // sample_bytes)))
+    return int(max(1, min(n, shard_bytes // sample_bytes)))
 
 
 class _ArrayAppender:
@@ -148,8 +150,16 @@ class StoreWriter:
     ...         w.append("rgb", batch)
     """
 
-    def __init__(self, path: str | Path, attrs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        attrs: Mapping[str, Any] | None = None,
+        shard_bytes: int | None = None,
+    ) -> None:
+        """``shard_bytes`` bounds the writer's buffer per array (default ``SHARD_BYTES``);
+        smaller shards mean flatter memory but more files."""
         self.path = Path(path)
+        self.shard_bytes = shard_bytes or SHARD_BYTES
         self.attrs = dict(attrs or {})
         self._arrays: dict[str, _ArrayAppender] = {}
         self._tmp: Path | None = None
@@ -163,7 +173,7 @@ class StoreWriter:
     def create(self, name: str, n: int, sample_shape: tuple[int, ...], dtype: Any) -> None:
         assert self._group is not None, "use StoreWriter as a context manager"
         dtype = np.dtype(dtype)
-        shard_len = _samples_per_shard(sample_shape, dtype, max(n, 1))
+        shard_len = _samples_per_shard(sample_shape, dtype, max(n, 1), self.shard_bytes)
         array = self._group.create_array(
             name,
             shape=(n, *sample_shape),

@@ -1,0 +1,1 @@
+"""Neural network models: frozen feature backbones (and the mappers, elsewhere)."""

@@ -1,0 +1,176 @@
+"""Stage ``fit_mapper`` (category, k, seed): train the four cross-modal mappers (DESIGN 1.5).
+
+Reads   artifacts/features/<cat>/train.zarr, artifacts/prepare/<cat>/{shots.json,train.zarr},
+        artifacts/features_generated/<cat>/k<k>-s<seed>.zarr
+Writes  artifacts/mappers/<cat>/k<k>-s<seed>/{real,est}_{2d_to_3d,3d_to_2d}.safetensors,
+        config.json; results/loss/<cat>/k<k>-s<seed>.csv (columns step, mapper, loss)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from safetensors.torch import save_file
+
+from pipeline.artifacts import atomic_dir, atomic_write_json, atomic_write_text, open_store, \
+    provenance
+from pipeline.device import pick_device
+from pipeline.errors import InputError, ParamsError
+from pipeline.params import Params, section_dict
+from pipeline.progress import info
+from pipeline.training import (
+    DIRECTIONS,
+    StreamData,
+    TrainConfig,
+    check_same_features,
+    derive_seed,
+    feature_meta,
+    modality_copies,
+    read_rows,
+    resize_mask,
+    rows_of,
+    train_stream,
+)
+from stages import layout
+
+STREAMS = {"real": 0, "est": 1}
+
+
+def mapper_name(stream: str, direction: str) -> str:
+    return f"{stream}_{direction}"
+
+
+def _shot_ids(category: str, shots: int, seed: int) -> list[str]:
+    path = layout.prepared(category) / "shots.json"
+    if not path.is_file():
+        raise InputError(f"{path}: shot list not found (run the prepare stage)")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON: {err}") from None
+    key = layout.run_key(shots, seed)
+    if key not in table:
+        raise InputError(f"{path}: no shots for {key!r} (has: {', '.join(sorted(table))}); "
+                         "add k and seed to fewshot.shots / fewshot.seeds and re-run prepare")
+    ids = [str(i) for i in table[key]]
+    if not ids:
+        raise InputError(f"{path}: empty shot list for {key!r}")
+    return ids
+
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+    p = params.fit_mapper
+    steps = p.steps_for(shots)
+    if p.lr_min > p.lr:
+        raise ParamsError(f"fit_mapper.lr_min: {p.lr_min} is above fit_mapper.lr={p.lr} "
+                          "(the cosine schedule decays from lr to lr_min)")
+    shot_ids = _shot_ids(category, shots, seed)
+
+    train_path = layout.features(category) / "train.zarr"
+    train = open_store(train_path)
+    meta = feature_meta(train, ("rgb", "real", "est"))
+    rows = rows_of(train_path, meta.ids, shot_ids, str(layout.prepared(category) / "shots.json"))
+
+    prep_path = layout.prepared(category) / "train.zarr"
+    prep = open_store(prep_path)
+    if "fg" not in prep:
+        raise InputError(f"{prep_path}: no foreground mask array 'fg' (needed for the real-stream "
+                         f"loss of {train_path}); re-run the prepare stage")
+    prep_ids = [str(i) for i in prep.attrs.get("ids", [])]
+    fg = read_rows(prep, "fg", rows_of(prep_path, prep_ids, shot_ids,
+                                       str(layout.prepared(category) / "shots.json")))
+    masks = resize_mask(fg, p.resolution)
+    empty = [sid for sid, m in zip(shot_ids, masks) if not m.any()]
+    if empty:
+        raise InputError(f"{prep_path}: shots {empty} have no foreground pixels at "
+                         f"fit_mapper.resolution={p.resolution}")
+
+    gen_path = layout.features_generated(category, shots, seed)
+    gen = open_store(gen_path)
+    gen_meta = feature_meta(gen, ("rgb", "est"))
+    check_same_features(meta, str(train_path), gen_meta)
+    gen_rows = list(range(len(gen_meta.ids)))
+
+    shot_rgb = modality_copies(train, "rgb", rows)
+    data = {
+        "real": StreamData(shot_rgb, modality_copies(train, "real", rows), masks),
+        "est": StreamData(
+            _concat(shot_rgb, modality_copies(gen, "rgb", gen_rows)),
+            _concat(modality_copies(train, "est", rows), modality_copies(gen, "est", gen_rows)),
+        ),
+    }
+    config = TrainConfig(p.architecture, p.resolution, steps, p.lr, p.lr_min, p.weight_decay,
+                         tuple(p.layer_weights), p.batch_size)
+    device = pick_device()
+    info(f"fit_mapper {category} {layout.run_key(shots, seed)}: {p.architecture}, {steps} steps, "
+         f"{len(shot_ids)} shots + {len(gen_rows)} generated, on {device}")
+
+    results = {
+        stream: train_stream(data[stream], config, derive_seed(p.seed, seed, index), device,
+                             description=f"fit {stream} mappers {category} k{shots}")
+        for stream, index in STREAMS.items()
+    }
+
+    mappers_cfg = {}
+    for stream, result in results.items():
+        for direction in DIRECTIONS:
+            m = result.mappers[direction]
+            src, tgt = ("rgb", stream) if direction == "2d_to_3d" else (stream, "rgb")
+            mappers_cfg[mapper_name(stream, direction)] = {
+                "file": f"{mapper_name(stream, direction)}.safetensors",
+                "source": src, "target": tgt,
+                "in_channels": m.in_channels, "out_channels": m.out_channels, "width": m.width,
+            }
+    config_json = {
+        "architecture": p.architecture,
+        "category": category,
+        "shots": shots,
+        "seed": seed,
+        "resolution": p.resolution,
+        "backbone": meta.backbone,
+        "grid": meta.grid,
+        "channels": meta.channels,
+        "layers": meta.layers,
+        "backbone_source": meta.backbone_source,
+        "mappers": mappers_cfg,
+        "shot_ids": shot_ids,
+        "feature_stores": {
+            "train": {"path": str(train_path), "ids": shot_ids},
+            "generated": {"path": str(gen_path), "ids": gen_meta.ids},
+        },
+        "provenance": provenance("fit_mapper", section_dict(p)),
+    }
+
+    # Long format (step, mapper, loss): dvc.yaml plots x=step, y=loss.
+    lines = ["step,mapper,loss"]
+    for step in range(steps):
+        for s in STREAMS:
+            for d in DIRECTIONS:
+                lines.append(f"{step},{mapper_name(s, d)},{results[s].losses[d][step]:.6g}")
+    atomic_write_text(layout.loss_curve(category, shots, seed), "\n".join(lines) + "\n")
+
+    with atomic_dir(layout.mappers(category, shots, seed)) as tmp:
+        for stream, result in results.items():
+            for direction in DIRECTIONS:
+                state = {k: v.detach().cpu().contiguous()
+                         for k, v in result.mappers[direction].state_dict().items()}
+                save_file(state, str(tmp / f"{mapper_name(stream, direction)}.safetensors"),
+                          metadata={"architecture": p.architecture})
+        atomic_write_json(tmp / "config.json", config_json)
+
+
+def _concat(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    """Per layer, join shot and generated samples (their copy counts may differ)."""
+    out = []
+    for x, y in zip(a, b):
+        if len(y) == 0:
+            out.append(x)
+            continue
+        # A single clean copy is repeated to match noisy copies of the other store.
+        copies = max(x.shape[1], y.shape[1]) if 1 in (x.shape[1], y.shape[1]) else \
+            min(x.shape[1], y.shape[1])
+        x = np.repeat(x, copies, axis=1) if x.shape[1] == 1 else x[:, :copies]
+        y = np.repeat(y, copies, axis=1) if y.shape[1] == 1 else y[:, :copies]
+        out.append(np.concatenate([x, y]))
+    return out

@@ -1,0 +1,283 @@
+"""fit_mapper: training library and stage, on tiny synthetic feature stores.
+
+The helpers here build a whole synthetic project (prepare, features, generated features) in
+which the normal-feature layers are a fixed function of the RGB layers; ``test_scoring`` reuses
+them. Defective test samples break that relation inside a square region.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.artifacts import StoreWriter
+from pipeline.errors import InputError, ParamsError
+from pipeline.params import Params, parse_params
+from pipeline.training import (
+    StreamData,
+    TrainConfig,
+    cosine_lr,
+    derive_seed,
+    mapping_loss,
+    train_stream,
+)
+from stages import fit_mapper, layout
+
+CAT = "bagel"  # a real category name: box sizes (3, 5)
+CHANNELS = (8, 8, 8)
+GRID = 8
+SIZE = 32
+DEFECT = (slice(1, 4), slice(1, 4))  # grid cells of the synthetic defect
+
+
+def make_params(architecture: str = "cahfm", steps: int = 60, seed: int = 0,
+                score: dict | None = None, **fit) -> Params:
+    return parse_params({
+        "data": {"categories": [CAT], "size": SIZE},
+        "fewshot": {"shots": [2]},
+        "fit_mapper": {"architecture": architecture, "resolution": GRID, "steps": {2: steps},
+                       "lr": 1e-2, "lr_min": 1e-4, "seed": seed, **fit},
+        "score": {"batch_size": 3, **(score or {})},
+    })
+
+
+LATENT = 4
+
+
+def relation(channels=CHANNELS, seed: int = 1234):
+    """Fixed per-pixel maps from a small latent to each modality's layers."""
+    rng = np.random.default_rng(seed)
+    rel = {kind: [rng.normal(size=(c, LATENT)) for c in channels] for kind in ("rgb", "real")}
+    # Estimated normals approximate the real ones (the score compares them with real features).
+    rel["est"] = [a + 0.1 * rng.normal(size=a.shape) for a in rel["real"]]
+    return rel
+
+
+def synth_features(n: int, rng: np.random.Generator, channels=CHANNELS, grid: int = GRID,
+                   defective: np.ndarray | None = None) -> dict[str, list[np.ndarray]]:
+    """Every modality is a fixed function of one per-pixel latent, so each predicts the others.
+
+    In defective samples the normals inside DEFECT come from another latent: they still look
+    like normals but no longer match the RGB.
+    """
+    rel = relation(channels)
+    z = rng.normal(size=(n, LATENT, grid, grid))
+    z_other = z.copy()
+    if defective is not None:
+        for i in np.flatnonzero(defective):
+            cells = z[i][(0, *DEFECT)].shape
+            z_other[i][(slice(None), *DEFECT)] = rng.normal(size=(LATENT, *cells))
+    out = {}
+    for kind, mats in rel.items():
+        src = z if kind == "rgb" else z_other
+        out[kind] = [np.tanh(np.einsum("oc,nchw->nohw", a, src)) for a in mats]
+    return out
+
+
+def write_features(path: Path, ids: list[str], feats: dict[str, list[np.ndarray]],
+                   backbone: str = "toy", noisy: int = 0, rng=None,
+                   layers: tuple[int, ...] = (0, 1, 2)) -> None:
+    channels = [int(a.shape[1]) for a in feats["rgb"]]
+    grid = list(feats["rgb"][0].shape[2:])
+    attrs = {"ids": ids, "backbone": backbone, "grid": grid, "channels": channels,
+             "layers": list(layers)}
+    with StoreWriter(path, attrs=attrs) as w:
+        for modality, layers in feats.items():
+            for layer, arr in enumerate(layers):
+                w.write(f"{modality}_{layer}", arr.astype(np.float16))
+                if noisy:
+                    noise = rng.normal(size=(len(arr), noisy, *arr.shape[1:]))
+                    copies = arr[:, None] + 0.01 * noise
+                    w.write(f"noisy_{modality}_{layer}", copies.astype(np.float16))
+
+
+def write_prepare(path: Path, ids: list[str], labels: list[int], with_fg: bool = True) -> None:
+    fg = np.zeros((len(ids), SIZE, SIZE), np.uint8)
+    fg[:, 2:-2, 2:-2] = 1
+    with StoreWriter(path, attrs={"ids": ids, "labels": labels, "category": CAT}) as w:
+        if with_fg:
+            w.write("fg", fg)
+        w.write("rgb", np.zeros((len(ids), SIZE, SIZE, 3), np.uint8))
+
+
+def write_project(root: Path, n_train: int = 3, n_test: int = 6, n_gen: int = 2,
+                  noisy: int = 0, seed: int = 0, test: bool = True) -> dict:
+    """All inputs of fit_mapper and score for CAT, k=2, seed 0, under ``root``."""
+    rng = np.random.default_rng(seed)
+    train_ids = [f"good/{i:03d}" for i in range(n_train)]
+    (root / layout.prepared(CAT)).mkdir(parents=True, exist_ok=True)
+    (root / layout.prepared(CAT) / "shots.json").write_text(
+        json.dumps({"k2-s0": train_ids[:2], "k1-s0": train_ids[:1]}))
+    write_prepare(root / layout.prepared(CAT) / "train.zarr", train_ids, [0] * n_train)
+    write_features(root / layout.features(CAT) / "train.zarr", train_ids,
+                   synth_features(n_train, rng), noisy=noisy, rng=rng)
+    gen_ids = [f"gen/good/000/{j}" for j in range(n_gen)]
+    gen = synth_features(n_gen, rng)
+    del gen["real"]
+    write_features(root / layout.features_generated(CAT, 2, 0), gen_ids, gen)
+    info = {"train_ids": train_ids, "gen_ids": gen_ids}
+    if test:
+        labels = [i % 2 for i in range(n_test)]
+        test_ids = [f"{'crack' if lab else 'good'}/{i:03d}" for i, lab in enumerate(labels)]
+        write_prepare(root / layout.prepared(CAT) / "test.zarr", test_ids, labels)
+        write_features(root / layout.features(CAT) / "test.zarr", test_ids,
+                       synth_features(n_test, rng, defective=np.array(labels, bool)))
+        info.update(test_ids=test_ids, labels=labels)
+    return info
+
+
+MAPPER_FILES = sorted(f"{s}_{d}.safetensors" for s in ("real", "est")
+                      for d in ("2d_to_3d", "3d_to_2d"))
+
+
+# ------------------------------------------------------------------------------ library
+def test_cosine_lr_endpoints() -> None:
+    assert cosine_lr(0, 100, 1e-2, 1e-4) == pytest.approx(1e-2)
+    assert cosine_lr(99, 100, 1e-2, 1e-4) == pytest.approx(1e-4)
+    assert cosine_lr(50, 101, 1.0, 0.0) == pytest.approx(0.5)
+    lrs = [cosine_lr(s, 20, 1.0, 0.1) for s in range(20)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_mapping_loss_weights_and_mask() -> None:
+    t = [torch.ones(1, 2, 2, 2) for _ in range(3)]
+    p = [x.clone() for x in t]
+    p[1][:, :, 0, 0] = -1.0  # one opposite pixel in layer 1: distance 2 there
+    weights = (1.2, 1.0, 0.8)
+    assert float(mapping_loss(p, t, weights)) == pytest.approx(1.0 * 2 / 4)
+    mask = torch.ones(1, 2, 2)
+    mask[0, 0, 0] = 0  # masking the bad pixel removes the loss
+    assert float(mapping_loss(p, t, weights, mask)) == pytest.approx(0.0, abs=1e-6)
+    mask = torch.zeros(1, 2, 2)
+    mask[0, 0, 0] = 1  # only the bad pixel counts
+    assert float(mapping_loss(p, t, weights, mask)) == pytest.approx(2.0)
+    p[2][:, :, 0, 0] = -1.0
+    assert float(mapping_loss(p, t, weights)) == pytest.approx(1.0 * 0.5 + 0.8 * 0.5)
+
+
+@pytest.mark.parametrize("architecture", ["cahfm", "mlp"])
+def test_short_training_loss_decreases(architecture: str) -> None:
+    rng = np.random.default_rng(0)
+    f = synth_features(2, rng)
+    data = StreamData([a[:, None] for a in f["rgb"]], [a[:, None] for a in f["real"]])
+    cfg = TrainConfig(architecture, GRID, 40, 1e-2, 1e-4, 1e-4, (1.2, 1.0, 0.8), 1)
+    result = train_stream(data, cfg, seed=3, device=torch.device("cpu"))
+    for direction, losses in result.losses.items():
+        assert len(losses) == 40
+        first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+        assert last < 0.6 * first, (direction, first, last)
+
+
+def test_derive_seed_differs() -> None:
+    assert derive_seed(0, 0, 1) != derive_seed(0, 0, 2)
+    assert derive_seed(5, 1) == derive_seed(5, 1)
+
+
+# -------------------------------------------------------------------------------- stage
+def test_stage_writes_mappers_config_and_loss_curve(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    info = write_project(tmp_path, test=False, noisy=2)
+    fit_mapper.run(make_params(steps=12), CAT, 2, 0)
+    out = layout.mappers(CAT, 2, 0)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*MAPPER_FILES, "config.json"])
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temp left
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "cahfm"
+    assert config["grid"] == [GRID, GRID] and config["channels"] == list(CHANNELS)
+    assert config["backbone"] == "toy" and config["resolution"] == GRID
+    assert config["shot_ids"] == info["train_ids"][:2]
+    assert config["feature_stores"]["generated"]["ids"] == info["gen_ids"]
+    assert config["mappers"]["real_2d_to_3d"]["in_channels"] == list(CHANNELS)
+    state = load_file(str(out / "est_3d_to_2d.safetensors"))
+    assert any(k.startswith("attention.") for k in state)
+    rows = layout.loss_curve(CAT, 2, 0).read_text().splitlines()
+    assert rows[0] == "step,mapper,loss"
+    assert len(rows) == 1 + 12 * 4
+    cells = [r.split(",") for r in rows[1:]]
+    assert [c[1] for c in cells[:4]] == ["real_2d_to_3d", "real_3d_to_2d", "est_2d_to_3d",
+                                         "est_3d_to_2d"]
+    assert [int(c[0]) for c in cells] == [s for s in range(12) for _ in range(4)]
+    assert all(0 < float(c[2]) < 10 for c in cells)
+
+
+def _digest(root: Path) -> dict[str, bytes]:
+    files = [*sorted(layout.mappers(CAT, 2, 0).iterdir()), layout.loss_curve(CAT, 2, 0)]
+    return {p.name: (root / p).read_bytes() for p in files}
+
+
+def test_identical_seeds_give_identical_bytes(tmp_path, monkeypatch) -> None:
+    digests = []
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        root = tmp_path / run
+        root.mkdir()
+        monkeypatch.chdir(root)
+        write_project(root, test=False)
+        fit_mapper.run(make_params(architecture="mlp", steps=8, seed=seed), CAT, 2, 0)
+        digests.append(_digest(root))
+    assert digests[0] == digests[1]
+    assert digests[0]["real_2d_to_3d.safetensors"] != digests[2]["real_2d_to_3d.safetensors"]
+
+
+def _expect_error(match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        fit_mapper.run(make_params(steps=2), CAT, 2, 0)
+    assert not layout.mappers(CAT, 2, 0).exists()
+    assert not layout.loss_curve(CAT, 2, 0).exists()
+
+
+def test_generated_store_of_other_backbone(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, test=False)
+    gen = synth_features(2, np.random.default_rng(1))
+    del gen["real"]
+    write_features(layout.features_generated(CAT, 2, 0), ["g0", "g1"], gen, backbone="vit")
+    _expect_error(r"features_generated/bagel/k2-s0.zarr: feature backbone 'vit' does not match "
+                  r"'toy' of artifacts/features/bagel/train.zarr")
+
+
+def test_generated_store_of_other_widths(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, test=False)
+    gen = synth_features(2, np.random.default_rng(1), channels=(8, 8, 16))
+    del gen["real"]
+    write_features(layout.features_generated(CAT, 2, 0), ["g0", "g1"], gen)
+    _expect_error(r"k2-s0.zarr: feature channels \[8, 8, 16\] does not match \[8, 8, 8\] of "
+                  r"artifacts/features/bagel/train.zarr")
+
+
+def test_missing_foreground_mask(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    info = write_project(tmp_path, test=False)
+    write_prepare(layout.prepared(CAT) / "train.zarr", info["train_ids"], [0] * 3, with_fg=False)
+    _expect_error(r"prepare/bagel/train.zarr: no foreground mask array 'fg'.*features/bagel/"
+                  r"train.zarr")
+
+
+def test_shot_not_in_feature_store(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, test=False)
+    (layout.prepared(CAT) / "shots.json").write_text(json.dumps({"k2-s0": ["good/000", "x/9"]}))
+    _expect_error(r"features/bagel/train.zarr: samples \['x/9'\] listed in "
+                  r"artifacts/prepare/bagel/shots.json are not in this store")
+
+
+def test_bad_params(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, test=False)
+    with pytest.raises(ParamsError, match=r"fit_mapper.lr_min: 0.1 is above fit_mapper.lr"):
+        fit_mapper.run(make_params(lr_min=0.1), CAT, 2, 0)
+    with pytest.raises(ParamsError, match=r"fit_mapper.steps: no step count for k=1"):
+        fit_mapper.run(make_params(), CAT, 1, 0)
+    assert not layout.mappers(CAT, 2, 0).exists() and not layout.mappers(CAT, 1, 0).exists()
+
+
+def test_missing_shot_key(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, test=False)
+    (layout.prepared(CAT) / "shots.json").write_text(json.dumps({"k1-s0": ["good/000"]}))
+    _expect_error(r"shots.json: no shots for 'k2-s0'")
