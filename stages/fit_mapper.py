@@ -3,7 +3,7 @@
 Reads   artifacts/features/<cat>/train.zarr, artifacts/prepare/<cat>/{shots.json,train.zarr},
         artifacts/features_generated/<cat>/k<k>-s<seed>.zarr
 Writes  artifacts/mappers/<cat>/k<k>-s<seed>/{real,est}_{2d_to_3d,3d_to_2d}.safetensors,
-        config.json; results/loss/<cat>/k<k>-s<seed>.csv (columns step, mapper, loss)
+        config.json; results/loss/<cat>/k<k>-s<seed>.csv (columns step and one per mapper)
 """
 
 from __future__ import annotations
@@ -142,12 +142,11 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
         "provenance": provenance("fit_mapper", section_dict(p)),
     }
 
-    # Long format (step, mapper, loss): dvc.yaml plots x=step, y=loss.
-    lines = ["step,mapper,loss"]
+    # Wide format, one column per mapper: dvc.yaml plots x=step against the four columns.
+    names = [(s, d) for s in STREAMS for d in DIRECTIONS]
+    lines = ["step," + ",".join(mapper_name(s, d) for s, d in names)]
     for step in range(steps):
-        for s in STREAMS:
-            for d in DIRECTIONS:
-                lines.append(f"{step},{mapper_name(s, d)},{results[s].losses[d][step]:.6g}")
+        lines.append(f"{step}," + ",".join(f"{results[s].losses[d][step]:.6g}" for s, d in names))
     atomic_write_text(layout.loss_curve(category, shots, seed), "\n".join(lines) + "\n")
 
     with atomic_dir(layout.mappers(category, shots, seed)) as tmp:
