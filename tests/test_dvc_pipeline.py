@@ -124,3 +124,16 @@ def test_bad_dataset_path_stops_first_stage(project, tmp_path):
     assert result.returncode != 0
     assert "no_such_dataset" in result.stdout + result.stderr
     assert not (bad / "artifacts/prepare/disc").exists()
+
+
+def test_lambda_sweep_runs_experiments_and_restores_params(project):
+    params_before = (project / "params.yaml").read_text()
+    sh(["cmds-ad", "sweep-lambda", "--values", "0,0.5"], project)
+    rows = (project / "results/sensitivity/sensitivity.csv").read_text().splitlines()
+    assert rows[0].startswith("lambda,k,i_auroc")
+    assert [r.split(",")[:2] for r in rows[1:]] == [["0.0", "1"], ["0.5", "1"]]
+    assert all(0 <= float(v) <= 1 for r in rows[1:] for v in r.split(",")[2:])
+    assert (project / "results/sensitivity/sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert (project / "params.yaml").read_text() == params_before
+    experiments = sh(["dvc", "exp", "list", "--name-only"], project).stdout.split()
+    assert len(experiments) == 2
