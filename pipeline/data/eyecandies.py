@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image
 
-from pipeline.data.mvtec import category_dir, clean_xyz, read_mask
+from pipeline.data.mvtec import category_dir, clean_xyz, load_image, read_mask
 from pipeline.errors import InputError
 
 FOCAL_LENGTH = 711.11
@@ -53,16 +52,9 @@ def read_depth_info(path: str | Path) -> tuple[float, float]:
 
 def read_depth16(path: str | Path) -> np.ndarray:
     """A 16-bit single-channel depth PNG as ``uint16`` (H, W)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: depth image not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            arr = np.asarray(img)
-    except Exception as err:
-        raise InputError(f"{path}: cannot read depth image ({err})") from None
+    img = load_image(path, "depth image")
+    mode = img.mode
+    arr = np.asarray(img)
     if arr.ndim != 2 or not mode.startswith("I"):
         raise InputError(f"{path}: expected a 16-bit single-channel depth PNG, got mode {mode!r}")
     if arr.min() < 0 or arr.max() > 65535:

@@ -30,35 +30,30 @@ SPLITS = ("train", "validation", "test")
 GOOD = "good"
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An 8-bit RGB image as ``uint8`` (H, W, 3); grey or RGBA images are converted to RGB."""
+def load_image(path: str | Path, what: str) -> Image.Image:
+    """Open and fully decode an image file; a missing or damaged file is an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: rgb image not found")
+        raise InputError(f"{path}: {what} not found")
     try:
         with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("RGB", "RGBA", "L", "P", "LA"):
-                raise InputError(f"{path}: expected an 8-bit RGB image, got PIL mode {img.mode!r}")
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except InputError:
-        raise
+            img.load()  # decode now, so a truncated file fails here and not later
+            return img.copy()  # usable after the file is closed
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError for damaged files
-        raise InputError(f"{path}: cannot read image ({err})") from None
-    return arr.copy()
+        raise InputError(f"{path}: cannot read image ({what}: {err})") from None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An 8-bit RGB image as ``uint8`` (H, W, 3); grey or RGBA images are converted to RGB."""
+    img = load_image(path, "rgb image")
+    if img.mode not in ("RGB", "RGBA", "L", "P", "LA"):
+        raise InputError(f"{path}: expected an 8-bit RGB image, got PIL mode {img.mode!r}")
+    return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
     """A class-coded ground-truth PNG binarised with ``> 0`` as ``bool`` (H, W)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: ground-truth mask not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = np.asarray(img)
-    except Exception as err:
-        raise InputError(f"{path}: cannot read ground-truth mask ({err})") from None
+    arr = np.asarray(load_image(path, "ground-truth mask"))
     if arr.ndim == 3:  # a mask saved as RGB(A): defect wherever any colour channel is set
         arr = arr[..., :3].max(axis=-1)
     if arr.ndim != 2:
