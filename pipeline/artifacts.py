@@ -272,3 +272,18 @@ class Store:
 
 def open_store(path: str | Path) -> Store:
     return Store(path)
+
+
+def require_same_ids(path: Path | str, ids: list[str], other_path: Path | str,
+                     other_ids: list[str]) -> None:
+    """Two stores must describe the same samples in the same order; else name both and where."""
+    if ids == other_ids:
+        return
+    diff = next((i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b),
+                min(len(ids), len(other_ids)))
+    raise InputError(
+        f"{path}: sample ids do not match {other_path} ({len(ids)} vs {len(other_ids)} "
+        f"samples; first difference at position {diff}: "
+        f"{ids[diff] if diff < len(ids) else None!r} vs "
+        f"{other_ids[diff] if diff < len(other_ids) else None!r})"
+    )

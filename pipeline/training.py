@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline.artifacts import Store
+from pipeline.artifacts import Store, open_store
 from pipeline.errors import InputError
 from pipeline.models.mapper import Mapper, build_mapper, resize_layers
 from pipeline.progress import track
@@ -100,6 +100,15 @@ def rows_of(store_path: Path, store_ids: Sequence[str], wanted: Sequence[str],
             f"(it has {len(store_ids)} samples)"
         )
     return [index[w] for w in wanted]
+
+
+def open_prepared_with_fg(path: Path, purpose: str) -> tuple[Store, list[str]]:
+    """A prepare store that must hold the foreground mask, and its sample ids."""
+    store = open_store(path)
+    if "fg" not in store:
+        raise InputError(f"{path}: no foreground mask array 'fg' (needed {purpose}); "
+                         "re-run the prepare stage")
+    return store, [str(i) for i in store.attrs.get("ids", [])]
 
 
 def read_rows(store: Store, name: str, rows: Sequence[int]) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline import metrics as M
 from pipeline import report as R
-from pipeline.artifacts import Store, atomic_dir, open_store
+from pipeline.artifacts import Store, atomic_dir, open_store, require_same_ids
 from pipeline.errors import InputError
 from pipeline.params import Params
 from pipeline.progress import info, track
@@ -148,15 +148,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     test = open_store(test_path)
     ids = _ids(scores, scores_path)
     test_ids = _ids(test, test_path)
-    if ids != test_ids:
-        diff = next((i for i, (a, b) in enumerate(zip(ids, test_ids)) if a != b),
-                    min(len(ids), len(test_ids)))
-        raise InputError(
-            f"{scores_path}: sample ids do not match {test_path} ({len(ids)} vs {len(test_ids)} "
-            f"samples; first difference at position {diff}: "
-            f"{ids[diff] if diff < len(ids) else None!r} vs "
-            f"{test_ids[diff] if diff < len(test_ids) else None!r})"
-        )
+    require_same_ids(scores_path, ids, test_path, test_ids)
     n = len(ids)
     if n == 0:
         raise InputError(f"{test_path}: empty test set, nothing to evaluate")

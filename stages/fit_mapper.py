@@ -27,6 +27,7 @@ from pipeline.training import (
     derive_seed,
     feature_meta,
     modality_copies,
+    open_prepared_with_fg,
     read_rows,
     resize_mask,
     rows_of,
@@ -73,11 +74,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     rows = rows_of(train_path, meta.ids, shot_ids, str(layout.prepared(category) / "shots.json"))
 
     prep_path = layout.prepared(category) / "train.zarr"
-    prep = open_store(prep_path)
-    if "fg" not in prep:
-        raise InputError(f"{prep_path}: no foreground mask array 'fg' (needed for the real-stream "
-                         f"loss of {train_path}); re-run the prepare stage")
-    prep_ids = [str(i) for i in prep.attrs.get("ids", [])]
+    prep, prep_ids = open_prepared_with_fg(prep_path, f"for the real-stream loss of {train_path}")
     fg = read_rows(prep, "fg", rows_of(prep_path, prep_ids, shot_ids,
                                        str(layout.prepared(category) / "shots.json")))
     masks = resize_mask(fg, p.resolution)

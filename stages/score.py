@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.artifacts import StoreWriter, open_store, provenance
+from pipeline.artifacts import StoreWriter, open_store, provenance, require_same_ids
 from pipeline.device import pick_device
 from pipeline.errors import InputError
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
 from pipeline.scoring import STREAM_NAMES, check_smoothing, finish_maps, load_mappers, stream_maps
-from pipeline.training import FEATURE_KEYS, N_LAYERS, feature_meta
+from pipeline.training import FEATURE_KEYS, N_LAYERS, feature_meta, open_prepared_with_fg
 from stages import layout
 
 MODALITIES = ("rgb", "real", "est")
@@ -55,20 +55,8 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     _check_matches(config, str(mapper_dir / "config.json"), meta, str(feat_path))
 
     prep_path = layout.prepared(category) / "test.zarr"
-    prep = open_store(prep_path)
-    if "fg" not in prep:
-        raise InputError(f"{prep_path}: no foreground mask array 'fg' (needed to score "
-                         f"{feat_path}); re-run the prepare stage")
-    prep_ids = [str(i) for i in prep.attrs.get("ids", [])]
-    if prep_ids != meta.ids:
-        diff = next((i for i, (a, b) in enumerate(zip(prep_ids, meta.ids)) if a != b),
-                    min(len(prep_ids), len(meta.ids)))
-        raise InputError(
-            f"{feat_path}: sample ids do not match {prep_path} "
-            f"({len(meta.ids)} vs {len(prep_ids)} samples; first difference at position {diff}: "
-            f"{meta.ids[diff] if diff < len(meta.ids) else None!r} vs "
-            f"{prep_ids[diff] if diff < len(prep_ids) else None!r})"
-        )
+    prep, prep_ids = open_prepared_with_fg(prep_path, f"to score {feat_path}")
+    require_same_ids(feat_path, meta.ids, prep_path, prep_ids)
     labels = [int(v) for v in prep.attrs.get("labels", [])]
     if len(labels) != len(prep_ids):
         raise InputError(f"{prep_path}: attribute 'labels' has {len(labels)} entries for "
