@@ -22,3 +22,15 @@ def metric_fixtures() -> Path:
     if not METRIC_FIXTURES.is_dir():
         pytest.skip(f"metric fixtures not found at {METRIC_FIXTURES}")
     return METRIC_FIXTURES
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: on the shared 2-core machine oversubscribed
+    threads slow model tests ten-fold."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,13 +23,7 @@ from pipeline.models.backbones import (
 PALACE = 698  # ImageNet class of the sklearn sample photo china.jpg (a Chinese palace)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared, and oversubscribed threads slow tests ten-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,7 @@ def write_generated(n: int, shots: int = 1, seed: int = 0) -> dict:
     return {"ids": ids, "rgb": rgb, "est": est}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared, and oversubscribed threads slow tests ten-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
