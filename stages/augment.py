@@ -14,7 +14,6 @@ empty (M = 0) and ``lora.safetensors`` is an empty marker (no tensors, metadata
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -44,28 +43,6 @@ from pipeline.progress import info, track
 from stages import layout
 
 LORA_FILE = "lora.safetensors"
-
-
-def read_shot_ids(category: str, shots: int, seed: int) -> list[str]:
-    path = layout.prepared(category) / "shots.json"
-    if not path.is_file():
-        raise InputError(f"{path}: shots file not found (run the prepare stage)")
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    key = layout.run_key(shots, seed)
-    if not isinstance(table, dict) or key not in table:
-        have = ", ".join(sorted(table)) if isinstance(table, dict) else "nothing"
-        raise InputError(
-            f"{path}: no shots for k={shots}, seed={seed} (has {have}); add k to "
-            "fewshot.shots (and the seed to fewshot.seeds) and re-run prepare; k cannot exceed "
-            "the number of training samples"
-        )
-    ids = table[key]
-    if not isinstance(ids, list) or len(ids) != shots:
-        raise InputError(f"{path}: entry {key!r} must list {shots} sample ids")
-    return [str(i) for i in ids]
 
 
 def read_shot_images(category: str, ids: list[str], size: int) -> np.ndarray:
@@ -107,7 +84,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     started = time.perf_counter()
     a = params.augment
     size = params.data.size
-    shot_ids = read_shot_ids(category, shots, seed)
+    shot_ids = layout.read_shot_ids(category, shots, seed)
     shot_rgb = read_shot_images(category, shot_ids, size)
     out_dir = layout.augmented(category, shots, seed)
     base = params.models.diffusion

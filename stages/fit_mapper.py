@@ -8,7 +8,6 @@ Writes  artifacts/mappers/<cat>/k<k>-s<seed>/{real,est}_{2d_to_3d,3d_to_2d}.safe
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 from safetensors.torch import save_file
@@ -42,41 +41,23 @@ def mapper_name(stream: str, direction: str) -> str:
     return f"{stream}_{direction}"
 
 
-def _shot_ids(category: str, shots: int, seed: int) -> list[str]:
-    path = layout.prepared(category) / "shots.json"
-    if not path.is_file():
-        raise InputError(f"{path}: shot list not found (run the prepare stage)")
-    try:
-        table = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON: {err}") from None
-    key = layout.run_key(shots, seed)
-    if key not in table:
-        raise InputError(f"{path}: no shots for {key!r} (has: {', '.join(sorted(table))}); "
-                         "add k and seed to fewshot.shots / fewshot.seeds and re-run prepare")
-    ids = [str(i) for i in table[key]]
-    if not ids:
-        raise InputError(f"{path}: empty shot list for {key!r}")
-    return ids
-
-
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     p = params.fit_mapper
     steps = p.steps_for(shots)
     if p.lr_min > p.lr:
         raise ParamsError(f"fit_mapper.lr_min: {p.lr_min} is above fit_mapper.lr={p.lr} "
                           "(the cosine schedule decays from lr to lr_min)")
-    shot_ids = _shot_ids(category, shots, seed)
+    shot_ids = layout.read_shot_ids(category, shots, seed)
 
     train_path = layout.features(category) / "train.zarr"
     train = open_store(train_path)
     meta = feature_meta(train, ("rgb", "real", "est"))
-    rows = rows_of(train_path, meta.ids, shot_ids, str(layout.prepared(category) / "shots.json"))
+    rows = rows_of(train_path, meta.ids, shot_ids, str(layout.shots_file(category)))
 
     prep_path = layout.prepared(category) / "train.zarr"
     prep, prep_ids = open_prepared_with_fg(prep_path, f"for the real-stream loss of {train_path}")
     fg = read_rows(prep, "fg", rows_of(prep_path, prep_ids, shot_ids,
-                                       str(layout.prepared(category) / "shots.json")))
+                                       str(layout.shots_file(category))))
     masks = resize_mask(fg, p.resolution)
     empty = [sid for sid, m in zip(shot_ids, masks) if not m.any()]
     if empty:

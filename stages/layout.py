@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from pipeline.errors import InputError
 
 ARTIFACTS = Path("artifacts")
 RESULTS = Path("results")
@@ -18,6 +21,32 @@ def run_key(shots: int, seed: int) -> str:
 def prepared(category: str) -> Path:
     """Directory with train.zarr (the shot pool), test.zarr and shots.json."""
     return ARTIFACTS / "prepare" / category
+
+
+def shots_file(category: str) -> Path:
+    return prepared(category) / "shots.json"
+
+
+def read_shot_ids(category: str, shots: int, seed: int) -> list[str]:
+    """The shot ids that prepare chose for (k, seed), from shots.json."""
+    path = shots_file(category)
+    if not path.is_file():
+        raise InputError(f"{path}: shots file not found (run the prepare stage)")
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    key = run_key(shots, seed)
+    if not isinstance(table, dict) or key not in table:
+        have = ", ".join(sorted(table)) if isinstance(table, dict) else "nothing"
+        raise InputError(
+            f"{path}: no shots for {key!r} (has: {have}); add k to fewshot.shots (and the seed "
+            "to fewshot.seeds) and re-run prepare; k cannot exceed the number of training samples"
+        )
+    ids = table[key]
+    if not isinstance(ids, list) or len(ids) != shots:
+        raise InputError(f"{path}: entry {key!r} must list {shots} sample ids")
+    return [str(i) for i in ids]
 
 
 def augmented(category: str, shots: int, seed: int) -> Path:
