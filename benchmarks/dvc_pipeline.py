@@ -22,6 +22,17 @@ def timed(args: list[str], cwd: Path) -> tuple[float, str]:
     return time.perf_counter() - start, out
 
 
+def one_stage_noop(root: Path) -> float:
+    """No-op `dvc repro` of a one-stage project: DVC's start-up plus opening a repo."""
+    root.mkdir()
+    sh(["git", "init", "-q", "-b", "main"], root)
+    sh(["dvc", "init", "-q"], root)
+    (root / "dvc.yaml").write_text("stages:\n  one:\n    cmd: echo done > out.txt\n"
+                                   "    outs:\n      - out.txt\n")
+    sh(["dvc", "repro"], root)
+    return timed(["dvc", "repro"], root)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one category, k = 1")
@@ -38,13 +49,17 @@ def main() -> None:
         noop, out = timed(["dvc", "repro"], project)
         assert not stages_run(out), out
         version, _ = timed(["dvc", "--version"], project)
+        minimal = one_stage_noop(Path(tmp) / "minimal")
+        n_stages = len(sh(["dvc", "stage", "list", "--name-only"], project).stdout.split())
         print(f"categories: {', '.join(categories)}")
         print(f"full dvc repro:                 {full:8.1f} s  ({n_full} stage instances)")
         print(f"re-score after lambda change:   {rescore:8.1f} s  ({len(rescored)} instances: "
               f"{', '.join(sorted({s.split('@')[0] for s in rescored}))})")
         print(f"re-score / full:                {100 * rescore / full:8.1f} %")
-        print(f"no-op dvc repro:                {noop:8.2f} s")
+        print(f"no-op dvc repro:                {noop:8.2f} s  ({n_stages} stage instances)")
+        print(f"no-op dvc repro, 1-stage repo:  {minimal:8.2f} s")
         print(f"dvc --version (DVC start-up):   {version:8.2f} s")
+        print(f"no-op cost per stage instance:  {(noop - minimal) / max(n_stages - 1, 1):8.3f} s")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Peak memory and speed of the ``score`` stage versus the number of test images.
+"""Peak memory and speed of the ``infer`` and ``score`` stages versus the number of test images.
 
 For each test-set size, the parent builds a synthetic project (demo-size features: EfficientNet-
 Lite0 layers 40/112/320 channels on a 28 x 28 grid, S = 224, random CAHFM mappers) in a temporary
-folder, then runs ``stages.score.run`` in a fresh subprocess and reads that process's peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``). Scoring streams one batch at a time, so the peak
-should not grow with the number of images (the score store is written with 4 MiB shards, so
-the writer buffers at most one small shard per array).
+folder, then runs ``stages.infer.run`` and then ``stages.score.run``, each in a fresh subprocess,
+and reads that process's peak RSS (``VmHWM`` of /proc/self/status; not ``ru_maxrss``, which
+Linux carries over from the parent's memory image across fork + exec). Both stream
+one batch at a time, so the peak should not grow with the number of images (the stores are
+written with 4 MiB shards, so the writer buffers at most one small shard per array). The score
+child also reports whether torch was imported (it must not be: re-scoring stays cheap).
 
     .venv/bin/python benchmarks/scoring.py [--sizes 50 200] [--threads 1]
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Running as a script puts benchmarks/ first on sys.path, where benchmarks/pipeline.py would
-# shadow the pipeline package: import from the repository root instead.
+# Import the project from the repository root, not from benchmarks/ (first on sys.path).
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
@@ -37,7 +37,7 @@ def _params(size: int, batch_size: int):
     from pipeline.params import parse_params
 
     return parse_params({"data": {"categories": [CATEGORY], "size": size},
-                         "score": {"batch_size": batch_size}})
+                         "infer": {"batch_size": batch_size}, "score": {"batch_size": batch_size}})
 
 
 def build_project(root: Path, n: int, channels: list[int], grid: int, size: int,
@@ -91,20 +91,34 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(root: Path, size: int, batch_size: int, threads: int) -> None:
-    import torch
+def _peak_rss_mib() -> float:
+    """High-water RSS of this process's own address space (reset by exec, unlike ru_maxrss)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
-    torch.set_num_threads(threads)
-    from stages import layout, score  # noqa: F401  (imports before the baseline reading)
+
+def child(root: Path, stage_name: str, size: int, batch_size: int, threads: int) -> None:
+    import importlib
+
+    if stage_name == "infer":
+        import torch
+
+        torch.set_num_threads(threads)
+    # imports before the baseline reading
+    stage = importlib.import_module(f"stages.{stage_name}")
 
     os.chdir(root)
     params = _params(size, batch_size)
     baseline = _rss_mib()
     t0 = time.perf_counter()
-    score.run(params, CATEGORY, 1, 0)
+    stage.run(params, CATEGORY, 1, 0)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"wall_s": wall, "peak_rss_mib": peak, "baseline_rss_mib": baseline}))
+    peak = _peak_rss_mib()
+    print(json.dumps({"wall_s": wall, "peak_rss_mib": peak, "baseline_rss_mib": baseline,
+                      "torch_imported": "torch" in sys.modules}))
 
 
 def main() -> None:
@@ -118,16 +132,17 @@ def main() -> None:
     ap.add_argument("--architecture", default="cahfm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--stage", default="score", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.size, args.batch_size, args.threads)
+        child(args.child, args.stage, args.size, args.batch_size, args.threads)
         return
 
-    print(f"score stage: {args.architecture} mappers, channels {args.channels}, grid {args.grid}, "
+    print(f"infer + score stages: {args.architecture} mappers, channels {args.channels}, grid {args.grid}, "
           f"resolution {args.resolution}, S={args.size}, batch {args.batch_size}, "
           f"{args.threads} thread(s)")
-    print(f"{'images':>7} {'wall s':>8} {'s/image':>8} {'peak RSS MiB':>13} "
-          f"{'peak - baseline MiB':>20}")
+    print(f"{'stage':>6} {'images':>7} {'wall s':>8} {'s/image':>8} {'peak RSS MiB':>13} "
+          f"{'peak - baseline MiB':>20} {'torch imported':>15}")
     env = {**os.environ, "CMDS_AD_QUIET": "1", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(args.threads)}
     for n in args.sizes:
@@ -136,13 +151,17 @@ def main() -> None:
             build_project(Path(tmp), n, args.channels, args.grid, args.size, args.resolution,
                           args.architecture)
             os.chdir(here)
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", tmp, "--size", str(args.size),
-                 "--batch-size", str(args.batch_size), "--threads", str(args.threads)],
-                env=env, check=True, capture_output=True, text=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{n:>7} {r['wall_s']:>8.1f} {r['wall_s'] / n:>8.3f} "
-                  f"{r['peak_rss_mib']:>13.0f} {r['peak_rss_mib'] - r['baseline_rss_mib']:>20.0f}")
+            for stage_name in ("infer", "score"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", tmp, "--stage", stage_name,
+                     "--size", str(args.size), "--batch-size", str(args.batch_size),
+                     "--threads", str(args.threads)],
+                    env=env, check=True, capture_output=True, text=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{stage_name:>6} {n:>7} {r['wall_s']:>8.1f} {r['wall_s'] / n:>8.3f} "
+                      f"{r['peak_rss_mib']:>13.0f} "
+                      f"{r['peak_rss_mib'] - r['baseline_rss_mib']:>20.0f} "
+                      f"{'yes' if r['torch_imported'] else 'no':>15}")
 
 
 if __name__ == "__main__":

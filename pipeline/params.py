@@ -128,6 +128,12 @@ class FitMapperParams(Section):
         return self.steps[k]
 
 
+class InferParams(Section):
+    """``infer``: mapper inference on the test set, the four raw stream maps (DESIGN 1.6)."""
+
+    batch_size: int = Field(8, ge=1)
+
+
 class ScoreParams(Section):
     """``score``: stream fusion, smoothing and normalisation (DESIGN 1.6)."""
 
@@ -172,6 +178,7 @@ class Params(Section):
     estimate_normals: EstimateNormalsParams = EstimateNormalsParams()
     extract_features: ExtractFeaturesParams = ExtractFeaturesParams()
     fit_mapper: FitMapperParams = FitMapperParams()
+    infer: InferParams = InferParams()
     score: ScoreParams = ScoreParams()
     evaluate: EvaluateParams = EvaluateParams()
 

@@ -1,13 +1,9 @@
-"""Anomaly maps from the four mappers (DESIGN 1.6).
+"""Anomaly maps from the four stored stream maps (DESIGN 1.6, second half).
 
-Two halves:
-
-- :func:`stream_maps` runs the mappers on one batch of test features and returns the four raw
-  stream maps (1 - cos over the concatenated layers, at the mapper resolution, upsampled
-  bilinearly to S);
-- :func:`finish_maps` turns stored stream maps into the fused, masked, smoothed and normalised
-  maps and image scores. ``evaluate`` calls it again for the fusion ablations, so it needs no
-  mapper inference.
+:func:`finish_maps` turns the raw stream maps (written by the ``infer`` stage, see
+:mod:`pipeline.inference`) into the fused, masked, smoothed and normalised maps and image
+scores. The ``score`` stage calls it once, ``evaluate`` once per fusion ablation. This module
+needs numpy and scipy only: re-scoring after a ``score`` parameter change does not import torch.
 
 Ablation switches of :class:`~pipeline.params.ScoreParams`:
 
@@ -24,35 +20,17 @@ normalised per image. Divisions are guarded: an all-zero map gives zero maps and
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from scipy import ndimage
-from torch.nn import functional as F
 
-from pipeline.errors import InputError, ModelError, ParamsError
-from pipeline.models.mapper import ARCHITECTURES, Mapper, build_mapper, resize_layers
+from pipeline.errors import InputError, ParamsError
 from pipeline.params import ScoreParams
 
 STREAM_NAMES = ("psi2d_real", "psi2d_est", "psi3d_real", "psi3d_est")
 BOX_PASSES = (5, 3)  # passes of the w_l box, then of the w_u box
-
-# stream map -> (mapper, source modality, target modality). The estimated 2D->3D prediction
-# is compared with the REAL normal features, as in the published code.
-STREAM_SPECS: dict[str, tuple[str, str, str]] = {
-    "psi2d_real": ("real_3d_to_2d", "real", "rgb"),
-    "psi2d_est": ("est_3d_to_2d", "est", "rgb"),
-    "psi3d_real": ("real_2d_to_3d", "rgb", "real"),
-    "psi3d_est": ("est_2d_to_3d", "rgb", "real"),
-}
-MAPPER_NAMES = ("real_2d_to_3d", "real_3d_to_2d", "est_2d_to_3d", "est_3d_to_2d")
 
 
 @dataclass(frozen=True)
@@ -61,78 +39,6 @@ class ScoredMaps:
     map_pro: np.ndarray  # (B,S,S) float32, map / mean(non-zero map)
     map_roc: np.ndarray  # (B,S,S) float32, map / sqrt(mean map)
     image_score: np.ndarray  # (B,) float32, max(map) / sqrt(mean of non-zero map)
-
-
-# ----------------------------------------------------------------------------- mapper side
-def cosine_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
-    """1 - cos between the concatenated layers at each pixel: (B, H, W)."""
-    return 1.0 - F.cosine_similarity(torch.cat(list(pred), dim=1), torch.cat(list(target), dim=1),
-                                     dim=1)
-
-
-def stream_maps(mappers: Mapping[str, Mapper], features: Mapping[str, Sequence[torch.Tensor]],
-                resolution: int, size: int) -> dict[str, torch.Tensor]:
-    """The four raw stream maps (B, size, size) of one batch.
-
-    ``features`` maps ``rgb``/``real``/``est`` to the three layer tensors at their native grid.
-    """
-    at_res = {m: resize_layers(layers, resolution) for m, layers in features.items()}
-    out = {}
-    for name, (mapper, source, target) in STREAM_SPECS.items():
-        d = cosine_distance(mappers[mapper](at_res[source]), at_res[target])[:, None]
-        if d.shape[-1] != size or d.shape[-2] != size:
-            d = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)
-        out[name] = d[:, 0]
-    return out
-
-
-def _weights_look_like(state: Mapping[str, Any]) -> str:
-    if any(k.startswith("attention.") for k in state):
-        return "cahfm"
-    if any(k.startswith("net.") for k in state):
-        return "mlp"
-    return "unknown"
-
-
-def load_mappers(directory: Path, device: torch.device | None = None
-                 ) -> tuple[dict[str, Any], dict[str, Mapper]]:
-    """Read config.json and the four checkpoints; errors name the checkpoint and the config."""
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{config_path}: mapper config not found (run the fit_mapper stage)")
-    try:
-        config = json.loads(config_path.read_text())
-        architecture = config["architecture"]
-        specs = config["mappers"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ModelError(f"{config_path}: not a valid mapper config ({err})") from None
-    if architecture not in ARCHITECTURES:
-        raise ModelError(f"{config_path}: unknown architecture {architecture!r} "
-                         f"(allowed: {', '.join(ARCHITECTURES)})")
-    mappers: dict[str, Mapper] = {}
-    for name in MAPPER_NAMES:
-        if name not in specs:
-            raise ModelError(f"{config_path}: no entry for mapper {name!r}")
-        spec = specs[name]
-        path = directory / spec.get("file", f"{name}.safetensors")
-        if not path.is_file():
-            raise InputError(f"{path}: mapper checkpoint not found (listed in {config_path})")
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ModelError(f"{path}: cannot read checkpoint: {err}") from None
-        mapper = build_mapper(architecture, spec["in_channels"], spec["out_channels"])
-        try:
-            mapper.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-            raise ModelError(
-                f"{path}: weights do not fit the {architecture!r} mapper "
-                f"{spec['in_channels']} -> {spec['out_channels']} described in {config_path} "
-                f"(the weights look like {_weights_look_like(state)!r}; {first})"
-            ) from None
-        mappers[name] = mapper.to(device or torch.device("cpu")).eval()
-    return config, mappers
 
 
 # -------------------------------------------------------------------------------- map side
@@ -152,12 +58,12 @@ def box_cascade(maps: np.ndarray, sizes: tuple[int, int],
     for w in sizes:
         if w < 1 or w % 2 == 0:
             raise ParamsError(f"score.box_sizes: box sizes must be odd and positive (got {sizes})")
-    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float64))[:, None]
+    x = np.array(maps, dtype=np.float64)
     for w, n in zip(sizes, passes):
         for _ in range(n):
-            # count_include_pad=True: the border averages in zeros, i.e. zero padding.
-            x = F.avg_pool2d(x, kernel_size=w, stride=1, padding=w // 2, count_include_pad=True)
-    return x[:, 0].numpy()
+            # mode="constant": the border averages in zeros, i.e. zero padding.
+            x = ndimage.uniform_filter(x, size=w, mode="constant", cval=0.0, axes=(1, 2))
+    return x
 
 
 def gaussian(maps: np.ndarray, sigma: float) -> np.ndarray:

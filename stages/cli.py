@@ -129,11 +129,19 @@ def fit_mapper(
     _run_stage("fit_mapper", params, category=category, shots=shots, seed=seed)
 
 
+@app.command("infer")
+def infer(
+    category: CategoryArg, shots: ShotsOpt, seed: SeedOpt = 0, params: ParamsOpt = Path("params.yaml")
+) -> None:
+    """Stage: run the four mappers on the test set; store the raw stream maps."""
+    _run_stage("infer", params, category=category, shots=shots, seed=seed)
+
+
 @app.command("score")
 def score(
     category: CategoryArg, shots: ShotsOpt, seed: SeedOpt = 0, params: ParamsOpt = Path("params.yaml")
 ) -> None:
-    """Stage: anomaly maps and image scores of the test set."""
+    """Stage: fuse, mask, smooth and normalise the stream maps; image scores (no torch)."""
     _run_stage("score", params, category=category, shots=shots, seed=seed)
 
 

@@ -1,8 +1,9 @@
 """Stage ``evaluate`` (category, k, seed): metrics, curves, heatmaps and fusion ablations
 (DESIGN 1.7).
 
-Reads   artifacts/scores/<cat>/k<k>-s<seed>.zarr (stream maps, fg, map, map_pro, map_roc,
-        image_score), artifacts/prepare/<cat>/test.zarr (gt, rgb; attrs ids, labels)
+Reads   artifacts/scores/<cat>/k<k>-s<seed>.zarr (map, map_pro, map_roc, image_score),
+        artifacts/streams/<cat>/k<k>-s<seed>.zarr (the four stream maps and fg, for the
+        ablations), artifacts/prepare/<cat>/test.zarr (gt, rgb; attrs ids, labels)
 Writes  results/evaluate/<cat>/k<k>-s<seed>/ (atomically):
         metrics.json   flat dict for ``dvc metrics show``: i_auroc (from image_score),
                        p_auroc (from map_roc), aupro@<limit> (from map_pro), category, shots,
@@ -36,7 +37,9 @@ from pipeline.artifacts import Store, atomic_dir, open_store, require_same_ids
 from pipeline.errors import InputError
 from pipeline.params import Params
 from pipeline.progress import info, track
+from pipeline.scoring import STREAM_NAMES, finish_maps
 from stages import layout
+from stages.score import open_streams
 
 # variant name -> update of the ``score`` section (DESIGN 1.6 ablations)
 ABLATIONS: dict[str, dict[str, str]] = {
@@ -104,51 +107,55 @@ def _public(result: dict) -> dict:
     return out
 
 
-def _ablations(scores: Store, path: Path, params: Params, category: str, gt: np.ndarray,
-               labels: np.ndarray) -> dict:
-    """Every fusion variant from the stored stream maps, streamed in batches."""
-    from pipeline.scoring import STREAM_NAMES, finish_maps
+def _ablations(streams: Store, path: Path, params: Params, category: str, gt: np.ndarray,
+               labels: np.ndarray, configured: dict) -> dict:
+    """Every fusion variant from the stored stream maps.
 
-    n, size = gt.shape[0], gt.shape[1:]
-    for name in (*STREAM_NAMES, "fg"):
-        if tuple(scores[name].shape) != (n, *size):
-            raise InputError(f"{path}: array {name!r} has shape {tuple(scores[name].shape)}, "
-                             f"expected {(n, *size)}")
+    The float16 stream maps are read once (about as much memory as the float32 maps that the
+    metrics need anyway); a variant equal to the configured ``score`` section reuses
+    ``configured``, the metrics of the stored maps, which are the same numbers.
+    """
+    n = gt.shape[0]
     p = params.evaluate
     batch = params.score.batch_size
+    stored = {name: np.asarray(streams[name][:]) for name in (*STREAM_NAMES, "fg")}
     map_pro = np.empty(gt.shape, dtype=np.float32)
     map_roc = np.empty(gt.shape, dtype=np.float32)
     image_score = np.empty(n, dtype=np.float32)
     out = {}
-    steps = [(v, start) for v in ABLATIONS for start in range(0, n, batch)]
-    for variant, start in track(steps, f"ablations {category}"):
-        stop = min(n, start + batch)
-        streams = {name: np.asarray(scores[name][start:stop]) for name in STREAM_NAMES}
-        fg = np.asarray(scores["fg"][start:stop])
+    for variant in track(ABLATIONS, f"ablations {category}"):
         variant_params = params.score.model_copy(update=ABLATIONS[variant])
-        scored = finish_maps(streams, fg, category, variant_params)
-        map_pro[start:stop] = scored.map_pro
-        map_roc[start:stop] = scored.map_roc
-        image_score[start:stop] = scored.image_score
-        if stop == n:
-            try:
-                result = M.evaluate(map_pro, gt, labels, scores=image_score, roc_maps=map_roc,
-                                    limits=p.limits, aupro_thresholds=p.aupro_thresholds)
-            except InputError as err:
-                raise InputError(f"{path}: fusion variant {variant!r}: {err}") from None
-            out[variant] = {"score_update": ABLATIONS[variant], **_public(result.metrics)}
+        if variant_params == params.score:
+            out[variant] = {"score_update": ABLATIONS[variant], **configured}
+            continue
+        for start in range(0, n, batch):
+            stop = min(n, start + batch)
+            batch_maps = {name: stored[name][start:stop] for name in STREAM_NAMES}
+            scored = finish_maps(batch_maps, stored["fg"][start:stop], category, variant_params)
+            map_pro[start:stop] = scored.map_pro
+            map_roc[start:stop] = scored.map_roc
+            image_score[start:stop] = scored.image_score
+        try:
+            result = M.evaluate(map_pro, gt, labels, scores=image_score, roc_maps=map_roc,
+                                limits=p.limits, aupro_thresholds=p.aupro_thresholds)
+        except InputError as err:
+            raise InputError(f"{path}: fusion variant {variant!r}: {err}") from None
+        out[variant] = {"score_update": ABLATIONS[variant], **_public(result.metrics)}
     return out
 
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     p = params.evaluate
     scores_path = layout.scores(category, shots, seed)
+    streams_path = layout.streams(category, shots, seed)
     test_path = layout.prepared(category) / "test.zarr"
     scores = open_store(scores_path)
     test = open_store(test_path)
     ids = _ids(scores, scores_path)
     test_ids = _ids(test, test_path)
     require_same_ids(scores_path, ids, test_path, test_ids)
+    streams, stream_ids, _, stream_size = open_streams(streams_path)
+    require_same_ids(streams_path, stream_ids, test_path, test_ids)
     n = len(ids)
     if n == 0:
         raise InputError(f"{test_path}: empty test set, nothing to evaluate")
@@ -168,6 +175,9 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     if tuple(scores["map"].shape) != shape:
         raise InputError(f"{scores_path}: array 'map' has shape {tuple(scores['map'].shape)}, "
                          f"expected {shape}")
+    if (n, stream_size, stream_size) != shape:
+        raise InputError(f"{streams_path}: stream maps are {stream_size} x {stream_size}, the "
+                         f"ground truth in {test_path} is {shape[1]} x {shape[2]}")
 
     info(f"evaluate {category} {layout.run_key(shots, seed)}: {n} test images")
     try:
@@ -178,7 +188,8 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     del map_roc
     metrics = {**_public(ev.metrics), "category": category, "shots": shots, "seed": seed,
                "n_test": n}
-    ablations = _ablations(scores, scores_path, params, category, gt, labels)
+    ablations = _ablations(streams, streams_path, params, category, gt, labels,
+                           _public(ev.metrics))
 
     # overlays of the raw fused map on one colour scale for the whole test set
     vmax = 0.0

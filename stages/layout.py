@@ -81,6 +81,11 @@ def loss_curve(category: str, shots: int, seed: int) -> Path:
     return RESULTS / "loss" / category / f"{run_key(shots, seed)}.csv"
 
 
+def streams(category: str, shots: int, seed: int) -> Path:
+    """The four raw stream maps of the test set and its foreground (written by ``infer``)."""
+    return ARTIFACTS / "streams" / category / f"{run_key(shots, seed)}.zarr"
+
+
 def scores(category: str, shots: int, seed: int) -> Path:
     return ARTIFACTS / "scores" / category / f"{run_key(shots, seed)}.zarr"
 

@@ -1,111 +1,75 @@
-"""Stage ``score`` (category, k, seed): anomaly maps and image scores of the test set (DESIGN 1.6).
+"""Stage ``score`` (category, k, seed): fused anomaly maps and image scores (DESIGN 1.6).
 
-Reads   artifacts/features/<cat>/test.zarr, artifacts/mappers/<cat>/k<k>-s<seed>/,
-        artifacts/prepare/<cat>/test.zarr (fg, attrs ids/labels)
-Writes  artifacts/scores/<cat>/k<k>-s<seed>.zarr
+Reads   artifacts/streams/<cat>/k<k>-s<seed>.zarr (the four stream maps and fg from ``infer``)
+Writes  artifacts/scores/<cat>/k<k>-s<seed>.zarr: map, map_pro, map_roc (N, S, S) float32,
+        image_score (N,) float32; attrs ids, labels, category
 
-The test set is streamed one batch (score.batch_size) at a time. The raw stream maps are
-rounded to float16 (as stored) before fusion, so that ``evaluate`` re-fusing the stored streams
-reproduces ``map`` exactly.
+Fusion with the lambdas, foreground masking, smoothing and the per-image normalisations, on the
+stored stream maps with numpy and scipy only: this stage imports neither torch nor the
+mappers, so a change of a ``score`` parameter costs seconds. Streamed one batch
+(score.batch_size) at a time.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from pathlib import Path
 
-from pipeline.artifacts import StoreWriter, open_store, provenance, require_same_ids
-from pipeline.device import pick_device
+import numpy as np
+
+from pipeline.artifacts import Store, StoreWriter, open_store, provenance
 from pipeline.errors import InputError
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
-from pipeline.scoring import STREAM_NAMES, check_smoothing, finish_maps, load_mappers, stream_maps
-from pipeline.training import FEATURE_KEYS, N_LAYERS, feature_meta, open_prepared_with_fg
+from pipeline.scoring import STREAM_NAMES, check_smoothing, finish_maps
 from stages import layout
 
-MODALITIES = ("rgb", "real", "est")
-MAP_SHARD_BYTES = 4 * 2**20
+MAP_SHARD_BYTES = 4 * 2**20  # four full-resolution map arrays; see stages.infer
 
 
-def _check_matches(config: dict, config_path: str, meta, store_path: str) -> None:
-    """The test features must come from the backbone/grid/widths the mappers were trained on."""
-    for key in FEATURE_KEYS:
-        trained = config.get(key)
-        found = getattr(meta, key)
-        if trained != found:
-            raise InputError(
-                f"{store_path}: feature {key} {found!r} does not match {trained!r} that the "
-                f"mappers in {config_path} were trained on (re-run extract_features or fit_mapper)"
-            )
+def open_streams(path: Path) -> tuple[Store, list[str], list[int], int]:
+    """The stream store of ``infer`` with its ids, labels and map size, checked."""
+    streams = open_store(path)
+    ids = streams.attrs.get("ids")
+    labels = streams.attrs.get("labels")
+    if not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels):
+        raise InputError(f"{path}: attributes 'ids' and 'labels' missing or of different lengths "
+                         "(re-run the infer stage)")
+    n = len(ids)
+    shape = None
+    for name in (*STREAM_NAMES, "fg"):
+        if name not in streams:
+            raise InputError(f"{path}: no array {name!r} (re-run the infer stage)")
+        found = tuple(streams[name].shape)
+        shape = shape or found
+        if len(found) != 3 or found[0] != n or found[1] != found[2] or found != shape:
+            raise InputError(f"{path}: array {name!r} has shape {found}, expected ({n}, S, S) "
+                             "like the other stream maps")
+    return streams, [str(i) for i in ids], [int(v) for v in labels], int(shape[1])
 
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     p = params.score
     check_smoothing(p, category)
-    mapper_dir = layout.mappers(category, shots, seed)
-    device = pick_device()
-    config, mappers = load_mappers(mapper_dir, device)
-    resolution = int(config.get("resolution", 0))
-    if resolution < 1:
-        raise InputError(f"{mapper_dir / 'config.json'}: missing or invalid 'resolution'")
-
-    feat_path = layout.features(category) / "test.zarr"
-    feats = open_store(feat_path)
-    meta = feature_meta(feats, MODALITIES)
-    _check_matches(config, str(mapper_dir / "config.json"), meta, str(feat_path))
-
-    prep_path = layout.prepared(category) / "test.zarr"
-    prep, prep_ids = open_prepared_with_fg(prep_path, f"to score {feat_path}")
-    require_same_ids(feat_path, meta.ids, prep_path, prep_ids)
-    labels = [int(v) for v in prep.attrs.get("labels", [])]
-    if len(labels) != len(prep_ids):
-        raise InputError(f"{prep_path}: attribute 'labels' has {len(labels)} entries for "
-                         f"{len(prep_ids)} samples")
-    fg_array = prep["fg"]
-    if fg_array.ndim != 3 or fg_array.shape[0] != len(prep_ids) or \
-            fg_array.shape[1] != fg_array.shape[2]:
-        raise InputError(f"{prep_path}: 'fg' has shape {tuple(fg_array.shape)}, expected "
-                         f"({len(prep_ids)}, S, S)")
-    size = int(fg_array.shape[1])
-    n = len(meta.ids)
-
+    streams_path = layout.streams(category, shots, seed)
+    streams, ids, labels, size = open_streams(streams_path)
+    n = len(ids)
     attrs = {
-        "ids": meta.ids,
+        "ids": ids,
         "labels": labels,
         "category": category,
-        **provenance("score", section_dict(p), mappers=str(mapper_dir),
-                     architecture=config["architecture"], resolution=resolution,
-                     backbone=meta.backbone),
+        **provenance("score", section_dict(p), streams=str(streams_path)),
     }
-    info(f"score {category} {layout.run_key(shots, seed)}: {n} test images on {device}")
-    names = [f"{m}_{l}" for m in MODALITIES for l in range(N_LAYERS)]
-    # Eight full-resolution map arrays: small shards keep the writer's buffer (one shard per
-    # array) well below the model's memory, so peak memory does not grow with the test set.
-    with StoreWriter(layout.scores(category, shots, seed), attrs=attrs, shard_bytes=MAP_SHARD_BYTES) as w:
-        for name in STREAM_NAMES:
-            w.create(name, n, (size, size), np.float16)
-        w.create("fg", n, (size, size), np.uint8)
+    info(f"score {category} {layout.run_key(shots, seed)}: {n} test images")
+    with StoreWriter(layout.scores(category, shots, seed), attrs=attrs,
+                     shard_bytes=MAP_SHARD_BYTES) as w:
         for name in ("map", "map_pro", "map_roc"):
             w.create(name, n, (size, size), np.float32)
         w.create("image_score", n, (), np.float32)
-        batches = feats.iter_batches(names, p.batch_size)
-        total = -(-n // p.batch_size)
-        for start, batch in zip(range(0, n, p.batch_size),
-                                track(batches, f"score {category}", total=total)):
-            features = {
-                m: [torch.from_numpy(np.asarray(batch[f"{m}_{l}"], dtype=np.float32)).to(device)
-                    for l in range(N_LAYERS)]
-                for m in MODALITIES
-            }
-            with torch.inference_mode():
-                maps = stream_maps(mappers, features, resolution, size)
-            streams = {k: v.float().cpu().numpy().astype(np.float16) for k, v in maps.items()}
-            fg = (np.asarray(fg_array[start:start + len(streams[STREAM_NAMES[0]])]) > 0)
-            fg = fg.astype(np.uint8)
-            scored = finish_maps(streams, fg, category, p)
-            for name in STREAM_NAMES:
-                w.append(name, streams[name])
-            w.append("fg", fg)
+        starts = range(0, n, p.batch_size)
+        for start in track(starts, f"score {category}", total=len(starts)):
+            stop = min(n, start + p.batch_size)
+            batch = {name: np.asarray(streams[name][start:stop]) for name in STREAM_NAMES}
+            scored = finish_maps(batch, np.asarray(streams["fg"][start:stop]), category, p)
             w.append("map", scored.map)
             w.append("map_pro", scored.map_pro)
             w.append("map_roc", scored.map_roc)

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import open_store
-from stages.scratch_project import make_project, project_env, sh, stages_run, write_params
+from stages.scratch_project import (
+    make_project,
+    project_env,
+    sh,
+    stages_run,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +40,7 @@ KEY = "disc-1-0"
 def project(tmp_path_factory) -> Path:
     root = make_project(tmp_path_factory.mktemp("dvc") / "project", REDUCED, n_train=3, n_test=6)
     out = sh(["dvc", "repro"], root).stdout
-    assert stages_run(out) >= {f"prepare@disc", f"score@{KEY}", "report"}, out
+    assert stages_run(out) >= {"prepare@disc", f"score@{KEY}", "report"}, out
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-q", "-m", "first run"], root)
     return root
@@ -46,7 +52,7 @@ def _changed_stages(project: Path) -> set[str]:
 
 
 def test_full_run_produces_metrics_and_noop_runs_nothing(project):
-    metrics = json.loads((project / f"results/evaluate/disc/k1-s0/metrics.json").read_text())
+    metrics = json.loads((project / "results/evaluate/disc/k1-s0/metrics.json").read_text())
     assert 0.0 <= metrics["i_auroc"] <= 1.0
     assert (project / "results/summary/summary.md").read_text().count("|") > 4
     assert _changed_stages(project) == set()
@@ -65,31 +71,31 @@ def test_mapper_change_reruns_fit_mapper_and_downstream_only(project):
     assert _changed_stages(project) == {f"fit_mapper@{KEY}"}
     ran = stages_run(sh(["dvc", "repro"], project).stdout)
     assert f"fit_mapper@{KEY}" in ran
-    assert ran <= {f"fit_mapper@{KEY}", f"score@{KEY}", f"evaluate@{KEY}", "report"}
+    assert ran <= {f"fit_mapper@{KEY}", f"infer@{KEY}", f"score@{KEY}", f"evaluate@{KEY}", "report"}
     sh(["git", "add", "-A"], project)
     sh(["git", "commit", "-q", "-m", "tuned"], project)
 
 
 def test_killed_stage_leaves_nothing_dvc_accepts_and_next_repro_completes(project):
-    scores_dir = project / "artifacts/scores/disc"
+    streams_dir = project / "artifacts/streams/disc"
     proc = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", f"score@{KEY}"], cwd=project, env=project_env(),
+        ["dvc", "repro", "-f", "-s", f"infer@{KEY}"], cwd=project, env=project_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.time() + 120
     # wait until the stage is writing its store (the temporary sibling exists), then SIGKILL
-    while time.time() < deadline and not list(scores_dir.glob(".k1-s0.zarr.tmp-*")):
+    while time.time() < deadline and not list(streams_dir.glob(".k1-s0.zarr.tmp-*")):
         if proc.poll() is not None:
             break
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (scores_dir / "k1-s0.zarr").exists()
-    assert f"score@{KEY}" in _changed_stages(project)
+    assert not (streams_dir / "k1-s0.zarr").exists()
+    assert f"infer@{KEY}" in _changed_stages(project)
     # The next repro completes: it re-runs the stage or restores it from DVC's run cache.
     sh(["dvc", "repro"], project)
     assert _changed_stages(project) == set()
-    assert len(open_store(scores_dir / "k1-s0.zarr")["image_score"][:]) == 6
+    assert open_store(streams_dir / "k1-s0.zarr")["psi2d_real"].shape[0] == 6
     # What the killed writer left is a dot-named temporary sibling: .dvcignore hides it from
     # DVC, and the next run of the stage removes it.
 

@@ -31,8 +31,8 @@ def make_params(**evaluate_section) -> Params:
 
 
 def write_inputs(params: Params, test_ids=None, labels=None, seed: int = 0) -> dict:
-    """prepare/<cat>/test.zarr and scores/<cat>/k1-s0.zarr: the 2D streams see the defects,
-    the 3D streams see false defects in good images (so the 2D/3D ablations differ)."""
+    """prepare/<cat>/test.zarr, streams/ and scores/<cat>/k1-s0.zarr: the 2D streams see the
+    defects, the 3D streams see false defects in good images (so the 2D/3D ablations differ)."""
     rng = np.random.default_rng(seed)
     ids = [f"good/{i:03d}" for i in range(N // 2)] + [f"crack/{i:03d}" for i in range(N // 2)]
     true_labels = [0] * (N // 2) + [1] * (N // 2)
@@ -56,16 +56,19 @@ def write_inputs(params: Params, test_ids=None, labels=None, seed: int = 0) -> d
                      attrs={"ids": test_ids or ids, "labels": labels or true_labels}) as w:
         w.write("rgb", rgb)
         w.write("gt", gt)
-    with StoreWriter(layout.scores(CAT, 1, 0),
+    with StoreWriter(layout.streams(CAT, 1, 0),
                      attrs={"ids": ids, "labels": true_labels, "category": CAT}) as w:
         for name in STREAM_NAMES:
             w.write(name, streams[name])
         w.write("fg", fg)
+    with StoreWriter(layout.scores(CAT, 1, 0),
+                     attrs={"ids": ids, "labels": true_labels, "category": CAT}) as w:
         w.write("map", scored.map)
         w.write("map_pro", scored.map_pro)
         w.write("map_roc", scored.map_roc)
         w.write("image_score", scored.image_score)
-    return {"gt": gt, "labels": np.array(true_labels), "scored": scored, "ids": ids}
+    return {"gt": gt, "labels": np.array(true_labels), "scored": scored, "ids": ids,
+            "streams": streams, "fg": fg}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -101,6 +104,16 @@ def test_evaluate_stage_outputs(tmp_path: Path, monkeypatch) -> None:
     assert ablations["2d_only"]["i_auroc"] == 1.0
     assert ablations["3d_only"]["i_auroc"] < 0.5  # 3D streams only see the fake defects
     assert ablations["2d_only"]["score_update"] == {"modalities": "2d"}
+    # every variant equals an independent re-fusion of the streams (incl. the reused one)
+    for variant in ("product", "sum", "real_only"):
+        v = finish_maps(data["streams"], data["fg"], CAT,
+                        params.score.model_copy(update=stage.ABLATIONS[variant]))
+        again = evaluate(v.map_pro, data["gt"], data["labels"], scores=v.image_score,
+                         roc_maps=v.map_roc).metrics
+        for key in ("i_auroc", "p_auroc", *map(aupro_key, LIMITS)):
+            assert ablations[variant][key] == pytest.approx(again[key], abs=1e-9), variant
+    assert ablations["sum"]["i_auroc"] != ablations["product"]["i_auroc"] or \
+        ablations["sum"]["aupro@0.01"] != ablations["product"]["aupro@0.01"]
 
     roc = read_csv(out / "roc.csv")
     assert (float(roc[0]["fpr"]), float(roc[0]["tpr"])) == (0.0, 0.0)
@@ -197,3 +210,16 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path: Path, monkeypa
         stage.run(params, CAT, 1, 0)
     folder = tmp_path / "results" / "evaluate" / CAT
     assert list(folder.iterdir()) == []  # neither k1-s0 nor a temporary sibling
+
+
+def test_stream_store_of_other_test_set_fails(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = make_params()
+    data = write_inputs(params)
+    with StoreWriter(layout.streams(CAT, 1, 0),
+                     attrs={"ids": data["ids"][::-1], "labels": [0] * N, "category": CAT}) as w:
+        for name in (*STREAM_NAMES, "fg"):
+            w.write(name, np.zeros((N, S, S), np.float16 if name != "fg" else np.uint8))
+    with pytest.raises(InputError, match=r"streams/bagel/k1-s0.zarr: sample ids do not match"):
+        stage.run(params, CAT, 1, 0)
+    assert not (tmp_path / "results").exists()

@@ -42,6 +42,7 @@ def make_params(architecture: str = "cahfm", steps: int = 60, seed: int = 0,
         "fewshot": {"shots": [2]},
         "fit_mapper": {"architecture": architecture, "resolution": GRID, "steps": {2: steps},
                        "lr": 1e-2, "lr_min": 1e-4, "seed": seed, **fit},
+        "infer": {"batch_size": 4},
         "score": {"batch_size": 3, **(score or {})},
     })
 

@@ -1,28 +1,20 @@
-"""score: fusion, smoothing, normalisation, the stage, and its bad inputs."""
+"""infer + score: mapper inference, fusion, smoothing, normalisation, the two stages and their
+bad inputs."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
-
-from pipeline.artifacts import open_store
-from pipeline.errors import InputError, ModelError, ParamsError
-from pipeline.models.mapper import build_mapper
-from pipeline.params import ScoreParams
-from pipeline.scoring import (
-    STREAM_NAMES,
-    box_cascade,
-    combine_streams,
-    finish_maps,
-    normalise,
-)
-from stages import fit_mapper, layout, score
 from test_fit_mapper import (
     CAT,
     DEFECT,
@@ -35,22 +27,40 @@ from test_fit_mapper import (
     write_project,
 )
 
+from pipeline.artifacts import StoreWriter, open_store
+from pipeline.errors import InputError, ModelError, ParamsError
+from pipeline.models.mapper import build_mapper
+from pipeline.params import ScoreParams
+from pipeline.scoring import (
+    STREAM_NAMES,
+    box_cascade,
+    combine_streams,
+    finish_maps,
+    normalise,
+)
+from stages import fit_mapper, infer, layout, score
+
 
 # ------------------------------------------------------------------------- map functions
-def test_box_cascade_matches_scipy_uniform_filter() -> None:
+def _box_mean_by_shifts(maps: np.ndarray, w: int) -> np.ndarray:
+    """Reference box mean with zero padding: the sum of w*w shifted copies of a padded array."""
+    r = w // 2
+    padded = np.pad(maps, ((0, 0), (r, r), (r, r)))
+    h, v = maps.shape[1:]
+    total = sum(padded[:, dy:dy + h, dx:dx + v] for dy in range(w) for dx in range(w))
+    return total / (w * w)
+
+
+def test_box_cascade_matches_explicit_shifted_sums() -> None:
     rng = np.random.default_rng(0)
-    maps = rng.random((2, 23, 23))
+    maps = rng.random((2, 23, 19))
     maps[:, :5] = 0
-    expected = maps.copy()
-    for w, n in ((3, 5), (5, 3)):
-        for _ in range(n):
-            expected = ndimage.uniform_filter(expected, size=(1, w, w), mode="constant", cval=0.0)
-    np.testing.assert_allclose(box_cascade(maps, (3, 5)), expected, rtol=1e-10, atol=1e-12)
-    other = maps.copy()
-    for w, n in ((5, 5), (7, 3)):
-        for _ in range(n):
-            other = ndimage.uniform_filter(other, size=(1, w, w), mode="constant", cval=0.0)
-    np.testing.assert_allclose(box_cascade(maps, (5, 7)), other, rtol=1e-10, atol=1e-12)
+    for sizes in ((3, 5), (5, 7)):
+        expected = maps.copy()
+        for w, n in zip(sizes, (5, 3)):
+            for _ in range(n):
+                expected = _box_mean_by_shifts(expected, w)
+        np.testing.assert_allclose(box_cascade(maps, sizes), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_box_cascade_rejects_even_sizes() -> None:
@@ -139,22 +149,30 @@ def project(fitted: Path, tmp_path: Path, monkeypatch) -> Path:
     return root
 
 
-def test_score_store_contents_and_defects(project: Path) -> None:
-    score.run(make_params(), CAT, 2, 0)
-    s = open_store(layout.scores(CAT, 2, 0))
+def _infer_and_score(**score_settings) -> tuple:
+    params = make_params(score=score_settings) if score_settings else make_params()
+    infer.run(params, CAT, 2, 0)
+    score.run(params, CAT, 2, 0)
+    return open_store(layout.streams(CAT, 2, 0)), open_store(layout.scores(CAT, 2, 0))
+
+
+def test_stream_and_score_stores_contents_and_defects(project: Path) -> None:
+    st, s = _infer_and_score()
     ids = [f"{'crack' if i % 2 else 'good'}/{i:03d}" for i in range(6)]
-    assert s.attrs["ids"] == ids and s.attrs["labels"] == [0, 1] * 3
-    assert s.attrs["category"] == CAT and s.attrs["stage"] == "score"
+    for store, stage in ((st, "infer"), (s, "score")):
+        assert store.attrs["ids"] == ids and store.attrs["labels"] == [0, 1] * 3
+        assert store.attrs["category"] == CAT and store.attrs["stage"] == stage
     assert s.attrs["params"]["fusion"] == "product"
+    assert st.attrs["architecture"] == "cahfm" and "fusion" not in st.attrs["params"]
     for name in STREAM_NAMES:
-        assert s[name].dtype == np.float16 and s[name].shape == (6, SIZE, SIZE)
-    assert s["fg"].dtype == np.uint8
+        assert st[name].dtype == np.float16 and st[name].shape == (6, SIZE, SIZE)
+    assert st["fg"].dtype == np.uint8
     for name in ("map", "map_pro", "map_roc"):
         assert s[name].dtype == np.float32 and s[name].shape == (6, SIZE, SIZE)
     assert s["image_score"].dtype == np.float32 and s["image_score"].shape == (6,)
     # The stored map is finish_maps of the stored (float16) streams: evaluate can re-fuse.
-    streams = {n: s[n][:] for n in STREAM_NAMES}
-    again = finish_maps(streams, s["fg"][:], CAT, make_params().score)
+    streams = {n: st[n][:] for n in STREAM_NAMES}
+    again = finish_maps(streams, st["fg"][:], CAT, make_params().score)
     np.testing.assert_array_equal(again.map, s["map"][:])
     np.testing.assert_array_equal(again.image_score, s["image_score"][:])
 
@@ -168,11 +186,11 @@ def test_score_store_contents_and_defects(project: Path) -> None:
          (DEFECT[1].start + 1) * scale:(DEFECT[1].stop - 1) * scale] = True
     margin = np.zeros_like(inside)  # the defect plus two grid cells around it
     margin[:(DEFECT[0].stop + 2) * scale, :(DEFECT[1].stop + 2) * scale] = True
-    outside = (s["fg"][0] > 0) & ~margin
+    outside = (st["fg"][0] > 0) & ~margin
     assert outside.sum() > 200 and core.sum() >= 16
     for i in (1, 3, 5):
         for name in ("psi2d_real", "psi3d_real", "psi3d_est"):
-            raw = s[name][i].astype(np.float32)
+            raw = st[name][i].astype(np.float32)
             assert raw[core].mean() > 1.5 * raw[outside].mean(), (name, i)
         m = s["map"][i]
         assert m[core].mean() > 3 * m[outside].mean(), i
@@ -180,23 +198,39 @@ def test_score_store_contents_and_defects(project: Path) -> None:
     assert scores_[[1, 3, 5]].min() > scores_[[0, 2, 4]].max()
 
 
-def test_score_is_byte_identical(project: Path) -> None:
-    score.run(make_params(), CAT, 2, 0)
-    path = layout.scores(CAT, 2, 0)
-    first = {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-    score.run(make_params(), CAT, 2, 0)
-    second = {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-    assert first == second
-    score.run(make_params(score={"fusion": "sum"}), CAT, 2, 0)
-    third = {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-    assert third != first
+def _files(path: Path) -> dict:
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_stores_are_byte_identical(project: Path) -> None:
+    _infer_and_score()
+    first = _files(layout.streams(CAT, 2, 0)), _files(layout.scores(CAT, 2, 0))
+    _infer_and_score()
+    assert (_files(layout.streams(CAT, 2, 0)), _files(layout.scores(CAT, 2, 0))) == first
+    _infer_and_score(fusion="sum")
+    assert _files(layout.streams(CAT, 2, 0)) == first[0]
+    assert _files(layout.scores(CAT, 2, 0)) != first[1]
+
+
+def test_score_does_not_import_torch(project: Path) -> None:
+    """Re-scoring must stay cheap: the score stage runs on numpy and scipy alone."""
+    infer.run(make_params(), CAT, 2, 0)
+    code = ("import sys; from pipeline.params import load_params; from stages import score; "
+            f"score.run(load_params('params.yaml'), {CAT!r}, 2, 0); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    (project / "params.yaml").write_text(yaml.safe_dump(make_params().model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CMDS_AD_QUIET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert layout.scores(CAT, 2, 0).is_dir()
 
 
 def _expect(error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        score.run(make_params(), CAT, 2, 0)
-    assert not layout.scores(CAT, 2, 0).exists()
-    assert not list(layout.scores(CAT, 2, 0).parent.glob(".*"))  # no temp left
+        infer.run(make_params(), CAT, 2, 0)
+    assert not layout.streams(CAT, 2, 0).exists()
+    assert not list(layout.streams(CAT, 2, 0).parent.glob(".*"))  # no temp left
 
 
 def _rewrite_test_features(**kw) -> None:
@@ -261,7 +295,7 @@ def test_checkpoint_of_other_shape(project: Path) -> None:
                         r"\[8, 8, 8\] -> \[8, 8, 8\] described in .*config.json.*size mismatch")
 
 
-def test_even_box_size_fails_before_inference(project: Path) -> None:
+def test_even_box_size_fails_before_reading(project: Path) -> None:
     with pytest.raises(ParamsError, match=r"score.box_sizes: box sizes must be odd"):
         score.run(make_params(score={"box_sizes": [4, 5]}), CAT, 2, 0)
     assert not layout.scores(CAT, 2, 0).exists()
@@ -272,3 +306,25 @@ def test_even_box_size_fails_before_inference(project: Path) -> None:
 def test_missing_mappers(project: Path) -> None:
     shutil.rmtree(layout.mappers(CAT, 2, 0))
     _expect(InputError, r"mappers/bagel/k2-s0/config.json: mapper config not found")
+
+
+def test_score_without_streams(project: Path) -> None:
+    with pytest.raises(InputError, match=r"streams/bagel/k2-s0.zarr: artifact store not found"):
+        score.run(make_params(), CAT, 2, 0)
+    assert not layout.scores(CAT, 2, 0).exists()
+
+
+def test_score_with_incomplete_streams(project: Path) -> None:
+    infer.run(make_params(), CAT, 2, 0)
+    path = layout.streams(CAT, 2, 0)
+    st = open_store(path)
+    kept = {name: st[name][:] for name in ("psi2d_real", "psi2d_est", "psi3d_real", "fg")}
+    attrs = dict(st.attrs)
+    shutil.rmtree(path)
+    with StoreWriter(path, attrs=attrs) as w:
+        for name, values in kept.items():
+            w.write(name, values)
+    with pytest.raises(InputError, match=r"streams/bagel/k2-s0.zarr: no array 'psi3d_est' "
+                                         r"\(re-run the infer stage\)"):
+        score.run(make_params(), CAT, 2, 0)
+    assert not layout.scores(CAT, 2, 0).exists()

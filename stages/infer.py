@@ -1,0 +1,110 @@
+"""Stage ``infer`` (category, k, seed): the four raw stream maps of the test set (DESIGN 1.6).
+
+Reads   artifacts/features/<cat>/test.zarr, artifacts/mappers/<cat>/k<k>-s<seed>/,
+        artifacts/prepare/<cat>/test.zarr (fg, attrs ids/labels)
+Writes  artifacts/streams/<cat>/k<k>-s<seed>.zarr: psi2d_real, psi2d_est, psi3d_real,
+        psi3d_est (N, S, S) float16 and fg (N, S, S) uint8; attrs ids, labels, category
+
+This is the only place the mappers run on the test set. No ``score`` parameter is read here, so
+a change of a fusion weight, the fusion rule or the smoothing re-runs ``score`` and
+``evaluate`` on these stored maps, not the mappers. The test set is streamed one batch
+(infer.batch_size) at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import StoreWriter, open_store, provenance, require_same_ids
+from pipeline.device import pick_device
+from pipeline.errors import InputError
+from pipeline.inference import load_mappers, stream_maps
+from pipeline.params import Params, section_dict
+from pipeline.progress import info, track
+from pipeline.scoring import STREAM_NAMES
+from pipeline.training import (
+    FEATURE_KEYS,
+    N_LAYERS,
+    feature_meta,
+    open_prepared_with_fg,
+)
+from stages import layout
+
+MODALITIES = ("rgb", "real", "est")
+# Five full-resolution map arrays: small shards keep the writer's buffer (one shard per
+# array) well below the model's memory, so peak memory does not grow with the test set.
+MAP_SHARD_BYTES = 4 * 2**20
+
+
+def _check_matches(config: dict, config_path: str, meta, store_path: str) -> None:
+    """The test features must come from the backbone/grid/widths the mappers were trained on."""
+    for key in FEATURE_KEYS:
+        trained = config.get(key)
+        found = getattr(meta, key)
+        if trained != found:
+            raise InputError(
+                f"{store_path}: feature {key} {found!r} does not match {trained!r} that the "
+                f"mappers in {config_path} were trained on (re-run extract_features or fit_mapper)"
+            )
+
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+    p = params.infer
+    mapper_dir = layout.mappers(category, shots, seed)
+    device = pick_device()
+    config, mappers = load_mappers(mapper_dir, device)
+    resolution = int(config.get("resolution", 0))
+    if resolution < 1:
+        raise InputError(f"{mapper_dir / 'config.json'}: missing or invalid 'resolution'")
+
+    feat_path = layout.features(category) / "test.zarr"
+    feats = open_store(feat_path)
+    meta = feature_meta(feats, MODALITIES)
+    _check_matches(config, str(mapper_dir / "config.json"), meta, str(feat_path))
+
+    prep_path = layout.prepared(category) / "test.zarr"
+    prep, prep_ids = open_prepared_with_fg(prep_path, f"to score {feat_path}")
+    require_same_ids(feat_path, meta.ids, prep_path, prep_ids)
+    labels = [int(v) for v in prep.attrs.get("labels", [])]
+    if len(labels) != len(prep_ids):
+        raise InputError(f"{prep_path}: attribute 'labels' has {len(labels)} entries for "
+                         f"{len(prep_ids)} samples")
+    fg_array = prep["fg"]
+    if fg_array.ndim != 3 or fg_array.shape[0] != len(prep_ids) or \
+            fg_array.shape[1] != fg_array.shape[2]:
+        raise InputError(f"{prep_path}: 'fg' has shape {tuple(fg_array.shape)}, expected "
+                         f"({len(prep_ids)}, S, S)")
+    size = int(fg_array.shape[1])
+    n = len(meta.ids)
+
+    attrs = {
+        "ids": meta.ids,
+        "labels": labels,
+        "category": category,
+        **provenance("infer", section_dict(p), mappers=str(mapper_dir),
+                     architecture=config["architecture"], resolution=resolution,
+                     backbone=meta.backbone),
+    }
+    info(f"infer {category} {layout.run_key(shots, seed)}: {n} test images on {device}")
+    names = [f"{m}_{l}" for m in MODALITIES for l in range(N_LAYERS)]
+    with StoreWriter(layout.streams(category, shots, seed), attrs=attrs,
+                     shard_bytes=MAP_SHARD_BYTES) as w:
+        for name in STREAM_NAMES:
+            w.create(name, n, (size, size), np.float16)
+        w.create("fg", n, (size, size), np.uint8)
+        batches = feats.iter_batches(names, p.batch_size)
+        total = -(-n // p.batch_size)
+        for start, batch in zip(range(0, n, p.batch_size),
+                                track(batches, f"infer {category}", total=total)):
+            features = {
+                m: [torch.from_numpy(np.asarray(batch[f"{m}_{l}"], dtype=np.float32)).to(device)
+                    for l in range(N_LAYERS)]
+                for m in MODALITIES
+            }
+            with torch.inference_mode():
+                maps = stream_maps(mappers, features, resolution, size)
+            for name in STREAM_NAMES:
+                w.append(name, maps[name].float().cpu().numpy().astype(np.float16))
+            stop = start + len(maps[STREAM_NAMES[0]])
+            w.append("fg", (np.asarray(fg_array[start:stop]) > 0).astype(np.uint8))
