@@ -182,9 +182,15 @@ def derive_seed(*parts: int) -> int:
 
 
 def resize_mask(fg: np.ndarray, resolution: int) -> np.ndarray:
-    """(N, S, S) 0/1 masks -> (N, R, R) float32, nearest neighbour."""
+    """(N, S, S) 0/1 masks -> (N, R, R) float32, nearest neighbour at the pixel centres.
+
+    Cell i of the working grid covers pixels [i S/R, (i+1) S/R) and is centred on their middle:
+    that is where bilinear resizing (``align_corners=False``, features to the working grid and
+    maps back to S) puts it, and how ``preprocess.resize_nearest`` samples. torch's legacy
+    ``nearest`` would read each cell's first (top-left) pixel instead, half a cell off.
+    """
     t = torch.from_numpy(np.asarray(fg, dtype=np.float32))[:, None]
-    return F.interpolate(t, size=(resolution, resolution), mode="nearest")[:, 0].numpy()
+    return F.interpolate(t, size=(resolution, resolution), mode="nearest-exact")[:, 0].numpy()
 
 
 def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
