@@ -34,14 +34,30 @@ assert tuple(STREAM_SPECS) == STREAM_NAMES
 MAPPER_NAMES = ("real_2d_to_3d", "real_3d_to_2d", "est_2d_to_3d", "est_3d_to_2d")
 
 
-def cosine_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
-    """1 - cos between the concatenated layers at each pixel: (B, H, W)."""
+DISTANCES = ("layerwise", "concatenated")
+
+
+def cosine_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
+                    distance: str = "layerwise") -> torch.Tensor:
+    """d(pred, target) = 1 - cos over the concatenated layers at each pixel: (B, H, W).
+
+    ``layerwise`` unit-normalises each layer before concatenating, which makes d the mean of the
+    per-layer cosine distances. The mappers are trained on exactly those (DESIGN 1.5 loss), so
+    the norms of their predicted layers are never fitted and differ from the targets' by an
+    order of magnitude; with ``concatenated`` (raw layers) the layer with the largest norm
+    mismatch sets d, and d tracks the object's silhouette rather than its defects.
+    """
+    if distance == "layerwise":
+        pred = [F.normalize(p, dim=1) for p in pred]
+        target = [F.normalize(t, dim=1) for t in target]
+    elif distance != "concatenated":
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     return 1.0 - F.cosine_similarity(torch.cat(list(pred), dim=1), torch.cat(list(target), dim=1),
                                      dim=1)
 
 
 def stream_maps(mappers: Mapping[str, Mapper], features: Mapping[str, Sequence[torch.Tensor]],
-                resolution: int, size: int) -> dict[str, torch.Tensor]:
+                resolution: int, size: int, distance: str = "layerwise") -> dict[str, torch.Tensor]:
     """The four raw stream maps (B, size, size) of one batch.
 
     ``features`` maps ``rgb``/``real``/``est`` to the three layer tensors at their native grid.
@@ -49,7 +65,7 @@ def stream_maps(mappers: Mapping[str, Mapper], features: Mapping[str, Sequence[t
     at_res = {m: resize_layers(layers, resolution) for m, layers in features.items()}
     out = {}
     for name, (mapper, source, target) in STREAM_SPECS.items():
-        d = cosine_distance(mappers[mapper](at_res[source]), at_res[target])[:, None]
+        d = cosine_distance(mappers[mapper](at_res[source]), at_res[target], distance)[:, None]
         if d.shape[-1] != size or d.shape[-2] != size:
             d = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)
         out[name] = d[:, 0]

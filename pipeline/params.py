@@ -132,6 +132,10 @@ class InferParams(Section):
     """``infer``: mapper inference on the test set, the four raw stream maps (DESIGN 1.6)."""
 
     batch_size: int = Field(8, ge=1)
+    # layerwise: 1 - cos over the concatenation of per-layer unit-normalised features (the mean
+    # of the per-layer cosine distances the mappers are trained on); concatenated: 1 - cos over
+    # the raw concatenation, whose result the untrained predicted layer norms dominate.
+    distance: Literal["layerwise", "concatenated"] = "layerwise"
 
 
 class ScoreParams(Section):

@@ -103,7 +103,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
                 for m in MODALITIES
             }
             with torch.inference_mode():
-                maps = stream_maps(mappers, features, resolution, size)
+                maps = stream_maps(mappers, features, resolution, size, p.distance)
             for name in STREAM_NAMES:
                 w.append(name, maps[name].float().cpu().numpy().astype(np.float16))
             stop = start + len(maps[STREAM_NAMES[0]])

@@ -36,13 +36,13 @@ DEFECT = (slice(1, 4), slice(1, 4))  # grid cells of the synthetic defect
 
 
 def make_params(architecture: str = "cahfm", steps: int = 60, seed: int = 0,
-                score: dict | None = None, **fit) -> Params:
+                score: dict | None = None, infer: dict | None = None, **fit) -> Params:
     return parse_params({
         "data": {"categories": [CAT], "size": SIZE},
         "fewshot": {"shots": [2]},
         "fit_mapper": {"architecture": architecture, "resolution": GRID, "steps": {2: steps},
                        "lr": 1e-2, "lr_min": 1e-4, "seed": seed, **fit},
-        "infer": {"batch_size": 4},
+        "infer": {"batch_size": 4, **(infer or {})},
         "score": {"batch_size": 3, **(score or {})},
     })
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
@@ -29,6 +30,7 @@ from test_fit_mapper import (
 
 from pipeline.artifacts import StoreWriter, open_store
 from pipeline.errors import InputError, ModelError, ParamsError
+from pipeline.inference import cosine_distance
 from pipeline.models.mapper import build_mapper
 from pipeline.params import ScoreParams
 from pipeline.scoring import (
@@ -42,6 +44,37 @@ from stages import fit_mapper, infer, layout, score
 
 
 # ------------------------------------------------------------------------- map functions
+def _layers(rng: np.random.Generator, widths=(8, 16, 32), scales=(1.0, 1.0, 1.0)) -> list:
+    return [torch.from_numpy(rng.normal(size=(2, c, 5, 4)) * s).float()
+            for c, s in zip(widths, scales)]
+
+
+def test_layerwise_distance_is_the_mean_per_layer_cosine_distance() -> None:
+    rng = np.random.default_rng(0)
+    pred, target = _layers(rng), _layers(rng, scales=(40.0, 3.0, 0.5))
+    per_layer = [1 - torch.nn.functional.cosine_similarity(p, t, dim=1)
+                 for p, t in zip(pred, target)]
+    torch.testing.assert_close(cosine_distance(pred, target), sum(per_layer) / 3)
+    # Rescaling any predicted layer leaves it unchanged: only directions are compared, as in
+    # the training loss, which never fits the norms.
+    rescaled = [pred[0] * 50, pred[1] * 0.01, pred[2]]
+    torch.testing.assert_close(cosine_distance(rescaled, target), cosine_distance(pred, target))
+    # Matching directions at wildly different norms: zero layerwise, large when concatenated.
+    same_directions = [t * s for t, s in zip(target, (0.02, 1.0, 60.0))]
+    assert cosine_distance(same_directions, target).abs().max() < 1e-5
+    assert cosine_distance(same_directions, target, "concatenated").min() > 0.3
+
+
+def test_concatenated_distance_is_one_cosine_over_raw_layers() -> None:
+    rng = np.random.default_rng(1)
+    pred, target = _layers(rng), _layers(rng)
+    a, b = torch.cat(pred, 1), torch.cat(target, 1)
+    expected = 1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    torch.testing.assert_close(cosine_distance(pred, target, "concatenated"), expected)
+    with pytest.raises(ValueError, match="distance"):
+        cosine_distance(pred, target, "euclidean")
+
+
 def _box_mean_by_shifts(maps: np.ndarray, w: int) -> np.ndarray:
     """Reference box mean with zero padding: the sum of w*w shifted copies of a padded array."""
     r = w // 2
@@ -210,6 +243,9 @@ def test_stores_are_byte_identical(project: Path) -> None:
     _infer_and_score(fusion="sum")
     assert _files(layout.streams(CAT, 2, 0)) == first[0]
     assert _files(layout.scores(CAT, 2, 0)) != first[1]
+    infer.run(make_params(infer={"distance": "concatenated"}), CAT, 2, 0)
+    assert _files(layout.streams(CAT, 2, 0)) != first[0]
+    assert open_store(layout.streams(CAT, 2, 0)).attrs["params"]["distance"] == "concatenated"
 
 
 def test_score_does_not_import_torch(project: Path) -> None:
