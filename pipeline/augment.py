@@ -166,11 +166,14 @@ def train_lora(
         truncation=True, return_tensors="pt",
     ).input_ids.to(device)
     scaling = pipe.vae.config.scaling_factor
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    # A diffusers model's ``.dtype`` walks its parameters on every access; read it once.
+    vae_dtype, unet_dtype = pipe.vae.dtype, pipe.unet.dtype
     pipe.unet.train()
     if cfg.train_text_encoder:
         pipe.text_encoder.train()
     else:
-        with torch.no_grad():
+        with clock(), torch.no_grad():
             fixed_text = pipe.text_encoder(tokens)[0]
     losses: list[float] = []
     for _ in track(range(cfg.steps), "LoRA training", total=cfg.steps):
@@ -180,17 +183,15 @@ def train_lora(
         with clock():
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 with torch.no_grad():
-                    dist = pipe.vae.encode(x[None].to(device, pipe.vae.dtype)).latent_dist
+                    dist = pipe.vae.encode(x[None].to(device, vae_dtype)).latent_dist
                     latents = dist.sample(torch.Generator().manual_seed(noise_seed)) * scaling
                 latents = latents.float()
                 step_gen = torch.Generator().manual_seed(noise_seed + 1)
                 noise = torch.randn(latents.shape, generator=step_gen).to(device)
-                timesteps = torch.randint(
-                    noise_scheduler.config.num_train_timesteps, (1,), generator=step_gen
-                ).to(device)
+                timesteps = torch.randint(num_train_timesteps, (1,), generator=step_gen).to(device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 text = pipe.text_encoder(tokens)[0] if cfg.train_text_encoder else fixed_text
-                pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, text).sample
+                pred = pipe.unet(noisy.to(unet_dtype), timesteps, text).sample
                 target = noise if prediction == "epsilon" else \
                     noise_scheduler.get_velocity(latents, noise, timesteps)
                 loss = F.mse_loss(pred.float(), target.float())
@@ -224,16 +225,19 @@ def _adapter_metadata(config: Any) -> dict[str, Any]:
     return plain(config.to_dict())
 
 
-def canonicalise_safetensors(path: Path) -> None:
-    """Rewrite a safetensors header with sorted keys.
+def canonicalise_safetensors(path: Path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Rewrite a safetensors header with sorted keys, adding ``extra_metadata`` entries.
 
     safetensors serialises the ``__metadata__`` map in hash order, which differs between
     runs; a sorted header makes identical weights give byte-identical files (DVC caching).
-    Tensor data and offsets are untouched.
+    Tensor data and offsets are untouched, so metadata is added here without re-serialising
+    the tensors.
     """
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
+    if extra_metadata:
+        header.setdefault("__metadata__", {}).update(extra_metadata)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
     tmp = path.with_name(f".{path.name}.tmp")
@@ -241,40 +245,56 @@ def canonicalise_safetensors(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_lora(pipe: Any, folder: Path, weight_name: str, base_model: str,
-              train_text_encoder: bool) -> Path:
-    """Save the trained adapters with diffusers' LoRA writer, then add our metadata keys."""
-    from diffusers import StableDiffusionPipeline
+@dataclass(frozen=True)
+class LoraSnapshot:
+    """The trained adapters in diffusers' LoRA key format, copied off the live model."""
+
+    unet: dict[str, torch.Tensor]
+    unet_metadata: dict[str, Any]
+    text_encoder: dict[str, torch.Tensor] | None = None
+    text_encoder_metadata: dict[str, Any] | None = None
+
+
+def lora_snapshot(pipe: Any, train_text_encoder: bool) -> LoraSnapshot:
+    """Copy the adapter weights, so the file can be written while the pipeline keeps running."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     def state(module: Any) -> dict[str, torch.Tensor]:
         sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-        return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+        return {k: v.detach().float().cpu().clone().contiguous() for k, v in sd.items()}
+
+    if not train_text_encoder:
+        return LoraSnapshot(state(pipe.unet), _adapter_metadata(pipe.unet.peft_config["default"]))
+    return LoraSnapshot(
+        state(pipe.unet), _adapter_metadata(pipe.unet.peft_config["default"]),
+        state(pipe.text_encoder), _adapter_metadata(pipe.text_encoder.peft_config["default"]),
+    )
+
+
+def write_lora(snapshot: LoraSnapshot, folder: Path, weight_name: str, base_model: str) -> Path:
+    """Write the adapters with diffusers' LoRA writer, then add our metadata keys."""
+    from diffusers import StableDiffusionPipeline
 
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
         folder,
-        unet_lora_layers=state(pipe.unet),
-        text_encoder_lora_layers=state(pipe.text_encoder) if train_text_encoder else None,
+        unet_lora_layers=snapshot.unet,
+        text_encoder_lora_layers=snapshot.text_encoder,
         weight_name=weight_name,
         safe_serialization=True,
-        unet_lora_adapter_metadata=_adapter_metadata(pipe.unet.peft_config["default"]),
-        text_encoder_lora_adapter_metadata=(
-            _adapter_metadata(pipe.text_encoder.peft_config["default"])
-            if train_text_encoder else None
-        ),
+        unet_lora_adapter_metadata=snapshot.unet_metadata,
+        text_encoder_lora_adapter_metadata=snapshot.text_encoder_metadata,
     )
     path = folder / weight_name
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    metadata.update({BASE_MODEL_KEY: base_model, STATUS_KEY: "trained"})
-    save_file(tensors, str(path), metadata=metadata)
-    canonicalise_safetensors(path)
+    canonicalise_safetensors(path, {BASE_MODEL_KEY: base_model, STATUS_KEY: "trained"})
     return path
+
+
+def save_lora(pipe: Any, folder: Path, weight_name: str, base_model: str,
+              train_text_encoder: bool) -> Path:
+    """Save the trained adapters with diffusers' LoRA writer, then add our metadata keys."""
+    return write_lora(lora_snapshot(pipe, train_text_encoder), folder, weight_name, base_model)
 
 
 def save_empty_lora(path: Path, base_model: str) -> Path:
@@ -297,7 +317,7 @@ def read_lora_metadata(path: str | Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for damaged files
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for damaged files
         raise ModelError(f"{path}: not a readable safetensors LoRA file ({err})") from None
 
 
@@ -307,7 +327,7 @@ def _check_shapes(pipe: Any, path: Path) -> None:
 
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             prefix, _, rest = key.partition(".")
             if prefix not in modules or ".lora" not in rest:
                 raise ModelError(f"{path}: unexpected tensor {key!r} in a LoRA file")
@@ -351,7 +371,7 @@ def load_lora(pipe: Any, path: str | Path, base_model: str | None = None) -> boo
     _check_shapes(pipe, path)
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    except Exception as err:  # diffusers/peft raise several types for incompatible files
+    except Exception as err:  # noqa: BLE001 - diffusers/peft raise many types for bad files
         raise ModelError(f"{path}: cannot load LoRA: {type(err).__name__}: {err}") from None
     return True
 
@@ -424,8 +444,8 @@ def lora_summary(losses: Sequence[float]) -> dict[str, Any]:
 
 
 __all__ = [
-    "BASE_MODEL_KEY", "STATUS_KEY", "LoraTraining", "add_lora", "check_generation",
-    "colour_jitter", "generate", "image_seed", "load_lora", "lora_summary", "read_lora_metadata",
-    "resize_rgb", "save_empty_lora", "save_lora", "to_square", "train_lora",
-    "use_euler_ancestral",
+    "BASE_MODEL_KEY", "STATUS_KEY", "LoraSnapshot", "LoraTraining", "add_lora",
+    "check_generation", "colour_jitter", "generate", "image_seed", "load_lora", "lora_snapshot",
+    "lora_summary", "read_lora_metadata", "resize_rgb", "save_empty_lora", "save_lora",
+    "to_square", "train_lora", "use_euler_ancestral", "write_lora",
 ]

@@ -63,31 +63,32 @@ def encode(normals: torch.Tensor) -> np.ndarray:
     return enc.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def predict_normals(
+def model_input(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 RGB images (B, H, W, 3) -> the pipeline's input, (B, 3, H, W) float in [0, 1]."""
+    if rgb.ndim != 4 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected (B, H, W, 3) RGB images, got {rgb.shape}")
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def marigold_prediction(
     pipe: Any,
-    rgb: np.ndarray,
+    images: torch.Tensor,
     seeds: list[int],
     *,
     steps: int,
     ensemble: int,
     processing_resolution: int,
-    out_size: int,
     clock: ModelClock | None = None,
-) -> np.ndarray:
-    """Marigold normals of a batch of uint8 RGB images (B, H, W, 3) -> encoded (B, S, S, 3).
+) -> torch.Tensor:
+    """Marigold's raw normals of :func:`model_input` images: (B, 3, h, w) float in Marigold's
+    frame at the processing resolution (``processing_resolution`` 0: the input resolution).
 
     One seeded generator per ensemble member (``seeds`` has one seed per image), so an image's
-    normals do not depend on which batch it falls in. ``processing_resolution`` 0 runs at the
-    input resolution.
+    normals do not depend on which batch it falls in.
     """
-    if rgb.ndim != 4 or rgb.shape[-1] != 3:
-        raise ValueError(f"expected (B, H, W, 3) RGB images, got {rgb.shape}")
-    if len(seeds) != len(rgb):
+    if len(seeds) != len(images):
         raise ValueError("one seed per image is required")
-    if len(rgb) == 0:
-        return np.zeros((0, out_size, out_size, 3), dtype=np.float16)
     device = pipe.unet.device
-    images = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 255.0
     generators = [
         torch.Generator(device=device).manual_seed((seed + 7919 * e) & 0x7FFF_FFFF_FFFF_FFFF)
         for seed in seeds
@@ -103,10 +104,43 @@ def predict_normals(
             # We resize to S ourselves (one bilinear pass + renormalisation), so the pipeline
             # returns its prediction at the processing resolution.
             match_input_resolution=False,
-            batch_size=len(rgb) * ensemble,
+            batch_size=len(images) * ensemble,
             generator=generators,
             output_type="pt",
         )
-    normals = out.prediction.float()  # (B, 3, h, w) at the processing resolution, Marigold frame
-    normals = marigold_to_pipeline_frame(normals)
+    return out.prediction
+
+
+def finish_normals(prediction: torch.Tensor, out_size: int) -> np.ndarray:
+    """Marigold's (B, 3, h, w) prediction -> encoded unit normals (B, S, S, 3) in our frame."""
+    normals = marigold_to_pipeline_frame(prediction.float())
     return encode(resize_normals(normals, out_size))
+
+
+def predict_normals(
+    pipe: Any,
+    rgb: np.ndarray,
+    seeds: list[int],
+    *,
+    steps: int,
+    ensemble: int,
+    processing_resolution: int,
+    out_size: int,
+    clock: ModelClock | None = None,
+) -> np.ndarray:
+    """Marigold normals of a batch of uint8 RGB images (B, H, W, 3) -> encoded (B, S, S, 3).
+
+    The three steps (:func:`model_input`, :func:`marigold_prediction`,
+    :func:`finish_normals`) are separate so the stage can run the first and last on helper
+    threads while the model works on another batch.
+    """
+    images = model_input(rgb)
+    if len(seeds) != len(rgb):
+        raise ValueError("one seed per image is required")
+    if len(rgb) == 0:
+        return np.zeros((0, out_size, out_size, 3), dtype=np.float16)
+    prediction = marigold_prediction(
+        pipe, images, seeds, steps=steps, ensemble=ensemble,
+        processing_resolution=processing_resolution, clock=clock,
+    )
+    return finish_normals(prediction, out_size)

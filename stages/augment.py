@@ -15,6 +15,7 @@ empty (M = 0) and ``lora.safetensors`` is an empty marker (no tensors, metadata
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,14 @@ from pipeline.augment import (
     deterministic_torch,
     generate,
     image_seed,
+    lora_snapshot,
     lora_summary,
     resize_rgb,
     save_empty_lora,
-    save_lora,
     to_square,
     train_lora,
     use_euler_ancestral,
+    write_lora,
 )
 from pipeline.device import inference_dtype, pick_device
 from pipeline.errors import InputError, ParamsError
@@ -135,25 +137,31 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     with demo_threads(device, source):
         losses = train_lora(pipe, train_images, prompt, _lora_config(params), train_clock)
         use_euler_ancestral(pipe)
-
-        for index in track(range(len(shot_ids)), f"generating {category} k={shots}"):
-            shot_seeds = [image_seed(a.seed, shots, seed, index, j) for j in range(a.n_per_shot)]
-            images.append(generate(
-                pipe, shot_rgb[index], prompt, shot_seeds, strength=a.strength,
-                guidance=a.guidance, inference_steps=a.inference_steps, resolution=a.resolution,
-                out_size=size, clock=gen_clock,
-            ))
-            for j, s in enumerate(shot_seeds):
-                gen_ids.append(f"gen/{shot_ids[index]}/{j}")
-                source_ids.append(shot_ids[index])
-                seeds.append(s)
-
-    with atomic_dir(out_dir) as tmp:
-        save_lora(pipe, tmp, LORA_FILE, base, a.train_text_encoder)
-        _write_generated(tmp / "generated.zarr", np.concatenate(images), gen_ids, source_ids,
-                         seeds, section, model_info(source),
-                         {"lora": lora_summary(losses), "prompt": prompt,
-                          "precision": str(pipe.dtype).replace("torch.", "")})
+        # The temporary output folder opens only now, so bad parameters found while training
+        # starts leave no folder behind.
+        with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as background:
+            # Copy and write the LoRA weights while the images are generated (under model
+            # time): generation reads the adapters but never changes them.
+            lora_written = background.submit(
+                lambda: write_lora(lora_snapshot(pipe, a.train_text_encoder), tmp, LORA_FILE, base)
+            )
+            for index in track(range(len(shot_ids)), f"generating {category} k={shots}"):
+                shot_seeds = [image_seed(a.seed, shots, seed, index, j)
+                              for j in range(a.n_per_shot)]
+                images.append(generate(
+                    pipe, shot_rgb[index], prompt, shot_seeds, strength=a.strength,
+                    guidance=a.guidance, inference_steps=a.inference_steps,
+                    resolution=a.resolution, out_size=size, clock=gen_clock,
+                ))
+                for j, s in enumerate(shot_seeds):
+                    gen_ids.append(f"gen/{shot_ids[index]}/{j}")
+                    source_ids.append(shot_ids[index])
+                    seeds.append(s)
+            _write_generated(tmp / "generated.zarr", np.concatenate(images), gen_ids,
+                             source_ids, seeds, section, model_info(source),
+                             {"lora": lora_summary(losses), "prompt": prompt,
+                              "precision": str(pipe.dtype).replace("torch.", "")})
+            lora_written.result()  # re-raises a failed write, so atomic_dir discards the folder
     return {"lora_steps": float(len(losses)), "lora_s": train_clock.seconds,
             "images": float(len(gen_ids)), "generate_s": gen_clock.seconds,
             "model_s": train_clock.seconds + gen_clock.seconds, "load_s": load_s,

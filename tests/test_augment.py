@@ -140,19 +140,30 @@ def test_lora_changes_output_and_reloads_identically(tmp_path: Path, cache: Path
     assert torch.allclose(output(other), after, atol=1e-5)
 
 
-def test_lora_from_another_base_model_is_rejected(tmp_path: Path, cache: Path) -> None:
-    images = [np.full((32, 32, 3), 90, np.uint8)]
-    cfg = aug.LoraTraining(rank=4, targets=("to_q", "to_v"), train_text_encoder=False,
-                           lr=1e-3, steps=1, resolution=32, color_jitter=0.0, seed=1)
+def _one_step_lora(folder: Path, cache: Path, base_model: str, train_text_encoder: bool,
+                   seed: int) -> Path:
+    """A LoRA trained for one step on one flat image and saved under ``base_model``."""
+    images = [np.full((32, 32, 3), 90 + 30 * seed, np.uint8)]
+    cfg = aug.LoraTraining(rank=4, targets=("to_q", "to_v"),
+                           train_text_encoder=train_text_encoder, lr=1e-3, steps=1,
+                           resolution=32, color_jitter=0.0, seed=seed)
     pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
     aug.train_lora(pipe, images, "x", cfg)
-    path = aug.save_lora(pipe, tmp_path, "lora.safetensors", "someone/other-base", False)
+    return aug.save_lora(pipe, folder, "lora.safetensors", base_model, train_text_encoder)
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_lora_from_another_base_model_is_rejected(tmp_path: Path, cache: Path) -> None:
+    path = _one_step_lora(tmp_path, cache, "someone/other-base", False, seed=1)
     fresh, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
     with pytest.raises(ModelError, match=f"{path}.*'someone/other-base'"):
         aug.load_lora(fresh, path, base_model=md.DEMO_SD)
     # No recorded id, but tensors that do not fit this UNet (another architecture).
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    _, tensors = _read_safetensors(path)
     down = next(k for k in tensors if "down" in k or "lora_A" in k)
     tensors[down] = torch.zeros(tensors[down].shape[0], tensors[down].shape[1] + 5)
     bad = tmp_path / "bad" / "lora.safetensors"
@@ -162,6 +173,31 @@ def test_lora_from_another_base_model_is_rejected(tmp_path: Path, cache: Path) -
         aug.load_lora(fresh, bad)
     with pytest.raises(ModelError, match="LoRA file not found"):
         aug.load_lora(fresh, tmp_path / "missing.safetensors")
+
+
+def test_lora_file_equals_a_full_reserialisation(tmp_path: Path, cache: Path) -> None:
+    # save_lora adds our metadata by rewriting the header of diffusers' file only; the bytes
+    # must equal re-serialising every tensor with the merged metadata (the former way).
+    path = _one_step_lora(tmp_path, cache, md.DEMO_SD, True, seed=2)
+    metadata, tensors = _read_safetensors(path)
+    assert metadata[aug.BASE_MODEL_KEY] == md.DEMO_SD and metadata[aug.STATUS_KEY] == "trained"
+    again = tmp_path / "again.safetensors"
+    save_file(tensors, str(again), metadata=metadata)
+    aug.canonicalise_safetensors(again)
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_failed_lora_write_leaves_no_artifact(project: Path, cache: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The LoRA file is written on a helper thread during generation; its failure must fail
+    # the stage and leave neither an output nor a temporary folder.
+    def failing(*args: object, **kwargs: object) -> Path:
+        raise OSError("injected write failure")
+
+    monkeypatch.setattr(stage, "write_lora", failing)
+    with pytest.raises(OSError, match="injected write failure"):
+        stage.run(make_params(cache, project), "bagel", shots=1, seed=0)
+    assert list((project / "artifacts" / "augment" / "bagel").iterdir()) == []
 
 
 def test_n_per_shot_zero_writes_empty_outputs(project: Path, cache: Path) -> None:

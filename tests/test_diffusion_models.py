@@ -47,6 +47,18 @@ def test_demo_marigold_is_a_real_marigold_pipeline(cache: Path) -> None:
     assert source.spec == md.DEMO_MARIGOLD
 
 
+def test_cpu_loading_skips_the_move_but_leaves_everything_on_the_cpu(cache: Path) -> None:
+    # load_* skip pipe.to() for the CPU (components load there); nothing may be left elsewhere
+    # and the requested dtype must hold.
+    for load, spec in ((md.load_img2img, md.DEMO_SD), (md.load_marigold, md.DEMO_MARIGOLD)):
+        pipe, _ = load(spec, cache, CPU, torch.float32)
+        for name in ("unet", "vae", "text_encoder"):
+            tensors = [*getattr(pipe, name).parameters(), *getattr(pipe, name).buffers()]
+            assert {t.device.type for t in tensors} == {"cpu"}, (spec, name)
+            assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.float32}
+        assert pipe.device.type == "cpu"
+
+
 def test_demo_build_is_deterministic(tmp_path: Path) -> None:
     md.build_tiny_sd(tmp_path / "a")
     md.build_tiny_sd(tmp_path / "b")

@@ -105,6 +105,58 @@ def test_batch_size_does_not_change_results(project: Path, cache: Path) -> None:
     assert np.abs(one - three).max() < 1e-2  # per-image seeds: batching changes nothing
 
 
+def test_stores_match_serial_prediction_batch_by_batch(project: Path, cache: Path) -> None:
+    # The stage reads ahead and writes on helper threads, largest store first; each store must
+    # still hold exactly what one-call-per-batch prediction gives, in sample order.
+    from pipeline.models.diffusion import demo_threads, load_marigold
+
+    params = make_params(cache, project, batch_size=2)
+    stage.run(params, "bagel")
+    cpu = torch.device("cpu")
+    pipe, source = load_marigold("demo:tiny-marigold", cache, cpu, torch.float32)
+    p = params.estimate_normals
+    for split in ("train", "test"):
+        inputs = open_store(layout.prepared("bagel") / f"{split}.zarr")
+        ids, rgb = inputs.attrs["ids"], inputs["rgb"][:]
+        with demo_threads(cpu, source):  # the stage's thread count: same arithmetic
+            expected = np.concatenate([
+                ne.predict_normals(pipe, rgb[i : i + 2],
+                                   [ne.sample_seed(p.seed, s) for s in ids[i : i + 2]],
+                                   steps=p.steps, ensemble=p.ensemble,
+                                   processing_resolution=p.processing_resolution, out_size=SIZE)
+                for i in range(0, len(ids), 2)
+            ])
+        stored = open_store(layout.normals("bagel") / f"{split}.zarr")["normals"][:]
+        assert np.array_equal(stored, expected), split
+
+
+@pytest.mark.parametrize("where", ["model", "write"])
+def test_failure_mid_run_leaves_no_store(project: Path, cache: Path,
+                                         monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    # A failure in a model call (main thread) or in a write (helper thread), after other
+    # batches were written, leaves neither an output nor a temporary folder.
+    calls = {"n": 0}
+    target = "marigold_prediction" if where == "model" else "finish_normals"
+    original = getattr(stage, target)
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError(f"injected {where} failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stage, target, failing)
+    write_rgb_store(layout.augmented("bagel", 2, 0) / "generated.zarr", 5, prefix="gen/good/000")
+    params = make_params(cache, project, batch_size=2)
+    with pytest.raises(RuntimeError, match=f"injected {where} failure"):
+        stage.run(params, "bagel")
+    assert list((project / "artifacts" / "normals").iterdir()) == []
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match=f"injected {where} failure"):
+        stage.run(params, "bagel", shots=2, seed=0)
+    assert list((project / "artifacts" / "normals_generated" / "bagel").iterdir()) == []
+
+
 def test_bad_inputs_fail_without_artifacts(project: Path, cache: Path) -> None:
     params = make_params(cache, project)
     with pytest.raises(InputError, match="generated.zarr"):

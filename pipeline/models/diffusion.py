@@ -183,7 +183,7 @@ def load_pipeline(cls: Any, source: ModelSource, dtype: torch.dtype, **kwargs: A
             source.location, dtype=dtype, local_files_only=offline or source.kind != "hub",
             **kwargs,
         )
-    except Exception as err:  # hub, IO and config errors come in many types
+    except Exception as err:  # noqa: BLE001 - hub, IO and config errors have many types
         if source.kind == "hub":
             why = "is not available offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline \
                 else f"could not be loaded from the hub ({type(err).__name__}: {err})"
@@ -323,16 +323,16 @@ def _tiny_unet(in_channels: int) -> Any:
 
 def _sd_scheduler_config() -> dict[str, Any]:
     # Stable Diffusion 2.1-base's noise schedule (epsilon prediction).
-    return dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    }
 
 
 def build_tiny_sd(folder: Path) -> None:
@@ -387,6 +387,12 @@ def _remove_tree(path: Path) -> None:
 # Loaders used by the stages
 
 
+def _to_device(pipe: Any, device: torch.device) -> Any:
+    """``pipe.to(device)``, skipped for the CPU: ``from_pretrained`` loads every component onto
+    the CPU already, and ``.to`` walks all modules even when nothing moves."""
+    return pipe if device.type == "cpu" else pipe.to(device)
+
+
 def load_img2img(spec: str, cache_dir: str | Path, device: torch.device,
                  dtype: torch.dtype) -> tuple[Any, ModelSource]:
     """The Stable Diffusion img2img pipeline (its components also serve LoRA training)."""
@@ -397,7 +403,7 @@ def load_img2img(spec: str, cache_dir: str | Path, device: torch.device,
         StableDiffusionImg2ImgPipeline, source, dtype,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    return pipe.to(device), source
+    return _to_device(pipe, device), source
 
 
 def load_marigold(spec: str, cache_dir: str | Path, device: torch.device,
@@ -412,4 +418,4 @@ def load_marigold(spec: str, cache_dir: str | Path, device: torch.device,
             f"models.normals: {source.spec} is not a Marigold model (UNet has "
             f"{pipe.unet.config.in_channels} input channels, Marigold has 8)"
         )
-    return pipe.to(device), source
+    return _to_device(pipe, device), source
