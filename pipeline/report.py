@@ -22,6 +22,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 CMAP = "jet"
+# zlib level 3 encodes these figures about four times faster than Pillow's default 6, for
+# files about 10% larger: every re-score writes a few PNGs per (category, k, seed).
+PNG_COMPRESS_LEVEL = 3
 CONTOUR_RGB = (255, 255, 255)
 OVERLAY_ALPHA = 0.5
 
@@ -71,7 +74,8 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, gt: np.ndarray, vmax: float) -> n
 
 def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", optimize=False)
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
@@ -83,7 +87,8 @@ def safe_name(sample_id: str) -> str:
 def _figure_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None},
+                pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return buf.getvalue()
 
 
@@ -103,16 +108,21 @@ def overview_png(
     """One figure a person reads at a glance: a row of overlays (caption under each), then
     the image ROC curve, the PRO curve up to ``pro_limit`` and the image-score histograms."""
     n_top = max(len(examples), 1)
-    fig = Figure(figsize=(max(1.9 * n_top, 11.0), 7.0), layout="constrained")
-    fig.suptitle(f"{title}\n{metrics_text}", fontsize=10)
+    # Fixed margins, no layout engine: a constrained layout took a third of the evaluate
+    # stage's own time, which every re-score pays once per (category, k, seed).
+    fig = Figure(figsize=(max(1.9 * n_top, 11.0), 7.0))
+    fig.suptitle(f"{title}\n{metrics_text}", fontsize=10, y=0.99)
     top, bottom = fig.subfigures(2, 1, height_ratios=(1.0, 1.25))
-    for j, ax in enumerate(np.atleast_1d(top.subplots(1, n_top))):
+    top_axes = np.atleast_1d(top.subplots(1, n_top))
+    top.subplots_adjust(left=0.01, right=0.99, bottom=0.0, top=0.8, wspace=0.08)
+    for j, ax in enumerate(top_axes):
         ax.axis("off")
         if j < len(examples):
             image, caption = examples[j]
             ax.imshow(image, interpolation="nearest")
             ax.set_title(caption, fontsize=7)
     ax_roc, ax_pro, ax_hist = bottom.subplots(1, 3)
+    bottom.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.88, wspace=0.28)
     if roc is not None:
         ax_roc.plot(roc[0], roc[1], color="tab:blue")
     ax_roc.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=0.8)

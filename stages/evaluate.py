@@ -26,7 +26,9 @@ Also ``metrics_command`` behind ``cmds-ad metrics FILE.npz``.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,7 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "product": {"fusion": "product"},
 }
 PRO_PLOT_POINTS = 1000
+ABLATION_WORKERS = min(2, os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------ cmds-ad metrics
@@ -107,41 +110,51 @@ def _public(result: dict) -> dict:
     return out
 
 
-def _ablations(streams: Store, path: Path, params: Params, category: str, gt: np.ndarray,
-               labels: np.ndarray, configured: dict) -> dict:
-    """Every fusion variant from the stored stream maps.
-
-    The float16 stream maps are read once (about as much memory as the float32 maps that the
-    metrics need anyway); a variant equal to the configured ``score`` section reuses
-    ``configured``, the metrics of the stored maps, which are the same numbers.
-    """
-    n = gt.shape[0]
-    p = params.evaluate
-    batch = params.score.batch_size
-    stored = {name: np.asarray(streams[name][:]) for name in (*STREAM_NAMES, "fg")}
+def _variant_metrics(stored: dict[str, np.ndarray], path: Path, params: Params, category: str,
+                     gt: np.ndarray, labels: np.ndarray, variant: str) -> dict:
+    """Metrics of one fusion variant (``ABLATIONS``), scored in batches of score.batch_size."""
+    variant_params = params.score.model_copy(update=ABLATIONS[variant])
+    n, batch = gt.shape[0], params.score.batch_size
     map_pro = np.empty(gt.shape, dtype=np.float32)
     map_roc = np.empty(gt.shape, dtype=np.float32)
     image_score = np.empty(n, dtype=np.float32)
-    out = {}
-    for variant in track(ABLATIONS, f"ablations {category}"):
-        variant_params = params.score.model_copy(update=ABLATIONS[variant])
-        if variant_params == params.score:
-            out[variant] = {"score_update": ABLATIONS[variant], **configured}
-            continue
-        for start in range(0, n, batch):
-            stop = min(n, start + batch)
-            batch_maps = {name: stored[name][start:stop] for name in STREAM_NAMES}
-            scored = finish_maps(batch_maps, stored["fg"][start:stop], category, variant_params)
-            map_pro[start:stop] = scored.map_pro
-            map_roc[start:stop] = scored.map_roc
-            image_score[start:stop] = scored.image_score
-        try:
-            result = M.evaluate(map_pro, gt, labels, scores=image_score, roc_maps=map_roc,
-                                limits=p.limits, aupro_thresholds=p.aupro_thresholds)
-        except InputError as err:
-            raise InputError(f"{path}: fusion variant {variant!r}: {err}") from None
-        out[variant] = {"score_update": ABLATIONS[variant], **_public(result.metrics)}
-    return out
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        batch_maps = {name: stored[name][start:stop] for name in STREAM_NAMES}
+        scored = finish_maps(batch_maps, stored["fg"][start:stop], category, variant_params)
+        map_pro[start:stop] = scored.map_pro
+        map_roc[start:stop] = scored.map_roc
+        image_score[start:stop] = scored.image_score
+    try:
+        result = M.evaluate(map_pro, gt, labels, scores=image_score, roc_maps=map_roc,
+                            limits=params.evaluate.limits,
+                            aupro_thresholds=params.evaluate.aupro_thresholds)
+    except InputError as err:
+        raise InputError(f"{path}: fusion variant {variant!r}: {err}") from None
+    return {"score_update": ABLATIONS[variant], **_public(result.metrics)}
+
+
+def _start_ablations(pool: ThreadPoolExecutor, streams: Store, path: Path, params: Params,
+                     category: str, gt: np.ndarray, labels: np.ndarray,
+                     configured: dict) -> dict[str, Future]:
+    """Every fusion variant from the stored stream maps, computed on ``pool``.
+
+    The float16 stream maps are read once (about as much memory as the float32 maps that the
+    metrics need anyway); each running variant holds its own float32 maps. A variant equal to
+    the configured ``score`` section reuses ``configured``, the metrics of the stored maps,
+    which are the same numbers. scipy's filters and numpy's sorts release the GIL, so two
+    variants run on two cores while the main thread draws the figures.
+    """
+    stored = {name: np.asarray(streams[name][:]) for name in (*STREAM_NAMES, "fg")}
+    futures: dict[str, Future] = {}
+    for variant, update in ABLATIONS.items():
+        if params.score.model_copy(update=update) == params.score:
+            futures[variant] = Future()
+            futures[variant].set_result({"score_update": update, **configured})
+        else:
+            futures[variant] = pool.submit(_variant_metrics, stored, path, params, category, gt,
+                                           labels, variant)
+    return futures
 
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
@@ -188,8 +201,6 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     del map_roc
     metrics = {**_public(ev.metrics), "category": category, "shots": shots, "seed": seed,
                "n_test": n}
-    ablations = _ablations(streams, streams_path, params, category, gt, labels,
-                           _public(ev.metrics))
 
     # overlays of the raw fused map on one colour scale for the whole test set
     vmax = 0.0
@@ -200,7 +211,10 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     pro_limit = max(p.limits)
     roc_x, roc_y = ev.roc if ev.roc is not None else (np.zeros(0), np.zeros(0))
     pro_x, pro_y = ev.pro_plot(pro_limit, PRO_PLOT_POINTS)
-    with atomic_dir(layout.evaluation(category, shots, seed)) as out:
+    with ThreadPoolExecutor(max_workers=ABLATION_WORKERS) as pool, \
+            atomic_dir(layout.evaluation(category, shots, seed)) as out:
+        pending = _start_ablations(pool, streams, streams_path, params, category, gt, labels,
+                                   _public(ev.metrics))
         (out / "heatmaps").mkdir()
         for i in chosen:
             image = R.overlay(np.asarray(test["rgb"][i]), np.asarray(scores["map"][i]), gt[i], vmax)
@@ -218,5 +232,8 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
         R.write_bytes(out / "pro.csv", R.curve_csv(("fpr", "pro"), pro_x, pro_y).encode())
         R.write_bytes(out / "metrics.json",
                       (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+        ablations = {variant: future.result()
+                     for variant, future in track(pending.items(), f"ablations {category}",
+                                                  total=len(pending))}
         R.write_bytes(out / "ablations.json",
                       (json.dumps(ablations, indent=2, sort_keys=True) + "\n").encode())
