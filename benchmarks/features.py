@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Sibling scripts (e.g. benchmarks/pipeline.py) must not shadow the package of the same name.
+# A sibling script named like a package (pipeline.py) must not shadow it: drop this folder.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CMDS_AD_QUIET", "1")

@@ -18,8 +18,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and benchmarks/pipeline.py would
-# shadow the package; put the repository root first.
+# Run as a script, this folder comes first on sys.path, where a script named pipeline.py
+# would shadow the package; put the repository root first.
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

@@ -1,6 +1,6 @@
 """A throw-away git + DVC copy of this project with its own (small) demo data.
 
-Used by the pipeline tests and ``benchmarks/pipeline.py`` to exercise ``dvc repro`` end to
+Used by the pipeline tests and ``benchmarks/dvc_pipeline.py`` to exercise ``dvc repro`` end to
 end without touching the working copy.
 """
 
