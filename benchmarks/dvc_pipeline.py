@@ -50,7 +50,7 @@ def main() -> None:
         assert not stages_run(out), out
         version, _ = timed(["dvc", "--version"], project)
         minimal = one_stage_noop(Path(tmp) / "minimal")
-        n_stages = len(sh(["dvc", "stage", "list", "--name-only"], project).stdout.split())
+        n_stages = len(sh(["dvc", "stage", "list", "--all", "--name-only"], project).stdout.split())
         print(f"categories: {', '.join(categories)}")
         print(f"full dvc repro:                 {full:8.1f} s  ({n_full} stage instances)")
         print(f"re-score after lambda change:   {rescore:8.1f} s  ({len(rescored)} instances: "

@@ -37,22 +37,13 @@ from pipeline import metrics as M
 from pipeline import report as R
 from pipeline.artifacts import Store, atomic_dir, open_store, require_same_ids
 from pipeline.errors import InputError
+from pipeline.ablations import ABLATIONS
 from pipeline.params import Params
 from pipeline.progress import info, track
 from pipeline.scoring import STREAM_NAMES, finish_maps
 from stages import layout
 from stages.score import open_streams
 
-# variant name -> update of the ``score`` section (DESIGN 1.6 ablations)
-ABLATIONS: dict[str, dict[str, str]] = {
-    "2d_only": {"modalities": "2d"},
-    "3d_only": {"modalities": "3d"},
-    "real_only": {"streams": "real"},
-    "estimated_only": {"streams": "estimated"},
-    "sum": {"fusion": "sum"},
-    "max": {"fusion": "max"},
-    "product": {"fusion": "product"},
-}
 PRO_PLOT_POINTS = 1000
 ABLATION_WORKERS = min(2, os.cpu_count() or 1)
 

@@ -1,6 +1,6 @@
 """Where each stage reads and writes, relative to the project root (the DVC root).
 
-``dvc.yaml`` names the same paths; keep the two in step.
+``dvc.yaml`` and ``upstream/dvc.yaml`` name the same paths; keep them in step.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from rich.table import Table
 from pipeline import report as R
 from pipeline.artifacts import atomic_dir
 from pipeline.errors import InputError
+from pipeline.ablations import ABLATIONS
 from pipeline.params import Params
 from stages import layout
-from stages.evaluate import ABLATIONS
 
 
 def _load_json(path: Path) -> dict:

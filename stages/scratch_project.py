@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore")
+PROJECT_FILES = (
+    "dvc.yaml", "upstream/dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"
+)
 PROJECT_DIRS = ("pipeline", "stages")
 
 
@@ -76,6 +78,7 @@ def make_project(
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dest / name)
     for name in PROJECT_DIRS:
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -34,13 +34,15 @@ REDUCED = {
     "fit_mapper.steps": {1: 15},
 }
 KEY = "disc-1-0"
+# the model stages live in upstream/dvc.yaml; DVC names them by that file from the root
+UPSTREAM = "upstream/dvc.yaml:"
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = make_project(tmp_path_factory.mktemp("dvc") / "project", REDUCED, n_train=3, n_test=6)
     out = sh(["dvc", "repro"], root).stdout
-    assert stages_run(out) >= {"prepare@disc", f"score@{KEY}", "report"}, out
+    assert stages_run(out) >= {f"{UPSTREAM}prepare@disc", f"score@{KEY}", "report"}, out
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-q", "-m", "first run"], root)
     return root
@@ -60,18 +62,23 @@ def test_full_run_produces_metrics_and_noop_runs_nothing(project):
 
 
 def test_fusion_weight_change_reruns_only_score_and_evaluate(project):
+    upstream_lock = (project / "upstream/dvc.lock").read_bytes()
     write_params(project, {"score.lambda_1": 0.3})
     assert _changed_stages(project) == {f"score@{KEY}", f"evaluate@{KEY}"}
     ran = stages_run(sh(["dvc", "repro"], project).stdout)
     assert {f"score@{KEY}", f"evaluate@{KEY}"} <= ran <= {f"score@{KEY}", f"evaluate@{KEY}", "report"}
+    # the point of the two-file split: re-scoring rewrites only the small root dvc.lock
+    assert (project / "upstream/dvc.lock").read_bytes() == upstream_lock
+    assert "fit_mapper" not in (project / "dvc.lock").read_text()
 
 
 def test_mapper_change_reruns_fit_mapper_and_downstream_only(project):
     write_params(project, {"fit_mapper.lr": 3e-4})
-    assert _changed_stages(project) == {f"fit_mapper@{KEY}"}
+    assert _changed_stages(project) == {f"{UPSTREAM}fit_mapper@{KEY}"}
     ran = stages_run(sh(["dvc", "repro"], project).stdout)
-    assert f"fit_mapper@{KEY}" in ran
-    assert ran <= {f"fit_mapper@{KEY}", f"infer@{KEY}", f"score@{KEY}", f"evaluate@{KEY}", "report"}
+    assert f"{UPSTREAM}fit_mapper@{KEY}" in ran
+    assert ran <= {f"{UPSTREAM}fit_mapper@{KEY}", f"{UPSTREAM}infer@{KEY}", f"score@{KEY}",
+                   f"evaluate@{KEY}", "report"}
     sh(["git", "add", "-A"], project)
     sh(["git", "commit", "-q", "-m", "tuned"], project)
 
@@ -79,7 +86,7 @@ def test_mapper_change_reruns_fit_mapper_and_downstream_only(project):
 def test_killed_stage_leaves_nothing_dvc_accepts_and_next_repro_completes(project):
     streams_dir = project / "artifacts/streams/disc"
     proc = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", f"infer@{KEY}"], cwd=project, env=project_env(),
+        ["dvc", "repro", "-f", "-s", f"{UPSTREAM}infer@{KEY}"], cwd=project, env=project_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     deadline = time.time() + 120
@@ -91,7 +98,7 @@ def test_killed_stage_leaves_nothing_dvc_accepts_and_next_repro_completes(projec
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (streams_dir / "k1-s0.zarr").exists()
-    assert f"infer@{KEY}" in _changed_stages(project)
+    assert f"{UPSTREAM}infer@{KEY}" in _changed_stages(project)
     # The next repro completes: it re-runs the stage or restores it from DVC's run cache.
     sh(["dvc", "repro"], project)
     assert _changed_stages(project) == set()
@@ -126,7 +133,7 @@ def test_bad_dataset_path_stops_first_stage(project, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(project, bad, ignore=shutil.ignore_patterns("artifacts", "results", ".cache"))
     write_params(bad, {"data.root": str(tmp_path / "no_such_dataset")})
-    result = sh(["dvc", "repro", "prepare@disc"], bad, check=False)
+    result = sh(["dvc", "repro", f"{UPSTREAM}prepare@disc"], bad, check=False)
     assert result.returncode != 0
     assert "no_such_dataset" in result.stdout + result.stderr
     assert not (bad / "artifacts/prepare/disc").exists()
