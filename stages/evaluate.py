@@ -35,9 +35,9 @@ import numpy as np
 
 from pipeline import metrics as M
 from pipeline import report as R
+from pipeline.ablations import ABLATIONS
 from pipeline.artifacts import Store, atomic_dir, open_store, require_same_ids
 from pipeline.errors import InputError
-from pipeline.ablations import ABLATIONS
 from pipeline.params import Params
 from pipeline.progress import info, track
 from pipeline.scoring import STREAM_NAMES, finish_maps

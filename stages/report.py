@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import report as R
+from pipeline.ablations import ABLATIONS
 from pipeline.artifacts import atomic_dir
 from pipeline.errors import InputError
-from pipeline.ablations import ABLATIONS
 from pipeline.params import Params
 from stages import layout
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.ablations import ABLATIONS
 from pipeline.errors import InputError
 from pipeline.params import parse_params
 from stages import layout
 from stages import report as stage
-from pipeline.ablations import ABLATIONS
 
 CATS = ("bagel", "carrot", "tire")
 KEYS = ("i_auroc", "p_auroc", "aupro@0.3", "aupro@0.1", "aupro@0.05", "aupro@0.01")
