@@ -43,9 +43,15 @@ def main() -> None:
         project = make_project(Path(tmp) / "p", overrides, categories=categories)
         full, out = timed(["dvc", "repro"], project)
         n_full = len(stages_run(out))
-        write_params(project, {"score.lambda_1": 0.2, "score.lambda_2": 0.2})
-        rescore, out = timed(["dvc", "repro"], project)
-        rescored = sorted(stages_run(out))
+        # Two fusion-weight changes (new values each time, so DVC's run cache cannot restore
+        # them); the machine is shared, so one timing alone is noisy.
+        rescores = []
+        for value in (0.2, 0.3):
+            write_params(project, {"score.lambda_1": value, "score.lambda_2": value})
+            seconds, out = timed(["dvc", "repro"], project)
+            rescores.append(seconds)
+            rescored = sorted(stages_run(out))
+        rescore = sum(rescores) / len(rescores)
         noop, out = timed(["dvc", "repro"], project)
         assert not stages_run(out), out
         version, _ = timed(["dvc", "--version"], project)
@@ -53,7 +59,8 @@ def main() -> None:
         n_stages = len(sh(["dvc", "stage", "list", "--all", "--name-only"], project).stdout.split())
         print(f"categories: {', '.join(categories)}")
         print(f"full dvc repro:                 {full:8.1f} s  ({n_full} stage instances)")
-        print(f"re-score after lambda change:   {rescore:8.1f} s  ({len(rescored)} instances: "
+        print(f"re-score after lambda change:   {rescore:8.1f} s  (mean of "
+              f"{', '.join(f'{r:.1f}' for r in rescores)} s; {len(rescored)} instances: "
               f"{', '.join(sorted({s.split('@')[0] for s in rescored}))})")
         print(f"re-score / full:                {100 * rescore / full:8.1f} %")
         print(f"no-op dvc repro:                {noop:8.2f} s  ({n_stages} stage instances)")
