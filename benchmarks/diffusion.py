@@ -1,11 +1,12 @@
 """Benchmark of the diffusion stages on the demo preset (CPU): LoRA steps, img2img images,
 Marigold images, and the share of stage time spent outside model calls.
 
-    .venv/bin/python benchmarks/diffusion.py [--shots 2] [--test-images 24] [--repeats 3]
+    .venv/bin/python benchmarks/diffusion.py [--shots 2] [--train-images 10] [--test-images 24]
+                                             [--repeats 3]
 
 Runs the real stages (``stages.augment.run``, ``stages.estimate_normals.run``) with the
 ``augment``, ``estimate_normals`` and ``models`` values of params.yaml on synthetic 224 x 224
-prepare stores in a temporary folder.
+prepare stores in a temporary folder, as large as one category of the demo dataset.
 
 Each stage instance runs in a fresh Python process, as DVC runs it: the first ``run()`` of a
 process pays one-off costs (e.g. transformers builds its table of checkpoint key conversions on
@@ -42,6 +43,8 @@ os.environ.setdefault("CMDS_AD_QUIET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pipeline.data.demo import DEMO_TEST_IMAGES, DEMO_TRAIN_IMAGES
 
 Run = dict[str, float]
 
@@ -161,7 +164,8 @@ def report(name: str, repeats: list[dict[str, list[Run]]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", type=int, default=2)
-    parser.add_argument("--test-images", type=int, default=24)
+    parser.add_argument("--train-images", type=int, default=DEMO_TRAIN_IMAGES)
+    parser.add_argument("--test-images", type=int, default=DEMO_TEST_IMAGES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--child", choices=("augment", "real", "generated"), help=argparse.SUPPRESS)
@@ -188,7 +192,9 @@ def main() -> None:
         params = parse_params(raw)
         params_file = project / "params.yaml"
         params_file.write_text(yaml.safe_dump(raw))
-        synthetic_prepare(params.data.size, args.shots, args.test_images, args.shots)
+        if args.train_images < args.shots:
+            parser.error(f"--train-images {args.train_images} < --shots {args.shots}")
+        synthetic_prepare(params.data.size, args.train_images, args.test_images, args.shots)
         # Build the demo model folders once (a one-off per machine, not part of a stage run).
         resolve_source(params.models.diffusion, "models.diffusion", cache)
         resolve_source(params.models.normals, "models.normals", cache)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,8 +95,9 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
         info(f"augment {category} k={shots}: augment.n_per_shot is 0, augmentation disabled")
         with atomic_dir(out_dir) as tmp:
             save_empty_lora(tmp / LORA_FILE, base)
-            _write_generated(tmp / "generated.zarr", np.zeros((0, size, size, 3), np.uint8),
-                             [], [], [], section, {"model": base}, {})
+            with StoreWriter(tmp / "generated.zarr",
+                             attrs=_generated_attrs([], [], [], section, {"model": base}, {})) as w:
+                w.create("rgb", n=0, sample_shape=(size, size, 3), dtype="uint8")
         return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
                 "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}
 
@@ -132,48 +132,55 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     else:
         train_images = read_training_split(params, category, a.resolution)
 
+    # Every image's id, source shot and seed are known before any is generated.
+    shot_seeds = [[image_seed(a.seed, shots, seed, index, j) for j in range(a.n_per_shot)]
+                  for index in range(len(shot_ids))]
+    gen_ids = [f"gen/{shot_id}/{j}" for shot_id in shot_ids for j in range(a.n_per_shot)]
+    source_ids = [shot_id for shot_id in shot_ids for _ in range(a.n_per_shot)]
+    seeds = [s for per_shot in shot_seeds for s in per_shot]
     train_clock, gen_clock = ModelClock(device), ModelClock(device)
-    gen_ids, source_ids, seeds, images = [], [], [], []
     with demo_threads(device, source):
         losses = train_lora(pipe, train_images, prompt, _lora_config(params), train_clock)
         use_euler_ancestral(pipe)
         # The temporary output folder opens only now, so bad parameters found while training
         # starts leave no folder behind.
         with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as background:
-            # Copy and write the LoRA weights while the images are generated (under model
-            # time): generation reads the adapters but never changes them.
-            lora_written = background.submit(
-                lambda: write_lora(lora_snapshot(pipe, a.train_text_encoder), tmp, LORA_FILE, base)
-            )
+            # A helper thread writes the LoRA file and the generated store while the images
+            # are generated (generation reads the adapters but never changes them). It runs
+            # its jobs in submission order; a failed job re-raises below, so atomic_dir
+            # discards the folder.
+            attrs = _generated_attrs(gen_ids, source_ids, seeds, section, model_info(source),
+                                     {"lora": lora_summary(losses), "prompt": prompt,
+                                      "precision": str(pipe.dtype).replace("torch.", "")})
+            writer = StoreWriter(tmp / "generated.zarr", attrs=attrs)
+            jobs = [
+                background.submit(lambda: write_lora(lora_snapshot(pipe, a.train_text_encoder),
+                                                     tmp, LORA_FILE, base)),
+                background.submit(_open_generated, writer, len(gen_ids), size),
+            ]
             for index in track(range(len(shot_ids)), f"generating {category} k={shots}"):
-                shot_seeds = [image_seed(a.seed, shots, seed, index, j)
-                              for j in range(a.n_per_shot)]
-                images.append(generate(
-                    pipe, shot_rgb[index], prompt, shot_seeds, strength=a.strength,
+                images = generate(
+                    pipe, shot_rgb[index], prompt, shot_seeds[index], strength=a.strength,
                     guidance=a.guidance, inference_steps=a.inference_steps,
                     resolution=a.resolution, out_size=size, clock=gen_clock,
-                ))
-                for j, s in enumerate(shot_seeds):
-                    gen_ids.append(f"gen/{shot_ids[index]}/{j}")
-                    source_ids.append(shot_ids[index])
-                    seeds.append(s)
-            _write_generated(tmp / "generated.zarr", np.concatenate(images), gen_ids,
-                             source_ids, seeds, section, model_info(source),
-                             {"lora": lora_summary(losses), "prompt": prompt,
-                              "precision": str(pipe.dtype).replace("torch.", "")})
-            lora_written.result()  # re-raises a failed write, so atomic_dir discards the folder
+                )
+                jobs.append(background.submit(writer.append, "rgb", images))
+            jobs.append(background.submit(writer.__exit__, None, None, None))
+            for job in jobs:
+                job.result()
     return {"lora_steps": float(len(losses)), "lora_s": train_clock.seconds,
             "images": float(len(gen_ids)), "generate_s": gen_clock.seconds,
             "model_s": train_clock.seconds + gen_clock.seconds, "load_s": load_s,
             "total_s": time.perf_counter() - started}
 
 
-def _write_generated(path: Path, rgb: np.ndarray, ids: list[str], source_ids: list[str],
-                     seeds: list[int], section: dict, model: dict[str, Any],
-                     extra: dict[str, Any]) -> None:
+def _generated_attrs(ids: list[str], source_ids: list[str], seeds: list[int], section: dict,
+                     model: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     attrs = {"ids": ids, "source_ids": source_ids, "seeds": seeds, "base_model": model["model"]}
     attrs.update(provenance("augment", section, model=model, **extra))
-    with StoreWriter(path, attrs=attrs) as writer:
-        writer.create("rgb", n=len(rgb), sample_shape=rgb.shape[1:], dtype="uint8")
-        if len(rgb):
-            writer.append("rgb", rgb)
+    return attrs
+
+
+def _open_generated(writer: StoreWriter, n: int, size: int) -> None:
+    writer.__enter__()
+    writer.create("rgb", n=n, sample_shape=(size, size, 3), dtype="uint8")

@@ -53,6 +53,8 @@ DEFECT_CODES = {"bump": 252, "dent": 253, "stain": 254, "contamination": 255}
 # Order in which defect types are dealt out, so even tiny test sets hold all three kinds.
 DEFECT_ORDER = ("bump", "stain", "contamination", "dent")
 GOOD_GT_MISSING = ("slab",)
+DEMO_TRAIN_IMAGES = 10  # per category: the demo's sizes (benchmarks mirror them)
+DEMO_TEST_IMAGES = 24
 DROPOUT = 0.002  # fraction of pixels without a measured point
 
 HeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -395,8 +397,8 @@ def write_demo_dataset(
     out: str | Path,
     seed: int = 0,
     categories: Sequence[str] | None = None,
-    n_train: int = 10,
-    n_test: int = 24,
+    n_train: int = DEMO_TRAIN_IMAGES,
+    n_test: int = DEMO_TEST_IMAGES,
     n_validation: int = 3,
 ) -> Path:
     """Write the demo dataset in the MVTec 3D-AD layout under ``out``; returns ``out``."""
