@@ -20,17 +20,17 @@ from torch.nn import functional as F
 
 from pipeline.errors import InputError, ModelError
 from pipeline.models.mapper import ARCHITECTURES, Mapper, build_mapper, resize_layers
-from pipeline.scoring import STREAM_NAMES
 
 # stream map -> (mapper, source modality, target modality). The estimated 2D->3D prediction
-# is compared with the REAL normal features, as in the published code.
+# is compared with the REAL normal features, as in the published code. The names are the ones
+# pipeline.scoring.STREAM_NAMES reads (a test checks); not imported from there, so that infer
+# does not depend on the scoring code (a scoring edit must not re-run the mappers).
 STREAM_SPECS: dict[str, tuple[str, str, str]] = {
     "psi2d_real": ("real_3d_to_2d", "real", "rgb"),
     "psi2d_est": ("est_3d_to_2d", "est", "rgb"),
     "psi3d_real": ("real_2d_to_3d", "rgb", "real"),
     "psi3d_est": ("est_2d_to_3d", "rgb", "real"),
 }
-assert tuple(STREAM_SPECS) == STREAM_NAMES
 MAPPER_NAMES = ("real_2d_to_3d", "real_3d_to_2d", "est_2d_to_3d", "est_3d_to_2d")
 
 

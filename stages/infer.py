@@ -19,10 +19,9 @@ import torch
 from pipeline.artifacts import StoreWriter, open_store, provenance, require_same_ids
 from pipeline.device import pick_device
 from pipeline.errors import InputError
-from pipeline.inference import load_mappers, stream_maps
+from pipeline.inference import STREAM_SPECS, load_mappers, stream_maps
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
-from pipeline.scoring import STREAM_NAMES
 from pipeline.training import (
     FEATURE_KEYS,
     N_LAYERS,
@@ -90,7 +89,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     names = [f"{m}_{l}" for m in MODALITIES for l in range(N_LAYERS)]
     with StoreWriter(layout.streams(category, shots, seed), attrs=attrs,
                      shard_bytes=MAP_SHARD_BYTES) as w:
-        for name in STREAM_NAMES:
+        for name in STREAM_SPECS:
             w.create(name, n, (size, size), np.float16)
         w.create("fg", n, (size, size), np.uint8)
         batches = feats.iter_batches(names, p.batch_size)
@@ -104,7 +103,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
             }
             with torch.inference_mode():
                 maps = stream_maps(mappers, features, resolution, size, p.distance)
-            for name in STREAM_NAMES:
+            for name in STREAM_SPECS:
                 w.append(name, maps[name].float().cpu().numpy().astype(np.float16))
-            stop = start + len(maps[STREAM_NAMES[0]])
+            stop = min(start + p.batch_size, n)
             w.append("fg", (np.asarray(fg_array[start:stop]) > 0).astype(np.uint8))
