@@ -187,16 +187,32 @@ def test_lora_file_equals_a_full_reserialisation(tmp_path: Path, cache: Path) ->
     assert again.read_bytes() == path.read_bytes()
 
 
-def test_failed_lora_write_leaves_no_artifact(project: Path, cache: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    # The LoRA file is written on a helper thread during generation; its failure must fail
-    # the stage and leave neither an output nor a temporary folder.
-    def failing(*args: object, **kwargs: object) -> Path:
-        raise OSError("injected write failure")
+@pytest.mark.parametrize("failing", ["lora write", "store append", "second image batch"])
+def test_failure_mid_stage_leaves_no_artifact(project: Path, cache: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              failing: str) -> None:
+    # The LoRA file and the generated store are written on a helper thread during generation;
+    # a failure there or of the generation itself must fail the stage and leave neither an
+    # output nor a temporary folder.
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(f"injected {failing} failure")
 
-    monkeypatch.setattr(stage, "write_lora", failing)
-    with pytest.raises(OSError, match="injected write failure"):
-        stage.run(make_params(cache, project), "bagel", shots=1, seed=0)
+    if failing == "lora write":
+        monkeypatch.setattr(stage, "write_lora", fail)
+    elif failing == "store append":
+        monkeypatch.setattr(stage.StoreWriter, "append", fail)
+    else:
+        real_generate, calls = stage.generate, []
+
+        def generate_once(*args: object, **kwargs: object) -> np.ndarray:
+            calls.append(1)
+            if len(calls) == 2:
+                fail()
+            return real_generate(*args, **kwargs)
+
+        monkeypatch.setattr(stage, "generate", generate_once)
+    with pytest.raises(OSError, match=f"injected {failing} failure"):
+        stage.run(make_params(cache, project), "bagel", shots=2, seed=0)
     assert list((project / "artifacts" / "augment" / "bagel").iterdir()) == []
 
 
