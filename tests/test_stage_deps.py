@@ -73,29 +73,33 @@ def covered(path: str, deps: list[str]) -> bool:
     return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
 
 
-def stage_cases() -> list[tuple[str, str, dict]]:
-    cases = []
-    for dvc_file in DVC_FILES:
-        for name, stage in yaml.safe_load((REPO / dvc_file).read_text())["stages"].items():
-            cases.append((dvc_file, name, stage))
-    return cases
+def code_deps(stage: dict) -> list[str]:
+    return [d for d in stage["deps"] if d.startswith(("pipeline", "stages"))]
 
 
-@pytest.mark.parametrize(("dvc_file", "name", "stage"), stage_cases(),
-                         ids=[f"{f}:{n}" for f, n, _ in stage_cases()])
+# (dvc file, stage name, stage definition) for every stage of both files, read once
+STAGES = [
+    (dvc_file, name, stage)
+    for dvc_file in DVC_FILES
+    for name, stage in yaml.safe_load((REPO / dvc_file).read_text())["stages"].items()
+]
+each_stage = pytest.mark.parametrize(("dvc_file", "name", "stage"), STAGES,
+                                     ids=[f"{f}:{n}" for f, n, _ in STAGES])
+
+
+@each_stage
 def test_stage_lists_every_module_its_code_imports(dvc_file: str, name: str, stage: dict) -> None:
     # estimate_normals_generated runs stages/estimate_normals.py, and so on
     module = f"stages.{name.removesuffix('_generated')}"
     assert module_file(module) is not None, f"{dvc_file}:{name}: no module {module}"
-    deps = [d for d in stage["deps"] if d.startswith(("pipeline", "stages"))]
+    deps = code_deps(stage)
     missing = sorted(p for p in code_closure(module) - PLUMBING if not covered(p, deps))
     assert not missing, f"{dvc_file}:{name} imports {missing} but does not list them as deps"
 
 
-@pytest.mark.parametrize(("dvc_file", "name", "stage"), stage_cases(),
-                         ids=[f"{f}:{n}" for f, n, _ in stage_cases()])
+@each_stage
 def test_stage_code_deps_exist(dvc_file: str, name: str, stage: dict) -> None:
-    deps = [d for d in stage["deps"] if d.startswith(("pipeline", "stages"))]
+    deps = code_deps(stage)
     assert deps, f"{dvc_file}:{name} lists no code"
     absent = [d for d in deps if not (REPO / d).exists()]
     assert not absent, f"{dvc_file}:{name} lists deps that do not exist: {absent}"
