@@ -1,5 +1,11 @@
 """Real surface normals from an organised point cloud (DESIGN 1.2).
 
+Two estimators. ``estimate_normals_published`` is the published one on the full-resolution
+cloud: the at most ``max_nn`` nearest points within ``radius`` (Open3D's hybrid search), PCA,
+oriented and negated as below, then ``normal_image_published`` encodes it to uint8, pads with
+(127, 127, 255) and resizes to 224 with OpenCV's cubic kernel. ``estimate_normals`` (the fast
+"grid" option) runs on the 224 xyz.
+
 Published definition: per point, PCA of its neighbourhood (radius 0.01 m, at most 30
 neighbours), the normal oriented towards the camera at the origin, then negated; background
 (0, 0, 1). We compute the same PCA over the pixel grid: the neighbours of a pixel are the valid
@@ -75,3 +81,231 @@ def encode_normals(normals: np.ndarray) -> np.ndarray:
 
 def decode_normals(encoded: np.ndarray) -> np.ndarray:
     return np.asarray(encoded, dtype=np.float32) * 2.0 - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The published estimator, on the full-resolution organised cloud.
+
+PAD_ENCODED = (127, 127, 255)  # the published pad colour: (0, 0, 1) encoded and truncated
+_CHUNK = 32768  # points per block: bounds the (n, K, 3) candidate array to ~50 MB
+
+
+def grid_pitch(xyz: np.ndarray) -> float:
+    """Median 3D distance between grid-adjacent valid points (the scan's resolution)."""
+    valid = np.any(xyz != 0, axis=-1)
+    steps = []
+    for a, b, va, vb in (
+        (xyz[:, 1:], xyz[:, :-1], valid[:, 1:], valid[:, :-1]),
+        (xyz[1:], xyz[:-1], valid[1:], valid[:-1]),
+    ):
+        both = va & vb
+        if both.any():
+            steps.append(np.linalg.norm((a[both] - b[both]).astype(np.float64), axis=-1))
+    if not steps:
+        return float("inf")
+    return float(np.median(np.concatenate(steps)))
+
+
+def candidate_half_window(xyz: np.ndarray, radius: float, max_nn: int) -> int:
+    """Half-width of the pixel window the neighbour candidates come from.
+
+    The window holds the radius ball at the scan's resolution, but never more than needed for
+    ``max_nn`` points: at (2r + 1)^2 >= 4 max_nn candidates (r = 5 for 30) the nearest
+    ``max_nn`` of a surface foreshortened up to ~3x (about 70 degrees from the view ray) still
+    lie inside. Finer scans (MVTec: ~0.2 mm, the 0.01 m ball is ~50 px wide) hit that cap.
+    """
+    pitch = grid_pitch(xyz)
+    by_ball = 1 if not np.isfinite(pitch) or pitch <= 0 else int(np.ceil(radius / pitch))
+    by_count = int(np.ceil((np.sqrt(4 * max_nn) - 1) / 2))
+    return max(1, min(by_ball, by_count))
+
+
+def estimate_normals_published(
+    xyz: np.ndarray, radius: float = 0.01, max_nn: int = 30, half_window: int | None = None
+) -> np.ndarray:
+    """Unit normals (H, W, 3) float32 as Open3D's ``estimate_normals(Hybrid(radius, max_nn))``.
+
+    Per valid point: the ``max_nn`` nearest candidates (the point itself included) within
+    ``radius`` among the valid pixels of a (2r + 1)^2 window, the normal = the covariance's
+    smallest eigenvector; under 3 neighbours it is (0, 0, 1) as in Open3D. Then oriented towards
+    the origin and negated (``n . p >= 0``); background (0, 0, 1).
+    """
+    if xyz.ndim != 3 or xyz.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W, 3) point cloud, got {xyz.shape}")
+    h, w = xyz.shape[:2]
+    valid = np.any(xyz != 0, axis=-1)
+    out = np.empty((h, w, 3), dtype=np.float32)
+    out[:] = BACKGROUND
+    n = int(valid.sum())
+    if n == 0:
+        return out
+    r_max = candidate_half_window(xyz, radius, max_nn) if half_window is None else int(half_window)
+    # Stage 1: the smallest window with >= max_nn candidates plus a ring (7 x 7 for 30).
+    # A point whose max_nn-th distance could be beaten by a pixel outside it (estimated from
+    # the window's outer ring, scaled to the next ring) is redone with the full window.
+    r1 = min(r_max, max(1, int(np.ceil((np.sqrt(max_nn) - 1) / 2)) + 1))
+    ys, xs = np.nonzero(valid)
+    normals, unsure = _pca_window(xyz, valid, ys, xs, r1, radius, max_nn, check=r1 < r_max)
+    if unsure.any():
+        redo, _ = _pca_window(xyz, valid, ys[unsure], xs[unsure], r_max, radius, max_nn, False)
+        normals[unsure] = redo
+    pts = xyz[valid]
+    # Orient towards the camera at the origin (n . -p >= 0), then negate: n . p >= 0.
+    flip = np.einsum("nc,nc->n", normals, pts.astype(np.float64)) < 0
+    normals[flip] *= -1.0
+    out[valid] = normals
+    return out
+
+
+def smallest_eigenvector(cov: np.ndarray) -> np.ndarray:
+    """Unit eigenvector (n, 3) of the smallest eigenvalue of symmetric (n, 3, 3) matrices.
+
+    Closed form (trigonometric eigenvalues, then the largest cross product of two rows of
+    A - lambda I), ~20x faster than batched ``np.linalg.eigh``; rows where that is
+    ill-conditioned (repeated eigenvalues) fall back to ``eigh``.
+    """
+    cov = np.asarray(cov, dtype=np.float64)
+    scale = np.abs(cov).reshape(len(cov), -1).max(axis=1)
+    scale[scale == 0] = 1.0
+    a = cov / scale[:, None, None]
+    q = np.trace(a, axis1=1, axis2=2) / 3.0
+    b = a - q[:, None, None] * np.eye(3)
+    p = np.sqrt(np.einsum("nij,nij->n", b, b) / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    half_det = np.linalg.det(b / safe[:, None, None]) / 2.0
+    phi = np.arccos(np.clip(half_det, -1.0, 1.0)) / 3.0
+    lam = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    m = a - lam[:, None, None] * np.eye(3)
+    crosses = np.stack(
+        [np.cross(m[:, 0], m[:, 1]), np.cross(m[:, 0], m[:, 2]), np.cross(m[:, 1], m[:, 2])],
+        axis=1,
+    )
+    norms = np.linalg.norm(crosses, axis=-1)
+    best = np.argmax(norms, axis=1)
+    rows = np.arange(len(cov))
+    vec = crosses[rows, best]
+    nbest = norms[rows, best]
+    # Well separated: the cross product is large relative to the matrix (scaled to 1).
+    ok = (p > 1e-9) & (nbest > 1e-6)
+    out = np.empty((len(cov), 3))
+    out[ok] = vec[ok] / nbest[ok, None]
+    if (~ok).any():
+        out[~ok] = np.linalg.eigh(cov[~ok])[1][:, :, 0]
+    return out
+
+
+def _pca_window(
+    xyz: np.ndarray,
+    valid: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    r: int,
+    radius: float,
+    max_nn: int,
+    check: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PCA normals of the points (ys, xs) from the (2r + 1)^2 window; and which are unsure."""
+    h, w = xyz.shape[:2]
+    far = np.float32(1e6)  # padding and missing points: outside every radius
+    planes = []
+    for c in range(3):
+        plane = np.full((h + 2 * r, w + 2 * r), far, dtype=np.float32)
+        plane[r : r + h, r : r + w] = np.where(valid, xyz[..., c], far)
+        # (h, w, 2r + 1, 2r + 1) view: the window of every pixel, no copy
+        planes.append(np.lib.stride_tricks.sliding_window_view(plane, (2 * r + 1, 2 * r + 1)))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    offsets = dy.ravel()
+    outer = (np.maximum(np.abs(dy), np.abs(dx)) == r).ravel()
+    k = min(max_nn, len(offsets))
+    r2 = np.float32(radius * radius)
+    n = len(ys)
+    normals = np.empty((n, 3), dtype=np.float64)
+    unsure = np.zeros(n, dtype=bool)
+    centre = r * (2 * r + 1) + r
+    for start in range(0, n, _CHUNK):
+        cy, cx = ys[start : start + _CHUNK], xs[start : start + _CHUNK]
+        m = len(cy)
+        # Offsets from the centre point, one contiguous (m, K) plane per coordinate: relative
+        # coordinates keep the float32 covariance stable.
+        d = []
+        for c in range(3):
+            win = planes[c][cy, cx].reshape(m, -1)
+            d.append(win - win[:, centre : centre + 1])
+        dist2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        kth = np.partition(dist2, k - 1, axis=1)[:, k - 1] if k < len(offsets) else dist2.max(1)
+        # The max_nn nearest within the radius (ties at the k-th distance all count).
+        use = (dist2 <= np.minimum(kth, r2)[:, None]).astype(np.float32)
+        count = use.sum(axis=1)
+        du = [dc * use for dc in d]
+        mean = np.stack([dc.sum(axis=1) for dc in du], axis=1) / count[:, None]
+        cov = np.empty((m, 3, 3), dtype=np.float64)
+        for a in range(3):
+            for b in range(a, 3):
+                cov[:, a, b] = cov[:, b, a] = np.einsum("mk,mk->m", du[a], d[b]) / count
+        cov -= mean[:, :, None].astype(np.float64) * mean[:, None, :]
+        nrm = smallest_eigenvector(cov)
+        nrm[count < 3] = (0.0, 0.0, 1.0)  # Open3D's value for too few neighbours
+        normals[start : start + m] = nrm
+        if check:
+            # A pixel one ring further is expected at >= (r + 1) / r times the outer ring's
+            # nearest distance; if the k-th distance reaches that, it may be missing.
+            ring = np.sqrt(dist2[:, outer].min(axis=1)) * ((r + 1) / r)
+            unsure[start : start + m] = np.sqrt(np.minimum(kth, r2)) >= ring
+    return normals, unsure
+
+
+def encode_uint8_published(normals: np.ndarray) -> np.ndarray:
+    """(n + 1) / 2 clipped to [0, 1], times 255, truncated to uint8 (as the published PNGs)."""
+    enc = np.clip((np.asarray(normals, dtype=np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    return (enc * 255.0).astype(np.uint8)
+
+
+def _cubic_weights(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys cubic weights (n, 4) for taps floor(src) - 1 .. + 2 at fractions x (OpenCV's a)."""
+    t = np.stack([x + 1.0, x, 1.0 - x, 2.0 - x], axis=-1)
+    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0  # |t| <= 1
+    far = ((a * t - 5.0 * a) * t + 8.0 * a) * t - 4.0 * a  # 1 < |t| < 2
+    return np.where(t <= 1.0, near, far)
+
+
+def _cubic_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(src).astype(np.int64)
+    weights = _cubic_weights(src - i0)
+    taps = np.clip(i0[:, None] + np.arange(-1, 3)[None, :], 0, n_in - 1)  # replicate border
+    return taps, weights
+
+
+def resize_cubic_opencv(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, C) to (size, size, C) as ``cv2.resize(..., INTER_CUBIC)``.
+
+    OpenCV's cubic: Keys kernel with a = -0.75, pixel-centre mapping, 4 x 4 taps, replicated
+    border and no antialiasing when shrinking (PIL's BICUBIC, a = -0.5 with a support that
+    widens with the scale, is a different filter). OpenCV computes uint8 in 11-bit fixed
+    point, so a value can differ from this float evaluation by one grey level.
+    """
+    h, w = img.shape[:2]
+    ty, wy = _cubic_axis(h, size)
+    tx, wx = _cubic_axis(w, size)
+    f = img.astype(np.float32)
+    rows = np.einsum("ok,okwc->owc", wy.astype(np.float32), f[ty])
+    out = np.einsum("ok,hokc->hoc", wx.astype(np.float32), rows[:, tx])
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def normal_image_published(normals: np.ndarray, size: int) -> np.ndarray:
+    """Full-resolution normals to the published (size, size, 3) image in [0, 1], float32.
+
+    uint8 encoding, padded (centred) to a square with (127, 127, 255), OpenCV cubic resize,
+    then / 255 as the PNG is read back.
+    """
+    img = encode_uint8_published(normals)
+    h, w = img.shape[:2]
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    square = np.empty((s, s, 3), dtype=np.uint8)
+    square[:] = PAD_ENCODED
+    square[top : top + h, left : left + w] = img
+    if s != size:
+        square = resize_cubic_opencv(square, size)
+    return square.astype(np.float32) / 255.0
