@@ -41,6 +41,28 @@ class DataParams(Section):
     cluster_eps: float = Field(0.006, gt=0)
     cluster_min_points: int = Field(30, ge=1)
     seed: int = 0
+    # The plane fit: inlier distance while fitting (None = plane_distance; published 0.004,
+    # points are then removed within plane_distance) and points per RANSAC hypothesis
+    # (published 50, least-squares fitted, as Open3D's segment_plane(ransac_n=50)).
+    ransac_threshold: float | None = Field(None, gt=0)
+    ransac_sample: int = Field(3, ge=3)
+    clean_xyz: bool = True  # plane removal + clustering of the xyz (published Eyecandies: none)
+    eyecandies_xyz: Literal["camera", "published"] = "camera"
+    foreground: Literal["dilated", "published"] = "dilated"
+    normals: Literal["grid", "published"] = "grid"
+    normals_radius: float = Field(0.01, gt=0)
+    normals_max_neighbours: int = Field(30, ge=3)
+    normals_plane_distance: dict[str, float] = Field(default={"default": 0.005})
+
+    @field_validator("normals_plane_distance")
+    @classmethod
+    def _plane_distances(cls, v: dict[str, float]) -> dict[str, float]:
+        if "default" not in v:
+            raise ValueError("needs a 'default' entry (e.g. {default: 0.005, dowel: 0.002})")
+        bad = [k for k, d in v.items() if not d > 0]
+        if bad:
+            raise ValueError(f"distances must be > 0 (got {', '.join(bad)})")
+        return v
 
 
 class FewshotParams(Section):

@@ -23,9 +23,8 @@ import numpy as np
 from pipeline.artifacts import StoreWriter, atomic_dir, atomic_write_json, provenance
 from pipeline.data import SampleRef, list_samples, load_sample
 from pipeline.data.fewshot import select_shots
-from pipeline.data.preprocess import PreprocessConfig, preprocess
+from pipeline.data.preprocess import PreprocessConfig, preprocess, real_normals
 from pipeline.errors import InputError, ParamsError
-from pipeline.normals import encode_normals, estimate_normals
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
 from stages import layout
@@ -49,6 +48,7 @@ def _write_split(
     cfg: PreprocessConfig,
     attrs: dict,
     description: str,
+    eyecandies_xyz: str = "camera",
 ) -> None:
     s = cfg.size
     attrs = {
@@ -64,14 +64,14 @@ def _write_split(
         writer.create("fg", len(refs), (s, s), np.uint8)
         writer.create("gt", len(refs), (s, s), np.uint8)
         for ref in track(refs, description):
-            raw = load_sample(ref)
+            raw = load_sample(ref, eyecandies_xyz)
             prep = preprocess(raw.rgb, raw.xyz, raw.gt, cfg)
             if not prep.fg.any():
                 raise InputError(
                     f"{ref.geometry_path}: no object points left after plane removal and "
                     f"clustering (check data.plane_distance, data.cluster_eps)"
                 )
-            normals = encode_normals(estimate_normals(prep.xyz))
+            normals = real_normals(raw.xyz, prep, cfg)
             writer.append("rgb", prep.rgb[None])
             writer.append("xyz", prep.xyz[None])
             writer.append("normals", normals.astype(np.float16)[None])
@@ -97,7 +97,7 @@ def run(params: Params, category: str) -> None:
 
     data_params = {k: v for k, v in section_dict(data).items() if k != "categories"}
     common = {"category": category, "dataset": data.dataset}
-    cfg = PreprocessConfig.from_params(data)
+    cfg = PreprocessConfig.from_params(data, category)
     info(f"prepare {category}: {len(test_refs)} test samples, {len(shot_refs)} shot samples")
     with atomic_dir(layout.prepared(category)) as tmp:
         _write_split(
@@ -106,6 +106,7 @@ def run(params: Params, category: str) -> None:
             cfg,
             {**provenance(STAGE, {"data": data_params, "fewshot": section_dict(fewshot)}), **common},
             f"prepare {category} shots",
+            data.eyecandies_xyz,
         )
         _write_split(
             tmp / "test.zarr",
@@ -113,5 +114,6 @@ def run(params: Params, category: str) -> None:
             cfg,
             {**provenance(STAGE, {"data": data_params}), **common},
             f"prepare {category} test",
+            data.eyecandies_xyz,
         )
         atomic_write_json(tmp / "shots.json", shots)

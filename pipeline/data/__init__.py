@@ -38,6 +38,7 @@ class SampleRef:
     xyz: Path | None = None  # MVTec 3D-AD point cloud TIFF
     depth: Path | None = None  # Eyecandies 16-bit depth PNG
     depth_info: Path | None = None  # Eyecandies depth range YAML
+    pose: Path | None = None  # Eyecandies pose (data.eyecandies_xyz: published)
     gt: Path | None = None  # None: no mask file (all good)
 
     @property
@@ -66,13 +67,17 @@ def list_samples(dataset: str, root: str | Path, category: str, split: str) -> l
     return [SampleRef(dataset=dataset, category=category, split=split, **e) for e in entries]
 
 
-def load_sample(ref: SampleRef) -> RawSample:
-    """Read and validate one sample; every error names the file at fault."""
+def load_sample(ref: SampleRef, eyecandies_xyz: str = "camera") -> RawSample:
+    """Read and validate one sample; every error names the file at fault.
+
+    ``eyecandies_xyz`` (``data.eyecandies_xyz``): ``camera`` or ``published`` frame of an
+    Eyecandies cloud (see :mod:`pipeline.data.eyecandies`); MVTec clouds ignore it.
+    """
     rgb = read_rgb(ref.rgb)
     if ref.xyz is not None:
         xyz = read_xyz(ref.xyz)
     elif ref.depth is not None and ref.depth_info is not None:
-        xyz = read_eyecandies_xyz(ref.depth, ref.depth_info)
+        xyz = read_eyecandies_xyz(ref.depth, ref.depth_info, ref.pose, eyecandies_xyz)
     else:
         raise InputError(f"{ref.rgb}: sample {ref.id!r} has no geometry file")
     if xyz.shape[:2] != rgb.shape[:2]:

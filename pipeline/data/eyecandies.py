@@ -73,11 +73,62 @@ def depth_to_xyz(depth_m: np.ndarray, focal: float = FOCAL_LENGTH) -> np.ndarray
     return xyz.astype(np.float32)
 
 
-def read_eyecandies_xyz(depth_path: str | Path, info_path: str | Path) -> np.ndarray:
+def read_pose(path: str | Path) -> np.ndarray:
+    """The 4 x 4 matrix of ``NNN_pose.txt`` (a 3 x 4 one gets the row (0, 0, 0, 1))."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: pose file not found (needed by data.eyecandies_xyz: published)")
+    try:
+        pose = np.loadtxt(path, dtype=np.float64)
+    except Exception as err:
+        raise InputError(f"{path}: cannot read the pose matrix ({err})") from None
+    if pose.shape == (3, 4):
+        pose = np.vstack([pose, [0.0, 0.0, 0.0, 1.0]])
+    if pose.shape != (4, 4) or not np.isfinite(pose).all():
+        raise InputError(f"{path}: expected a 4 x 4 pose matrix, got shape {pose.shape}")
+    if abs(np.linalg.det(pose)) < 1e-12:
+        raise InputError(f"{path}: the pose matrix is singular")
+    return pose
+
+
+def published_xyz(depth_m: np.ndarray, pose: np.ndarray, focal: float = FOCAL_LENGTH) -> np.ndarray:
+    """The published converter's organised cloud (see the module docstring), float32."""
+    h, w = depth_m.shape
+    cam = depth_to_xyz(depth_m, focal).astype(np.float64).reshape(-1, 3)
+    # inv(K @ pose) @ (u d, v d, d, 1) = inv(pose) @ (camera point, 1)
+    hom = np.concatenate([cam, np.ones((len(cam), 1))], axis=1)
+    pts = (hom @ np.linalg.inv(pose).T)[:, :3]
+    z_ok = depth_m.reshape(-1) > 0
+    top, bottom = pts[256 % len(pts)], pts[-256 % len(pts)]
+    dz, dy = top[1] - bottom[1], top[2] - bottom[2]
+    norm = np.hypot(dz, dy)
+    cos, sin = (dy / norm, dz / norm) if norm > 0 else (1.0, 0.0)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    start = np.array([0.0, bottom[1], bottom[2]])
+    local = (pts - start) @ rot.T
+    background = (local[:, 1] > -0.02) | (local[:, 2] > 1.8) | (np.abs(local[:, 0]) > 1)
+    out = pts[:, [0, 2, 1]] * np.array([0.1, -0.1, 0.1])
+    out[background | ~z_ok] = 0.0
+    return out.reshape(h, w, 3).astype(np.float32)
+
+
+def read_eyecandies_xyz(
+    depth_path: str | Path,
+    info_path: str | Path,
+    pose_path: str | Path | None = None,
+    frame: str = "camera",
+) -> np.ndarray:
     depth_path = Path(depth_path)
     raw = read_depth16(depth_path)
     lo, hi = read_depth_info(info_path)
     depth_m = raw.astype(np.float64) / 65535.0 * (hi - lo) + lo
+    if frame == "published":
+        if pose_path is None:
+            raise InputError(f"{depth_path}: no pose file (needed by data.eyecandies_xyz: published)")
+        xyz = published_xyz(depth_m, read_pose(pose_path))
+        if not xyz.any():
+            raise InputError(f"{depth_path}: no point left after the published background thresholds")
+        return clean_xyz(xyz, depth_path)
     return clean_xyz(depth_to_xyz(depth_m), depth_path)
 
 
@@ -118,6 +169,7 @@ def list_eyecandies(root: str | Path, category: str, split: str) -> list[dict]:
                 "rgb": rgb,
                 "depth": depth,
                 "depth_info": info,
+                "pose": _item(data_dir, stem, "pose").with_suffix(".txt"),
                 "gt": gt,
             }
         )

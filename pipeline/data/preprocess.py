@@ -10,7 +10,15 @@
    against sklearn), and runs in milliseconds instead of seconds.
 3. Pad to a square, centred (xyz and gt with zeros, rgb with black = 0), then resize to
    ``size``: rgb bicubic (PIL), xyz and gt nearest (pixel-centre sampling).
-4. Foreground: pixels with a non-zero point after 1-3, dilated by one pixel (3 x 3).
+4. Foreground: pixels with a non-zero point after 1-3, dilated by one pixel (3 x 3)
+   (``foreground: dilated``), or as published (``foreground: published``): the cleaned
+   full-resolution xyz padded and resized bilinearly to ``size``, a 3 x 3 average pool (no
+   padding) and an adaptive average pool back to ``size``; foreground = non-zero.
+
+Real normals (``normals``): ``grid`` = the windowed PCA on the ``size`` xyz; ``published`` =
+the published script: its own plane removal (distance per category,
+``normals_plane_distance``) and clustering of the raw full-resolution xyz, the metric
+neighbourhood on the full grid, uint8 encoding, (127, 127, 255) pad, OpenCV-cubic resize.
 """
 
 from __future__ import annotations
@@ -39,9 +47,18 @@ class PreprocessConfig:
     cluster_eps: float = 0.006
     cluster_min_points: int = 30
     seed: int = 0
+    ransac_threshold: float | None = None  # None: plane_distance
+    ransac_sample: int = 3
+    clean_xyz: bool = True
+    foreground: str = "dilated"
+    normals: str = "grid"
+    normals_radius: float = 0.01
+    normals_max_neighbours: int = 30
+    normals_plane_distance: float = 0.005  # resolved for the category
 
     @classmethod
-    def from_params(cls, data: DataParams) -> PreprocessConfig:
+    def from_params(cls, data: DataParams, category: str | None = None) -> PreprocessConfig:
+        distances = data.normals_plane_distance
         return cls(
             size=data.size,
             plane_border=data.plane_border,
@@ -50,6 +67,14 @@ class PreprocessConfig:
             cluster_eps=data.cluster_eps,
             cluster_min_points=data.cluster_min_points,
             seed=data.seed,
+            ransac_threshold=data.ransac_threshold,
+            ransac_sample=data.ransac_sample,
+            clean_xyz=data.clean_xyz,
+            foreground=data.foreground,
+            normals=data.normals,
+            normals_radius=data.normals_radius,
+            normals_max_neighbours=data.normals_max_neighbours,
+            normals_plane_distance=distances.get(category or "", distances["default"]),
         )
 
 
@@ -59,6 +84,7 @@ class Prepared:
     xyz: np.ndarray  # (S, S, 3) float32, zeros = background
     gt: np.ndarray  # (S, S) uint8 0/1
     fg: np.ndarray  # (S, S) uint8 0/1
+    xyz_full: np.ndarray | None = None  # (H, W, 3) the cleaned cloud at the input resolution
 
 
 def valid_mask(xyz: np.ndarray) -> np.ndarray:
@@ -66,26 +92,40 @@ def valid_mask(xyz: np.ndarray) -> np.ndarray:
 
 
 def fit_plane_ransac(
-    points: np.ndarray, threshold: float, iterations: int, rng: np.random.Generator
+    points: np.ndarray,
+    threshold: float,
+    iterations: int,
+    rng: np.random.Generator,
+    sample: int = 3,
 ) -> tuple[np.ndarray, float] | None:
-    """RANSAC plane ``n . p + d = 0`` (unit n) through (N, 3) points; None if under 3 points.
+    """RANSAC plane ``n . p + d = 0`` (unit n) through (N, 3) points; None if under ``sample``.
 
-    The best hypothesis (most inliers within ``threshold``) is refined by a least-squares fit
-    to its inliers.
+    A hypothesis is the plane through 3 random points, or for ``sample`` > 3 the least-squares
+    plane of that many (Open3D's ``segment_plane(ransac_n=...)``). The best hypothesis (most
+    inliers within ``threshold``) is refined by a least-squares fit to its inliers.
     """
     pts = np.asarray(points, dtype=np.float64)
     n = len(pts)
-    if n < 3:
+    if n < max(3, sample):
         return None
-    idx = rng.integers(0, n, size=(iterations, 3))
-    a, b, c = pts[idx[:, 0]], pts[idx[:, 1]], pts[idx[:, 2]]
-    normals = np.cross(b - a, c - a)
-    norms = np.linalg.norm(normals, axis=1)
-    ok = norms > 1e-12
-    if not ok.any():
-        return None
-    normals = normals[ok] / norms[ok, None]
-    offsets = -np.einsum("ij,ij->i", normals, a[ok])
+    idx = rng.integers(0, n, size=(iterations, sample))
+    if sample == 3:
+        a, b, c = pts[idx[:, 0]], pts[idx[:, 1]], pts[idx[:, 2]]
+        normals = np.cross(b - a, c - a)
+        norms = np.linalg.norm(normals, axis=1)
+        ok = norms > 1e-12
+        if not ok.any():
+            return None
+        normals = normals[ok] / norms[ok, None]
+        offsets = -np.einsum("ij,ij->i", normals, a[ok])
+    else:
+        from pipeline.normals import smallest_eigenvector
+
+        group = pts[idx]  # (iterations, sample, 3)
+        centre = group.mean(axis=1)
+        dev = group - centre[:, None, :]
+        normals = smallest_eigenvector(np.einsum("isa,isb->iab", dev, dev))
+        offsets = -np.einsum("ij,ij->i", normals, centre)
     # Count inliers hypothesis by hypothesis in blocks so memory stays small.
     best, best_count = 0, -1
     for start in range(0, len(normals), 32):
@@ -107,15 +147,30 @@ def fit_plane_ransac(
 
 
 def remove_plane(
-    xyz: np.ndarray, border: int, distance: float, iterations: int, seed: int
+    xyz: np.ndarray,
+    border: int,
+    distance: float,
+    iterations: int,
+    seed: int,
+    fit_threshold: float | None = None,
+    sample: int = 3,
 ) -> np.ndarray:
-    """Zero every point closer than ``distance`` to the RANSAC plane of the image border."""
+    """Zero every point closer than ``distance`` to the RANSAC plane of the image border.
+
+    The plane is fitted with inliers within ``fit_threshold`` (default ``distance``).
+    """
     h, w = xyz.shape[:2]
     ring = np.zeros((h, w), dtype=bool)
     b = min(border, h // 2, w // 2)
     ring[:b], ring[-b:], ring[:, :b], ring[:, -b:] = True, True, True, True
     valid = valid_mask(xyz)
-    plane = fit_plane_ransac(xyz[ring & valid], distance, iterations, np.random.default_rng(seed))
+    plane = fit_plane_ransac(
+        xyz[ring & valid],
+        distance if fit_threshold is None else fit_threshold,
+        iterations,
+        np.random.default_rng(seed),
+        sample,
+    )
     if plane is None:  # no border to fit: nothing to remove
         return xyz
     normal, offset = plane
@@ -191,10 +246,73 @@ def foreground(xyz: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(valid_mask(xyz), structure=np.ones((3, 3), bool)).astype(np.uint8)
 
 
+def foreground_published(xyz_full: np.ndarray, size: int) -> np.ndarray:
+    """The published foreground (uint8 0/1) from the cleaned full-resolution xyz.
+
+    Padded with zeros to a square, resized bilinearly (half-pixel centres, no antialias, as
+    torch's ``interpolate(align_corners=False)``), then ``AvgPool2d(3, stride=1)`` and
+    ``AdaptiveAvgPool2d(size)``: a pixel is foreground when any point reaches it through the
+    three averages (about a one-pixel dilation, shifted by half a pixel).
+    """
+    valid = pad_square(valid_mask(xyz_full).astype(np.float64), 0.0)
+    s = valid.shape[0]
+    src = np.maximum((np.arange(size) + 0.5) * (s / size) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), s - 1)
+    i1 = np.minimum(i0 + 1, s - 1)
+    l1 = src - i0
+    interp = np.zeros((size, s))
+    np.add.at(interp, (np.arange(size), i0), 1.0 - l1)
+    np.add.at(interp, (np.arange(size), i1), l1)
+    small = (interp @ valid @ interp.T) > 0
+    pooled = ndimage.maximum_filter(small, size=3, mode="constant")[1:-1, 1:-1]  # valid 3x3
+    p = pooled.shape[0]
+    starts = (np.arange(size) * p) // size
+    ends = -((-(np.arange(size) + 1) * p) // size)  # ceil
+    # adaptive pooling bins [floor(i p / size), ceil((i + 1) p / size)) overlap when growing
+    rows = np.stack([pooled[a:b].any(axis=0) for a, b in zip(starts, ends)])
+    out = np.stack([rows[:, a:b].any(axis=1) for a, b in zip(starts, ends)], axis=1)
+    return out.astype(np.uint8)
+
+
 def clean_points(xyz: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Steps 1-2 at the input resolution."""
-    xyz = remove_plane(xyz, cfg.plane_border, cfg.plane_distance, cfg.ransac_iterations, cfg.seed)
+    """Steps 1-2 at the input resolution (nothing when ``clean_xyz`` is off)."""
+    if not cfg.clean_xyz:
+        return xyz
+    return clean_for_normals(xyz, cfg, cfg.plane_distance)
+
+
+def clean_for_normals(xyz: np.ndarray, cfg: PreprocessConfig, distance: float) -> np.ndarray:
+    """Plane removal within ``distance`` and the largest cluster, at the input resolution."""
+    xyz = remove_plane(
+        xyz,
+        cfg.plane_border,
+        distance,
+        cfg.ransac_iterations,
+        cfg.seed,
+        cfg.ransac_threshold,
+        cfg.ransac_sample,
+    )
     return largest_cluster(xyz, cfg.cluster_eps, cfg.cluster_min_points)
+
+
+def real_normals(raw_xyz: np.ndarray, prep: Prepared, cfg: PreprocessConfig) -> np.ndarray:
+    """Encoded real normals (S, S, 3) float32 in [0, 1] as ``cfg.normals`` says."""
+    from pipeline.normals import (
+        encode_normals,
+        estimate_normals,
+        estimate_normals_published,
+        normal_image_published,
+    )
+
+    if cfg.normals == "grid":
+        return encode_normals(estimate_normals(prep.xyz))
+    # The published real-normal script cleans the raw cloud again, with its own distance.
+    if cfg.clean_xyz and cfg.normals_plane_distance == cfg.plane_distance and prep.xyz_full is not None:
+        cleaned = prep.xyz_full  # the same cleaning: reuse it
+    else:
+        cleaned = clean_for_normals(raw_xyz, cfg, cfg.normals_plane_distance)
+    normals = estimate_normals_published(cleaned, cfg.normals_radius, cfg.normals_max_neighbours)
+    return normal_image_published(normals, cfg.size)
 
 
 def preprocess(rgb: np.ndarray, xyz: np.ndarray, gt: np.ndarray, cfg: PreprocessConfig) -> Prepared:
@@ -203,9 +321,11 @@ def preprocess(rgb: np.ndarray, xyz: np.ndarray, gt: np.ndarray, cfg: Preprocess
     rgb_s = resize_bicubic(pad_square(rgb, RGB_PAD_VALUE), cfg.size)
     xyz_s = resize_nearest(pad_square(xyz, 0.0), cfg.size).astype(np.float32)
     gt_s = resize_nearest(pad_square(gt.astype(np.uint8), 0), cfg.size)
+    fg = foreground_published(xyz, cfg.size) if cfg.foreground == "published" else foreground(xyz_s)
     return Prepared(
         rgb=rgb_s,
         xyz=np.ascontiguousarray(xyz_s),
         gt=(gt_s > 0).astype(np.uint8),
-        fg=foreground(xyz_s),
+        fg=fg,
+        xyz_full=xyz,
     )
