@@ -173,3 +173,38 @@ def test_preprocess_is_deterministic(seed):
     a, b = preprocess(rgb, xyz, gt, cfg), preprocess(rgb, xyz, gt, cfg)
     np.testing.assert_array_equal(a.xyz, b.xyz)
     np.testing.assert_array_equal(a.fg, b.fg)
+
+
+def test_published_foreground_equals_the_torch_pools():
+    import torch
+
+    from pipeline.data.preprocess import foreground_published
+
+    rng = np.random.default_rng(0)
+    for h, w in ((300, 400), (512, 512)):
+        xyz = np.zeros((h, w, 3), np.float32)
+        xyz[50:120, 60:200] = 1.0
+        xyz[rng.uniform(size=(h, w)) < 0.002] = 1.0
+        s = max(h, w)
+        pad = np.zeros((s, s, 3), np.float32)
+        pad[(s - h) // 2 : (s - h) // 2 + h, (s - w) // 2 : (s - w) // 2 + w] = xyz
+        x = torch.from_numpy(pad).permute(2, 0, 1)[None]
+        x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+        x = torch.nn.AdaptiveAvgPool2d((224, 224))(torch.nn.AvgPool2d(3, 1)(x))
+        ref = (x[0].sum(0) != 0).numpy()
+        np.testing.assert_array_equal(foreground_published(xyz, 224).astype(bool), ref)
+
+
+def test_normals_plane_distance_per_category_and_validation():
+    import pytest
+
+    from pipeline.data.preprocess import PreprocessConfig
+    from pipeline.errors import ParamsError
+    from pipeline.params import parse_params
+
+    data = {"categories": ["dowel", "bagel"], "normals_plane_distance": {"default": 0.005, "dowel": 0.002}}
+    p = parse_params({"data": data})
+    assert PreprocessConfig.from_params(p.data, "dowel").normals_plane_distance == 0.002
+    assert PreprocessConfig.from_params(p.data, "bagel").normals_plane_distance == 0.005
+    with pytest.raises(ParamsError, match="normals_plane_distance"):
+        parse_params({"data": {"categories": ["dowel"], "normals_plane_distance": {"dowel": 0.002}}})
