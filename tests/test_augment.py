@@ -95,10 +95,12 @@ def test_stage_end_to_end_is_byte_identical(project: Path, cache: Path) -> None:
     aug.use_euler_ancestral(pipe)
     shot = open_store(layout.prepared("bagel") / "train.zarr")["rgb"][1]
     with md.demo_threads(CPU, source):
-        again = aug.generate(pipe, shot, "a photo of sks bagel", store.attrs["seeds"][2:],
-                             strength=0.4, guidance=4.0, inference_steps=5, resolution=32,
-                             out_size=SIZE)
+        full, again = aug.generate(pipe, shot, "a photo of sks bagel", store.attrs["seeds"][2:],
+                                   strength=0.4, guidance=4.0, inference_steps=5,
+                                   resolution=32, out_size=SIZE)
     assert np.array_equal(again, rgb[2:])
+    assert store["rgb_full"].shape == (4, 32, 32, 3)  # at augment.resolution
+    assert np.array_equal(full, store["rgb_full"][2:])
     first = tree_digest(out)
     stage.run(params, "bagel", shots=2, seed=0)
     assert tree_digest(out) == first
