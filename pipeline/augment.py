@@ -243,7 +243,9 @@ def add_placeholder_token(pipe: Any, token: str, init_std: float, seed: int) -> 
     """Add ``token`` to the tokenizer, grow the embedding matrix, draw its row; returns its id."""
     if not token or token.split() != [token]:
         raise ParamsError(f"augment.placeholder_token: {token!r} must be one word (no spaces)")
-    if pipe.tokenizer.add_tokens(token) == 0:
+    vocab = pipe.tokenizer.get_vocab()
+    # CLIP's vocabulary spells whole words with "</w>": "sks" is the existing "sks</w>".
+    if token in vocab or f"{token}</w>" in vocab or pipe.tokenizer.add_tokens(token) == 0:
         raise ParamsError(
             f"augment.placeholder_token: {token!r} is already a token of this tokenizer; "
             "textual inversion needs a new one (e.g. '<{category}>')"
@@ -633,7 +635,8 @@ def _check_shapes(pipe: Any, path: Path) -> None:
             fan_in = getattr(base, "in_features", getattr(base, "in_channels", None))
             fan_out = getattr(base, "out_features", getattr(base, "out_channels", None))
             shape = tuple(f.get_slice(key).get_shape())
-            is_down = "down" in kind or "lora_A" in kind
+            # ``kind`` follows ".lora": "_A.weight" (peft) or ".down.weight" (older format).
+            is_down = kind.startswith("_A") or "down" in kind
             ok = (shape[1] == fan_in) if is_down else (shape[0] == fan_out)
             if not ok:
                 raise ModelError(
