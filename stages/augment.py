@@ -175,7 +175,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
             f"augment.resolution: {a.resolution} is not a multiple of the VAE's scale factor "
             f"{pipe.vae_scale_factor} ({source.spec})"
         )
-    if token not in prompt.split() and token not in prompt:
+    if token not in prompt:
         info(f"note: augment.prompt {prompt!r} does not contain augment.placeholder_token "
              f"{token!r}")
     vocab = pipe.tokenizer.get_vocab()
