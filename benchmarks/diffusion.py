@@ -2,7 +2,11 @@
 Marigold images, and the share of stage time spent outside model calls.
 
     .venv/bin/python benchmarks/diffusion.py [--shots 2] [--train-images 10] [--test-images 24]
-                                             [--repeats 3]
+                                             [--repeats 3] [--pivotal]
+
+``--pivotal`` runs augment with the published pivotal-tuning recipe (presets/paper.yaml's
+training keys) at the demo's budget: as many textual-inversion micro-steps as LoRA steps, the
+warm-up shortened to a tenth of the steps; resolution, steps and images as params.yaml.
 
 Runs the real stages (``stages.augment.run``, ``stages.estimate_normals.run``) with the
 ``augment``, ``estimate_normals`` and ``models`` values of params.yaml on synthetic 224 x 224
@@ -49,6 +53,13 @@ from pipeline.data.demo import DEMO_TEST_IMAGES, DEMO_TRAIN_IMAGES
 Run = dict[str, float]
 
 _LIBRARY_IMPORTS = "import diffusers, peft, transformers, torch"
+# presets/paper.yaml's training keys (the generation budget stays the demo's).
+PIVOTAL_KEYS = ("lora_targets", "train_text_encoder", "lr", "text_encoder_lr", "weight_decay",
+                "lr_schedule", "grad_clip", "timestep_fraction", "interpolation",
+                "color_jitter", "hflip", "cache_latents", "train_prompts", "placeholder_token",
+                "textual_inversion_lr", "textual_inversion_accumulation",
+                "textual_inversion_init_std", "textual_inversion_norm", "continue_inversion_lr",
+                "prompt")
 # What a stage process imports before run() (the stages import these lazily, inside run()):
 # modules, then the lazily loaded classes of diffusers and transformers the stages use.
 _MODULES = ("torch", "diffusers", "peft", "transformers", "zarr", "stages.augment",
@@ -168,6 +179,8 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=DEMO_TEST_IMAGES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--pivotal", action="store_true",
+                        help="augment with the published pivotal-tuning recipe (demo budget)")
     parser.add_argument("--child", choices=("augment", "real", "generated"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -180,6 +193,11 @@ def main() -> None:
     from pipeline.params import parse_params
 
     raw = yaml.safe_load(args.params.read_text())
+    if args.pivotal:
+        paper = yaml.safe_load((REPO / "presets" / "paper.yaml").read_text())["augment"]
+        steps = raw["augment"]["steps"]
+        raw["augment"].update({k: paper[k] for k in PIVOTAL_KEYS})
+        raw["augment"].update(textual_inversion_steps=steps, lr_warmup_steps=max(1, steps // 10))
     cache = (REPO / raw["models"]["cache_dir"]).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as tmp:
         project = Path(tmp)
@@ -216,10 +234,12 @@ def main() -> None:
     print(f"device: {pick_device()}  models: {params.models.diffusion}, {params.models.normals}")
     print(f"python start + `{_LIBRARY_IMPORTS}`: {library_s:.2f} s; a stage process's imports "
           f"before run(): {statistics.median(imports):.2f} s (median; not counted below)")
-    print(f"augment: k={args.shots}, {a.steps} LoRA steps at {a.resolution} px, "
+    print(f"augment: k={args.shots}, {a.textual_inversion_steps} textual inversion + "
+          f"{a.steps} LoRA steps at {a.resolution} px, "
           f"{int(aug['images'])} images ({a.n_per_shot}/shot, {a.inference_steps} steps x "
           f"strength {a.strength})")
-    print(f"  LoRA training:   {aug['lora_s'] / max(aug['lora_steps'], 1):.4f} s/step")
+    print(f"  training:        {aug['lora_s'] / max(aug['lora_steps'], 1):.4f} s/step "
+          f"(TI and LoRA steps together; {aug['lora_s']:.2f} s)")
     print(f"  img2img:         {aug['generate_s'] / max(aug['images'], 1):.4f} s/image")
     n_marigold = real["images"] + gen["images"]
     model_marigold = real["model_s"] + gen["model_s"]

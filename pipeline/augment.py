@@ -1,19 +1,31 @@
-"""LoRA diffusion augmentation (DESIGN 1.3): fine-tune Stable Diffusion with LoRA on a few
-images, then generate variations of each shot with img2img.
+"""LoRA diffusion augmentation (DESIGN 1.3): fine-tune Stable Diffusion on a few images, then
+generate variations of each shot with img2img.
 
-Training follows the diffusers text-to-image LoRA recipe: frozen VAE, text encoder and UNet;
-peft LoRA adapters (``lora_alpha = rank``, so the adapter scale is 1) on the UNet attention
-projections and optionally on the text encoder; the standard noise-prediction MSE on VAE
-latents (epsilon or v target, as the scheduler config says); AdamW; batch 1; one fixed prompt
-with the placeholder token. Half precision base weights on CUDA with fp32 LoRA parameters and
-autocast; float32 on CPU.
+Training is pivotal tuning (the published recipe, cloneofsimo ``lora_pti``), built on diffusers
+and peft:
+
+1. textual inversion (``augment.textual_inversion_steps`` > 0): a new placeholder token is added
+   to the tokenizer, the text encoder's embedding matrix grows by one row (random init, std
+   ``textual_inversion_init_std``) and only that row learns (every other row is restored after
+   each optimiser step); the whole model is otherwise frozen;
+2. LoRA: peft adapters (``lora_alpha = rank``, so the adapter scale is 1; A gaussian, B zero, as
+   ``lora_pti``) on the UNet Linear layers named in ``augment.lora_targets`` and optionally on
+   the text encoder's attention, with AdamW, per-group learning rates, an LR schedule with
+   warm-up, gradient clipping and a timestep cap; the new token's row can keep learning
+   (``continue_inversion_lr``).
+
+The loss is the standard noise-prediction MSE on VAE latents (epsilon or v target, as the
+scheduler config says); batch 1. With ``textual_inversion_steps: 0``, ``lora_targets`` on the
+attention projections, one fixed prompt and no schedule/clip/cap, this is the plain diffusers
+text-to-image LoRA recipe (the demo's).
 
 LoRA files are written with diffusers' own ``save_lora_weights`` (plus peft adapter metadata),
 so ``pipe.load_lora_weights(dir, weight_name="lora.safetensors")`` reads them back. Our
-safetensors metadata adds ``cmds_ad.base_model`` (the base model the LoRA was trained on) and
-``cmds_ad.status`` (``trained`` or ``empty``). An ``empty`` file holds no tensors: it is what
-the stage writes when ``augment.n_per_shot`` is 0 (no training, no generation), so DVC's
-declared output exists; :func:`load_lora` recognises it and loads nothing.
+safetensors metadata adds ``cmds_ad.base_model`` and ``cmds_ad.status`` (``trained`` or
+``empty``). A learned token goes to a sibling ``token.safetensors`` in diffusers' textual
+inversion format (one tensor, named by the token), which ``pipe.load_textual_inversion`` reads;
+:func:`load_lora` loads both. An ``empty`` LoRA file holds no tensors: it is what the stage
+writes when ``augment.n_per_shot`` is 0, so DVC's declared output exists.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +50,36 @@ from pipeline.progress import track
 
 BASE_MODEL_KEY = "cmds_ad.base_model"
 STATUS_KEY = "cmds_ad.status"
+TOKEN_KEY = "cmds_ad.token"
+TOKEN_FILE = "token.safetensors"
+# Every Linear of CLIP's attention (lora_pti's ``CLIPSdpaAttention`` target in the published run).
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# lora_pti's "object" caption templates (dataset.py); ``{}`` is the placeholder token.
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}",
+    "a photo of my {}", "a photo of the cool {}", "a close-up photo of a {}",
+    "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
+    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)
+
+
+@dataclass(frozen=True)
+class TextualInversion:
+    """Learning a new placeholder token (phase 1 of pivotal tuning)."""
+
+    token: str
+    steps: int = 1000  # micro-steps (one image each); 0 = add the token, learn it only later
+    lr: float = 2e-3
+    accumulation: int = 1  # micro-steps per optimiser step
+    init_std: float = 0.017
+    norm_target: float = 0.0  # lora_pti's clip_ti_decay towards this norm; 0 = off
+    continue_lr: float = 0.0  # the row keeps learning during LoRA tuning at this LR; 0 = off
 
 
 @dataclass(frozen=True)
@@ -50,8 +92,18 @@ class LoraTraining:
     lr: float
     steps: int
     resolution: int
-    color_jitter: float
+    color_jitter: tuple[float, ...]  # (brightness, contrast, saturation, hue) as torchvision
     seed: int
+    text_encoder_lr: float | None = None  # None = ``lr``
+    weight_decay: float = 1e-2  # torch's AdamW default
+    lr_schedule: str = "constant"  # "constant" | "linear" (diffusers' schedules)
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    timestep_fraction: float = 1.0  # LoRA steps draw t in [0, fraction * T)
+    hflip: float = 0.0
+    interpolation: str = "bicubic"
+    cache_latents: bool = False
+    inversion: TextualInversion | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,30 +118,56 @@ def to_square(rgb: np.ndarray) -> np.ndarray:
     return np.pad(rgb, ((top, s - h - top), (left, s - w - left), (0, 0)))
 
 
-def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize of a square uint8 image (no-op at the same size)."""
+_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize of a square uint8 image (no-op at the same size)."""
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return rgb
-    return np.array(Image.fromarray(rgb).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    return np.array(Image.fromarray(rgb).resize((size, size), _FILTERS[interpolation]),
+                    dtype=np.uint8)
 
 
-def colour_jitter(x: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
-    """Random brightness, contrast and saturation, each by a factor in [1 - amount, 1 + amount].
+def colour_jitter(x: torch.Tensor, amounts: Sequence[float] | float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """torchvision's ``ColorJitter(*amounts)`` on (3, H, W) in [0, 1], drawn from ``generator``.
 
-    ``x`` is (3, H, W) in [0, 1]. The random factors come from ``generator`` (reproducible).
+    Factors and the random order of the four adjustments are drawn as ColorJitter draws them,
+    but from a seeded generator instead of torch's global one (reproducible); the adjustments
+    are torchvision's own functions.
     """
-    factors = 1.0 + amount * (torch.rand(3, generator=generator) * 2.0 - 1.0)
-    if amount == 0:
+    from torchvision.transforms import functional as tvf
+
+    values = [float(amounts)] * 3 if isinstance(amounts, (int, float)) else list(amounts)
+    values = (values + [0.0] * 4)[:4]
+    order = torch.randperm(4, generator=generator).tolist()
+    draws = torch.rand(4, generator=generator).tolist()
+    if not any(values):
         return x
-    x = x * factors[0]
-    x = (x - x.mean()) * factors[1] + x.mean()
-    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-    x = (x - grey) * factors[2] + grey
+    adjust = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue)
+    for i in order:
+        if values[i] == 0:
+            continue
+        if i == 3:  # hue: a shift in [-h, h]
+            factor = values[3] * (2.0 * draws[3] - 1.0)
+        else:  # a factor in [max(0, 1 - a), 1 + a]
+            low, high = max(0.0, 1.0 - values[i]), 1.0 + values[i]
+            factor = low + (high - low) * draws[i]
+        x = adjust[i](x, factor)
     return x.clamp(0.0, 1.0)
 
 
+def augment_image(pixels: torch.Tensor, cfg: LoraTraining, generator: torch.Generator) -> torch.Tensor:
+    """One training view in [-1, 1]: colour jitter, then a horizontal flip with prob. ``hflip``."""
+    x = colour_jitter(pixels, cfg.color_jitter, generator)
+    if float(torch.rand(1, generator=generator)) < cfg.hflip:
+        x = x.flip(-1)
+    return x * 2.0 - 1.0
+
+
 # --------------------------------------------------------------------------------------------
-# Training
+# Training: pure pieces (tested on their own)
 
 
 def deterministic_torch(device: torch.device) -> None:
@@ -101,13 +179,92 @@ def deterministic_torch(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def add_lora(pipe: Any, cfg: LoraTraining) -> list[torch.nn.Parameter]:
-    """Attach fresh LoRA adapters with peft; returns the trainable parameters."""
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
+                      total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' LR schedule by name; ``constant`` with a warm-up is constant_with_warmup."""
+    from diffusers.optimization import get_scheduler
+
+    if schedule not in ("constant", "linear"):
+        raise ParamsError(f"augment.lr_schedule: unknown schedule {schedule!r} (constant, linear)")
+    name = "constant_with_warmup" if schedule == "constant" and warmup_steps else schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=max(total_steps, 1))
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Step the schedule BEFORE the optimiser step, as lora_pti does (so the first update uses
+    the schedule's value at step 1: with a warm-up of W steps, lr / W)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        scheduler.step()
+
+
+def tuning_param_groups(unet_params: Sequence[torch.nn.Parameter],
+                        text_params: Sequence[torch.nn.Parameter],
+                        embedding: torch.nn.Parameter | None,
+                        cfg: LoraTraining) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the LoRA phase: UNet LoRA, text-encoder LoRA, token row."""
+    groups: list[dict[str, Any]] = [{"params": list(unet_params), "lr": cfg.lr, "name": "unet"}]
+    if text_params:
+        te_lr = cfg.lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
+        groups.append({"params": list(text_params), "lr": te_lr, "name": "text_encoder"})
+    if embedding is not None and cfg.inversion is not None and cfg.inversion.continue_lr > 0:
+        groups.append({"params": [embedding], "lr": cfg.inversion.continue_lr, "name": "token"})
+    return groups
+
+
+def make_tuning_optimizer(groups: list[dict[str, Any]], cfg: LoraTraining
+                          ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return optimizer, make_lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
+
+
+def sample_timestep(num_train_timesteps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """A training timestep in [0, int(fraction * T)), as lora_pti's ``t_mutliplier``."""
+    high = max(1, int(num_train_timesteps * fraction))
+    return torch.randint(high, (1,), generator=generator)
+
+
+def clip_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> float | None:
+    """Clip the global gradient norm (0 = off); returns the norm before clipping."""
+    if max_norm <= 0:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
+
+
+def decay_token_norm(row: torch.Tensor, lr: float, target: float) -> torch.Tensor:
+    """lora_pti's ``clip_ti_decay``: move the row's norm towards ``target`` by min(1, 100 lr)."""
+    norm = row.norm(dim=-1, keepdim=True)
+    lam = min(1.0, 100.0 * lr)
+    return F.normalize(row, dim=-1) * (norm + lam * (target - norm))
+
+
+def add_placeholder_token(pipe: Any, token: str, init_std: float, seed: int) -> int:
+    """Add ``token`` to the tokenizer, grow the embedding matrix, draw its row; returns its id."""
+    if not token or token.split() != [token]:
+        raise ParamsError(f"augment.placeholder_token: {token!r} must be one word (no spaces)")
+    vocab = pipe.tokenizer.get_vocab()
+    # CLIP's vocabulary spells whole words with "</w>": "sks" is the existing "sks</w>".
+    if token in vocab or f"{token}</w>" in vocab or pipe.tokenizer.add_tokens(token) == 0:
+        raise ParamsError(
+            f"augment.placeholder_token: {token!r} is already a token of this tokenizer; "
+            "textual inversion needs a new one (e.g. '<{category}>')"
+        )
+    token_id = int(pipe.tokenizer.convert_tokens_to_ids(token))
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    row = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(seed)) * init_std
+    with torch.no_grad():
+        weight[token_id] = row.to(weight.device, weight.dtype)
+    return token_id
+
+
+def add_lora(pipe: Any, cfg: LoraTraining) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Attach fresh LoRA adapters with peft; returns the (UNet, text encoder) trainable params."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    pipe.unet.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # peft draws the initial A matrices from the global RNG
     try:
         pipe.unet.add_adapter(
@@ -124,82 +281,190 @@ def add_lora(pipe: Any, cfg: LoraTraining) -> list[torch.nn.Parameter]:
                        target_modules=list(TEXT_ENCODER_TARGETS)),
             pipe.text_encoder, adapter_name="default",
         )
-    trainable = []
-    for module in (pipe.unet, pipe.text_encoder):
+
+    def trainable(module: Any) -> list[torch.nn.Parameter]:
+        out = []
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # fp32 LoRA weights over fp16 base weights
-                trainable.append(param)
-    return trainable
+                out.append(param)
+        return out
+
+    return trainable(pipe.unet), trainable(pipe.text_encoder)
+
+
+# --------------------------------------------------------------------------------------------
+# Training loop
 
 
 def train_lora(
     pipe: Any,
     images: Sequence[np.ndarray],
-    prompt: str,
+    prompts: str | Sequence[str],
     cfg: LoraTraining,
     clock: ModelClock | None = None,
 ) -> list[float]:
-    """Fine-tune LoRA adapters of ``pipe`` on uint8 (H, W, 3) square images; returns losses."""
+    """Pivotal tuning of ``pipe`` on uint8 (H, W, 3) square images; returns the losses of
+    both phases in order (textual inversion micro-steps first, then LoRA steps).
+
+    ``prompts``: one prompt, or templates already formatted with the token; each step uses a
+    random one. With ``cfg.inversion`` the placeholder token is added to ``pipe`` first.
+    """
     from diffusers import DDPMScheduler
 
     if not images:
         raise ValueError("no training images")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no training prompts")
     device = pipe.unet.device
     deterministic_torch(device)
     clock = clock or ModelClock()
-    trainable = add_lora(pipe, cfg)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    inv = cfg.inversion
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    token_id = add_placeholder_token(pipe, inv.token, inv.init_std, cfg.seed) if inv else None
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
         raise ModelError(f"models.diffusion: unsupported prediction type {prediction!r}")
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    generator = torch.Generator().manual_seed(cfg.seed)
     pixels = [
-        torch.from_numpy(np.array(resize_rgb(img, cfg.resolution))).permute(2, 0, 1).float() / 255.0
+        torch.from_numpy(np.array(resize_rgb(img, cfg.resolution, cfg.interpolation)))
+        .permute(2, 0, 1).float() / 255.0
         for img in images
     ]
     tokens = pipe.tokenizer(
-        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
     ).input_ids.to(device)
     scaling = pipe.vae.config.scaling_factor
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     # A diffusers model's ``.dtype`` walks its parameters on every access; read it once.
     vae_dtype, unet_dtype = pipe.vae.dtype, pipe.unet.dtype
-    pipe.unet.train()
-    if cfg.train_text_encoder:
-        pipe.text_encoder.train()
-    else:
-        with clock(), torch.no_grad():
-            fixed_text = pipe.text_encoder(tokens)[0]
-    losses: list[float] = []
-    for _ in track(range(cfg.steps), "LoRA training", total=cfg.steps):
+    half_weights = unet_dtype == torch.float16
+
+    def encode(x: torch.Tensor, seed: int) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16,
+                                             enabled=device.type == "cuda" and half_weights):
+            dist = pipe.vae.encode(x[None].to(device, vae_dtype)).latent_dist
+            return (dist.sample(torch.Generator().manual_seed(seed)) * scaling).float()
+
+    def draw_example() -> tuple[int, torch.Tensor, int]:
         index = int(torch.randint(len(pixels), (1,), generator=generator))
-        x = colour_jitter(pixels[index], cfg.color_jitter, generator) * 2.0 - 1.0
-        noise_seed = int(torch.randint(2**62, (1,), generator=generator))
+        x = augment_image(pixels[index], cfg, generator)
+        prompt_index = int(torch.randint(len(prompts), (1,), generator=generator))
+        return index, x, prompt_index
+
+    # lora_pti's default (cached_latents): each image is augmented, captioned and encoded once.
+    cached: list[tuple[torch.Tensor, int]] | None = None
+    if cfg.cache_latents:
+        cached = []
         with clock():
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                with torch.no_grad():
-                    dist = pipe.vae.encode(x[None].to(device, vae_dtype)).latent_dist
-                    latents = dist.sample(torch.Generator().manual_seed(noise_seed)) * scaling
-                latents = latents.float()
-                step_gen = torch.Generator().manual_seed(noise_seed + 1)
-                noise = torch.randn(latents.shape, generator=step_gen).to(device)
-                timesteps = torch.randint(num_train_timesteps, (1,), generator=step_gen).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                text = pipe.text_encoder(tokens)[0] if cfg.train_text_encoder else fixed_text
-                pred = pipe.unet(noisy.to(unet_dtype), timesteps, text).sample
-                target = noise if prediction == "epsilon" else \
-                    noise_scheduler.get_velocity(latents, noise, timesteps)
-                loss = F.mse_loss(pred.float(), target.float())
+            for index in range(len(pixels)):
+                x = augment_image(pixels[index], cfg, generator)
+                prompt_index = int(torch.randint(len(prompts), (1,), generator=generator))
+                cached.append((encode(x, int(torch.randint(2**62, (1,), generator=generator))),
+                               prompt_index))
+
+    def step_loss(fraction: float, text: Callable[[int], torch.Tensor], amp: bool) -> torch.Tensor:
+        noise_seed = int(torch.randint(2**62, (1,), generator=generator))
+        if cached is not None:
+            latents, prompt_index = cached[int(torch.randint(len(cached), (1,), generator=generator))]
+        else:
+            _, x, prompt_index = draw_example()
+            latents = encode(x, noise_seed)
+        step_gen = torch.Generator().manual_seed(noise_seed + 1)
+        noise = torch.randn(latents.shape, generator=step_gen).to(device)
+        timesteps = sample_timestep(num_train_timesteps, fraction, step_gen).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            hidden = text(prompt_index)
+            pred = pipe.unet(noisy.to(unet_dtype), timesteps, hidden).sample
+        target = noise if prediction == "epsilon" else \
+            noise_scheduler.get_velocity(latents, noise, timesteps)
+        return F.mse_loss(pred.float(), target.float())
+
+    losses: list[float] = []
+    embedding = pipe.text_encoder.get_input_embeddings().weight
+    original_rows = None
+    if inv is not None:
+        embedding.data = embedding.data.float()  # the learned row stays fp32 over fp16 weights
+        original_rows = embedding.detach().clone()
+        keep = torch.ones(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+        keep[token_id] = False
+
+        def restore_rows() -> None:
+            with torch.no_grad():
+                embedding[keep] = original_rows[keep]
+
+    def encode_text(prompt_index: int) -> torch.Tensor:
+        # Called inside step_loss's autocast region (lora_pti autocasts both models together).
+        return pipe.text_encoder(tokens[prompt_index : prompt_index + 1])[0]
+
+    # Phase 1: textual inversion (only the embedding matrix trains; other rows are restored).
+    if inv is not None and inv.steps > 0:
+        embedding.requires_grad_(True)
+        pipe.text_encoder.train()
+        optimizer = torch.optim.AdamW([embedding], lr=inv.lr, weight_decay=0.0)
+        scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, 0, inv.steps)
+        # Full precision as published (no autocast) unless the base weights are fp16.
+        amp = device.type == "cuda" and half_weights
+        for step in track(range(inv.steps), "textual inversion", total=inv.steps):
+            advance_schedule(scheduler)
+            with clock():
+                loss = step_loss(1.0, encode_text, amp) / inv.accumulation
+                loss.backward()
+                # lora_pti steps at micro-steps 0, A, 2A, ... (its counter starts at 0).
+                if step % inv.accumulation == 0:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        if inv.norm_target > 0:
+                            embedding[token_id] = decay_token_norm(
+                                embedding[token_id], scheduler.get_last_lr()[0], inv.norm_target)
+                        restore_rows()
+            losses.append(float(loss.detach()) * inv.accumulation)
+        embedding.grad = None
+        del optimizer
+    embedding.requires_grad_(False)
+
+    # Phase 2: LoRA tuning (plus, optionally, the token row).
+    unet_params, text_params = add_lora(pipe, cfg)
+    learn_row = inv is not None and inv.continue_lr > 0
+    if learn_row:
+        embedding.requires_grad_(True)
+    groups = tuning_param_groups(unet_params, text_params, embedding if learn_row else None, cfg)
+    optimizer, scheduler = make_tuning_optimizer(groups, cfg)
+    trainable = [p for g in groups for p in g["params"]]
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and half_weights)
+    pipe.unet.train()
+    text_trains = cfg.train_text_encoder or learn_row
+    if text_trains:
+        pipe.text_encoder.train()
+        text_fn = encode_text
+    else:
+        with clock(), torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            fixed = [encode_text(i) for i in range(len(prompts))]
+        text_fn = fixed.__getitem__
+    for _ in track(range(cfg.steps), "LoRA training", total=cfg.steps):
+        advance_schedule(scheduler)
+        with clock():
             optimizer.zero_grad(set_to_none=True)
+            loss = step_loss(cfg.timestep_fraction, text_fn, amp)
             scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                clip_gradients(trainable, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
         losses.append(float(loss.detach()))
+    embedding.requires_grad_(False)
+    if inv is not None:
+        # lora_pti lets the other rows drift while tuning but saves only the token's row, so
+        # the model it generates with has the original rows: restore them here.
+        restore_rows()
     pipe.unet.eval()
     pipe.text_encoder.eval()
     return losses
@@ -253,10 +518,20 @@ class LoraSnapshot:
     unet_metadata: dict[str, Any]
     text_encoder: dict[str, torch.Tensor] | None = None
     text_encoder_metadata: dict[str, Any] | None = None
+    token: str | None = None  # the learned placeholder token and its embedding row
+    token_embedding: torch.Tensor | None = None
 
 
-def lora_snapshot(pipe: Any, train_text_encoder: bool) -> LoraSnapshot:
-    """Copy the adapter weights, so the file can be written while the pipeline keeps running."""
+def token_snapshot(pipe: Any, token: str) -> torch.Tensor:
+    """A copy of a token's embedding row, (1, D) float32."""
+    token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    return weight[token_id : token_id + 1].detach().float().cpu().clone().contiguous()
+
+
+def lora_snapshot(pipe: Any, train_text_encoder: bool, token: str | None = None) -> LoraSnapshot:
+    """Copy the adapter weights (and the learned token's row), so the files can be written
+    while the pipeline keeps running (or is cast to another precision)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -264,11 +539,14 @@ def lora_snapshot(pipe: Any, train_text_encoder: bool) -> LoraSnapshot:
         sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
         return {k: v.detach().float().cpu().clone().contiguous() for k, v in sd.items()}
 
+    row = token_snapshot(pipe, token) if token is not None else None
     if not train_text_encoder:
-        return LoraSnapshot(state(pipe.unet), _adapter_metadata(pipe.unet.peft_config["default"]))
+        return LoraSnapshot(state(pipe.unet), _adapter_metadata(pipe.unet.peft_config["default"]),
+                            token=token, token_embedding=row)
     return LoraSnapshot(
         state(pipe.unet), _adapter_metadata(pipe.unet.peft_config["default"]),
         state(pipe.text_encoder), _adapter_metadata(pipe.text_encoder.peft_config["default"]),
+        token=token, token_embedding=row,
     )
 
 
@@ -287,14 +565,28 @@ def write_lora(snapshot: LoraSnapshot, folder: Path, weight_name: str, base_mode
         text_encoder_lora_adapter_metadata=snapshot.text_encoder_metadata,
     )
     path = folder / weight_name
-    canonicalise_safetensors(path, {BASE_MODEL_KEY: base_model, STATUS_KEY: "trained"})
+    extra = {BASE_MODEL_KEY: base_model, STATUS_KEY: "trained"}
+    if snapshot.token is not None:
+        extra[TOKEN_KEY] = snapshot.token
+        write_token(folder / TOKEN_FILE, snapshot.token, snapshot.token_embedding, base_model)
+    canonicalise_safetensors(path, extra)
+    return path
+
+
+def write_token(path: Path, token: str, embedding: torch.Tensor, base_model: str) -> Path:
+    """A learned token in diffusers' textual-inversion format: one tensor named by the token."""
+    from safetensors.torch import save_file
+
+    save_file({token: embedding}, str(path), metadata={"format": "pt", BASE_MODEL_KEY: base_model})
+    canonicalise_safetensors(path)
     return path
 
 
 def save_lora(pipe: Any, folder: Path, weight_name: str, base_model: str,
-              train_text_encoder: bool) -> Path:
-    """Save the trained adapters with diffusers' LoRA writer, then add our metadata keys."""
-    return write_lora(lora_snapshot(pipe, train_text_encoder), folder, weight_name, base_model)
+              train_text_encoder: bool, token: str | None = None) -> Path:
+    """Save the trained adapters (and the learned token, if any) with our metadata keys."""
+    return write_lora(lora_snapshot(pipe, train_text_encoder, token), folder, weight_name,
+                      base_model)
 
 
 def save_empty_lora(path: Path, base_model: str) -> Path:
@@ -343,7 +635,8 @@ def _check_shapes(pipe: Any, path: Path) -> None:
             fan_in = getattr(base, "in_features", getattr(base, "in_channels", None))
             fan_out = getattr(base, "out_features", getattr(base, "out_channels", None))
             shape = tuple(f.get_slice(key).get_shape())
-            is_down = "down" in kind or "lora_A" in kind
+            # ``kind`` follows ".lora": "_A.weight" (peft) or ".down.weight" (older format).
+            is_down = kind.startswith("_A") or "down" in kind
             ok = (shape[1] == fan_in) if is_down else (shape[0] == fan_out)
             if not ok:
                 raise ModelError(
@@ -369,11 +662,35 @@ def load_lora(pipe: Any, path: str | Path, base_model: str | None = None) -> boo
             f"{path}: LoRA was trained on base model {recorded!r}, not {base_model!r}"
         )
     _check_shapes(pipe, path)
+    token = metadata.get(TOKEN_KEY)
+    if token is not None:
+        load_token(pipe, path.parent / TOKEN_FILE, token)
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     except Exception as err:  # noqa: BLE001 - diffusers/peft raise many types for bad files
         raise ModelError(f"{path}: cannot load LoRA: {type(err).__name__}: {err}") from None
     return True
+
+
+def load_token(pipe: Any, path: Path, token: str) -> None:
+    """Add a learned token (written by :func:`write_token`) to ``pipe``'s tokenizer/encoder."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path}: token embedding file not found (the LoRA file next to it "
+                         f"was trained with the token {token!r})")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for damaged files
+        raise ModelError(f"{path}: not a readable safetensors file ({err})") from None
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    if list(tensors) != [token] or tuple(tensors[token].shape) != (1, width):
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ModelError(f"{path}: expected one tensor {token!r} of shape (1, {width}) "
+                         f"(this base model's embedding width), got {shapes}")
+    if token in pipe.tokenizer.get_vocab():
+        raise ModelError(f"{path}: token {token!r} is already in this pipeline's tokenizer")
+    pipe.load_textual_inversion(tensors, token=token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,14 +728,23 @@ def generate(
     inference_steps: int,
     resolution: int,
     out_size: int,
+    generator_device: str = "cpu",
     clock: ModelClock | None = None,
-) -> np.ndarray:
-    """img2img variations of one uint8 square image, one per seed -> (n, S, S, 3) uint8."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """img2img variations of one uint8 square image, one per seed.
+
+    The init image is ``rgb`` resized (bicubic) to ``resolution``; returns the images at the
+    generation resolution (n, R, R, 3) and resized to ``out_size`` (n, S, S, 3), both uint8.
+    ``generator_device``: ``cpu`` (the same noise on every device) or ``device`` (a generator
+    on the model's device, as the published script seeds ``torch.Generator("cuda")``).
+    """
     n = len(seeds)
     if n == 0:
-        return np.zeros((0, out_size, out_size, 3), dtype=np.uint8)
+        return (np.zeros((0, resolution, resolution, 3), dtype=np.uint8),
+                np.zeros((0, out_size, out_size, 3), dtype=np.uint8))
     init = Image.fromarray(resize_rgb(rgb, resolution))
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    where = pipe.device if generator_device == "device" else torch.device("cpu")
+    generators = [torch.Generator(device=where).manual_seed(int(s)) for s in seeds]
     clock = clock or ModelClock()
     with clock():
         out = pipe(
@@ -430,8 +756,23 @@ def generate(
             generator=generators,
             output_type="np",
         ).images
-    images = np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-    return np.stack([resize_rgb(img, out_size) for img in images])
+    full = np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return full, np.stack([resize_rgb(img, out_size) for img in full])
+
+
+def shot_seeds(image_seeds: Sequence[int], n_per_shot: int, augment_seed: int, k: int,
+               fewshot_seed: int, n_shots: int) -> list[list[int]]:
+    """The seeds of each shot's images: the first ``n_per_shot`` of ``image_seeds`` for every
+    shot (the published fixed seeds), or, for an empty list, seeds derived per image."""
+    if image_seeds:
+        if n_per_shot > len(image_seeds):
+            raise ParamsError(
+                f"augment.image_seeds: {len(image_seeds)} seeds for augment.n_per_shot "
+                f"{n_per_shot} images per shot (give at least n_per_shot, or [] for derived seeds)"
+            )
+        return [[int(s) for s in image_seeds[:n_per_shot]] for _ in range(n_shots)]
+    return [[image_seed(augment_seed, k, fewshot_seed, i, j) for j in range(n_per_shot)]
+            for i in range(n_shots)]
 
 
 def lora_summary(losses: Sequence[float]) -> dict[str, Any]:
@@ -444,8 +785,12 @@ def lora_summary(losses: Sequence[float]) -> dict[str, Any]:
 
 
 __all__ = [
-    "BASE_MODEL_KEY", "STATUS_KEY", "LoraSnapshot", "LoraTraining", "add_lora",
-    "check_generation", "colour_jitter", "generate", "image_seed", "load_lora", "lora_snapshot",
-    "lora_summary", "read_lora_metadata", "resize_rgb", "save_empty_lora", "save_lora",
-    "to_square", "train_lora", "use_euler_ancestral", "write_lora",
+    "BASE_MODEL_KEY", "OBJECT_TEMPLATES", "STATUS_KEY", "TOKEN_FILE", "TOKEN_KEY", "LoraSnapshot",
+    "LoraTraining", "TextualInversion", "add_lora", "add_placeholder_token", "advance_schedule",
+    "augment_image", "check_generation", "clip_gradients", "colour_jitter", "decay_token_norm",
+    "generate", "image_seed", "load_lora", "load_token", "lora_snapshot", "lora_summary",
+    "make_lr_scheduler", "make_tuning_optimizer", "read_lora_metadata", "resize_rgb",
+    "sample_timestep", "save_empty_lora", "save_lora", "shot_seeds", "to_square",
+    "token_snapshot", "train_lora", "tuning_param_groups", "use_euler_ancestral", "write_lora",
+    "write_token",
 ]

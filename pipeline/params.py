@@ -90,23 +90,71 @@ class ModelsParams(Section):
 
 
 class AugmentParams(Section):
-    """``augment``: LoRA fine-tuning and img2img generation (DESIGN 1.3)."""
+    """``augment``: pivotal tuning (textual inversion, then LoRA) and img2img (DESIGN 1.3).
+
+    The published values (lora_pti, scripts/train_lora_mvtec3dad.py and
+    generate_rgb_mvtec3dad.py) are in presets/paper.yaml; the defaults here are the plain
+    LoRA recipe of the demo.
+    """
 
     train_on: Literal["shots", "train_split"] = "shots"
+    # Where the shots' images come from: the dataset's original RGB padded to a square
+    # (published), or the prepare store's data.size crop (upscaled to the resolution).
+    image_source: Literal["original", "prepared"] = "prepared"
     n_per_shot: int = Field(5, ge=0)
     lora_rank: int = Field(8, ge=1)
     lora_targets: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     train_text_encoder: bool = False
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)  # UNet LoRA learning rate (after any scaling)
+    text_encoder_lr: float | None = Field(None, gt=0)  # None: the same as lr
+    weight_decay: float = Field(1e-2, ge=0)  # AdamW of the LoRA phase
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(0.0, ge=0)  # max gradient norm; 0 = off
+    timestep_fraction: float = Field(1.0, gt=0, le=1)  # LoRA steps draw t < fraction * T
     steps: int = Field(1000, ge=1)
     resolution: int = Field(512, ge=8)
-    color_jitter: float = Field(0.05, ge=0, le=1)
-    placeholder_token: str = "sks"
-    prompt: str = "a photo of sks {category}"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # training resize
+    color_jitter: list[float] = Field(default=[0.05, 0.05, 0.05], min_length=1, max_length=4)
+    hflip: float = Field(0.0, ge=0, le=1)
+    cache_latents: bool = False  # augment, caption and encode each image once (lora_pti)
+    train_prompts: Literal["fixed", "object"] = "fixed"  # the prompt, or the object templates
+    placeholder_token: str = "sks"  # may contain {category}
+    textual_inversion_steps: int = Field(0, ge=0)
+    textual_inversion_lr: float = Field(2e-3, gt=0)
+    textual_inversion_accumulation: int = Field(1, ge=1)
+    textual_inversion_init_std: float = Field(0.017, ge=0)
+    textual_inversion_norm: float = Field(0.0, ge=0)  # clip_ti_decay target norm; 0 = off
+    continue_inversion_lr: float = Field(0.0, ge=0)  # 0 = the token freezes after inversion
+    prompt: str = "a photo of sks {category}"  # may contain {category} and {token}
     strength: float = Field(0.2, gt=0, le=1)
     guidance: float = Field(4.0, ge=0)
     inference_steps: int = Field(50, ge=1)
+    image_seeds: list[int] = Field(default=[])  # [] = seeds derived per image
+    generator_device: Literal["cpu", "device"] = "cpu"
+    precision: Literal["float16", "float32"] = "float16"  # generation on CUDA (CPU: float32)
+    train_precision: Literal["float16", "float32"] = "float16"  # base weights, training on CUDA
     seed: int = 0
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter_range(cls, v: list[float]) -> list[float]:
+        if any(x < 0 for x in v) or any(x > 1 for x in v[:3]) or (len(v) == 4 and v[3] > 0.5):
+            raise ValueError("[brightness, contrast, saturation, hue]: each >= 0, the first "
+                             "three <= 1, hue <= 0.5")
+        return v
+
+    @model_validator(mode="after")
+    def _seeds_cover_images(self) -> AugmentParams:
+        if self.image_seeds and self.n_per_shot > len(self.image_seeds):
+            raise ParamsError(
+                f"augment.image_seeds: {len(self.image_seeds)} seeds for augment.n_per_shot "
+                f"{self.n_per_shot} images per shot (give at least n_per_shot, or [])"
+            )
+        return self
+
+    def learns_token(self) -> bool:
+        return self.textual_inversion_steps > 0 or self.continue_inversion_lr > 0
 
 
 class EstimateNormalsParams(Section):

@@ -3,10 +3,14 @@
 Reads  ``artifacts/prepare/<cat>/train.zarr`` (``rgb``, attrs ``ids``) and ``shots.json``;
        with ``augment.train_on: train_split`` also the raw training images of the dataset
        (the published behaviour, which trains the LoRA on normal data beyond the k shots).
+       with ``augment.image_source: original`` the shots' original RGB from the dataset
+       (padded to a square, as prepare pads).
 Writes ``artifacts/augment/<cat>/k<k>-s<seed>/`` (one atomic directory):
-       ``lora.safetensors`` (diffusers LoRA format + base model id in its metadata) and
-       ``generated.zarr`` (``rgb`` (M, S, S, 3) uint8; attrs ``ids`` = ``gen/<shot id>/<j>``,
-       ``source_ids``, ``seeds``, ``base_model``, provenance).
+       ``lora.safetensors`` (diffusers LoRA format + base model id in its metadata),
+       ``token.safetensors`` when a placeholder token was learned (textual inversion), and
+       ``generated.zarr`` (``rgb`` (M, S, S, 3) uint8 at data.size and ``rgb_full``
+       (M, R, R, 3) uint8 at R = augment.resolution; attrs ``ids`` = ``gen/<shot id>/<j>``,
+       ``source_ids``, ``seeds``, ``base_model``, ``token``, provenance).
 ``augment.n_per_shot: 0`` disables augmentation: no model is loaded, ``generated.zarr`` is
 empty (M = 0) and ``lora.safetensors`` is an empty marker (no tensors, metadata
 ``cmds_ad.status = empty``), so DVC's declared outputs exist.
@@ -21,22 +25,26 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
+import torch
+
 from pipeline.augment import (
+    OBJECT_TEMPLATES,
     LoraTraining,
+    TextualInversion,
     check_generation,
     deterministic_torch,
     generate,
-    image_seed,
     lora_snapshot,
     lora_summary,
     resize_rgb,
     save_empty_lora,
+    shot_seeds,
     to_square,
     train_lora,
     use_euler_ancestral,
     write_lora,
 )
-from pipeline.device import inference_dtype, pick_device
+from pipeline.device import pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.models.diffusion import ModelClock, demo_threads, load_img2img, model_info
 from pipeline.params import Params, section_dict
@@ -61,23 +69,63 @@ def read_shot_images(category: str, ids: list[str], size: int) -> np.ndarray:
     return np.stack([rgb[stored.index(i)] for i in ids])
 
 
-def read_training_split(params: Params, category: str, resolution: int) -> list[np.ndarray]:
+def read_training_split(params: Params, category: str, resolution: int,
+                        interpolation: str = "bicubic") -> list[np.ndarray]:
     """All raw training images of the category, padded square and resized (published option)."""
     from pipeline.data import list_samples, read_rgb
 
     refs = list_samples(params.data.dataset, params.data.root, category, "train")
     if not refs:
         raise InputError(f"{params.data.root}/{category}: empty training split")
-    return [resize_rgb(to_square(read_rgb(ref.rgb)), resolution)
+    return [resize_rgb(to_square(read_rgb(ref.rgb)), resolution, interpolation)
             for ref in track(refs, f"reading {category} training split")]
 
 
-def _lora_config(params: Params) -> LoraTraining:
+def read_original_shots(params: Params, category: str, ids: list[str]) -> list[np.ndarray]:
+    """The shots' original RGB from the dataset, padded to a square with zeros as prepare pads."""
+    from pipeline.data import list_samples, read_rgb
+    from pipeline.data.preprocess import pad_square
+
+    refs = {ref.id: ref for ref in list_samples(params.data.dataset, params.data.root,
+                                                category, "train")}
+    missing = [i for i in ids if i not in refs]
+    if missing:
+        raise InputError(f"{params.data.root}/{category}: shot ids {missing} from shots.json are "
+                         "not in the dataset's training split")
+    return [pad_square(read_rgb(refs[i].rgb)) for i in ids]
+
+
+def _format(template: str, key: str, **values: str) -> str:
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ParamsError(f"{key}: bad template {template!r} ({err}; allowed fields: "
+                          f"{', '.join('{' + k + '}' for k in values)})") from None
+
+
+def _lora_config(params: Params, token: str) -> LoraTraining:
     a = params.augment
+    inversion = None
+    if a.learns_token():
+        inversion = TextualInversion(
+            token=token, steps=a.textual_inversion_steps, lr=a.textual_inversion_lr,
+            accumulation=a.textual_inversion_accumulation,
+            init_std=a.textual_inversion_init_std, norm_target=a.textual_inversion_norm,
+            continue_lr=a.continue_inversion_lr,
+        )
     return LoraTraining(
         rank=a.lora_rank, targets=tuple(a.lora_targets), train_text_encoder=a.train_text_encoder,
-        lr=a.lr, steps=a.steps, resolution=a.resolution, color_jitter=a.color_jitter, seed=a.seed,
+        lr=a.lr, steps=a.steps, resolution=a.resolution, color_jitter=tuple(a.color_jitter),
+        seed=a.seed, text_encoder_lr=a.text_encoder_lr, weight_decay=a.weight_decay,
+        lr_schedule=a.lr_schedule, warmup_steps=a.lr_warmup_steps, grad_clip=a.grad_clip,
+        timestep_fraction=a.timestep_fraction, hflip=a.hflip, interpolation=a.interpolation,
+        cache_latents=a.cache_latents, inversion=inversion,
     )
+
+
+def _dtype(device: torch.device, name: str) -> torch.dtype:
+    """The requested precision on CUDA; float32 on a CPU (half precision is slow there)."""
+    return getattr(torch, name) if device.type == "cuda" else torch.float32
 
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, float]:
@@ -86,7 +134,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     a = params.augment
     size = params.data.size
     shot_ids = layout.read_shot_ids(category, shots, seed)
-    shot_rgb = read_shot_images(category, shot_ids, size)
+    shot_rgb = list(read_shot_images(category, shot_ids, size))
     out_dir = layout.augmented(category, shots, seed)
     base = params.models.diffusion
     section = section_dict(a)
@@ -98,21 +146,28 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
             with StoreWriter(tmp / "generated.zarr",
                              attrs=_generated_attrs([], [], [], section, {"model": base}, {})) as w:
                 w.create("rgb", n=0, sample_shape=(size, size, 3), dtype="uint8")
+                w.create("rgb_full", n=0, sample_shape=(a.resolution, a.resolution, 3),
+                         dtype="uint8")
         return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
                 "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}
 
     check_generation(a.strength, a.inference_steps)
-    try:
-        prompt = a.prompt.format(category=category)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ParamsError(f"augment.prompt: bad template {a.prompt!r} ({err})") from None
+    token = _format(a.placeholder_token, "augment.placeholder_token", category=category)
+    prompt = _format(a.prompt, "augment.prompt", category=category, token=token)
+    train_prompts = [prompt] if a.train_prompts == "fixed" else \
+        [t.format(token) for t in OBJECT_TEMPLATES]
+    seeds_per_shot = shot_seeds(a.image_seeds, a.n_per_shot, a.seed, shots, seed, len(shot_ids))
+    if a.image_source == "original":
+        shot_rgb = read_original_shots(params, category, shot_ids)
     device = pick_device()
     deterministic_torch(device)  # before CUDA initialises (cuBLAS reads its workspace setting)
+    train_dtype, gen_dtype = _dtype(device, a.train_precision), _dtype(device, a.precision)
     loading = time.perf_counter()
-    pipe, source = load_img2img(base, params.models.cache_dir, device, inference_dtype(device))
+    pipe, source = load_img2img(base, params.models.cache_dir, device, train_dtype)
     load_s = time.perf_counter() - loading
     info(f"augment {category} k={shots} seed={seed}: base model {source.spec} ({source.kind}) "
-         f"on {device}; LoRA rank {a.lora_rank}, {a.steps} steps on "
+         f"on {device}; {a.textual_inversion_steps} textual inversion steps, LoRA rank "
+         f"{a.lora_rank}, {a.steps} steps on "
          f"{'the k shots' if a.train_on == 'shots' else 'the full training split'}; "
          f"{a.n_per_shot} images per shot; prompt {prompt!r}")
     if a.resolution % pipe.vae_scale_factor:
@@ -120,51 +175,55 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
             f"augment.resolution: {a.resolution} is not a multiple of the VAE's scale factor "
             f"{pipe.vae_scale_factor} ({source.spec})"
         )
-    if a.placeholder_token not in prompt.split():
+    if token not in prompt:
         info(f"note: augment.prompt {prompt!r} does not contain augment.placeholder_token "
-             f"{a.placeholder_token!r}")
+             f"{token!r}")
     vocab = pipe.tokenizer.get_vocab()
-    if a.placeholder_token not in vocab and f"{a.placeholder_token}</w>" not in vocab:
-        info(f"note: placeholder token {a.placeholder_token!r} is not one token of this tokenizer")
+    if not a.learns_token() and token not in vocab and f"{token}</w>" not in vocab:
+        info(f"note: placeholder token {token!r} is not one token of this tokenizer")
 
     if a.train_on == "shots":
-        train_images = [resize_rgb(img, a.resolution) for img in shot_rgb]
+        train_images = [resize_rgb(img, a.resolution, a.interpolation) for img in shot_rgb]
     else:
-        train_images = read_training_split(params, category, a.resolution)
+        train_images = read_training_split(params, category, a.resolution, a.interpolation)
 
     # Every image's id, source shot and seed are known before any is generated.
-    shot_seeds = [[image_seed(a.seed, shots, seed, index, j) for j in range(a.n_per_shot)]
-                  for index in range(len(shot_ids))]
     gen_ids = [f"gen/{shot_id}/{j}" for shot_id in shot_ids for j in range(a.n_per_shot)]
     source_ids = [shot_id for shot_id in shot_ids for _ in range(a.n_per_shot)]
-    seeds = [s for per_shot in shot_seeds for s in per_shot]
+    seeds = [s for per_shot in seeds_per_shot for s in per_shot]
     train_clock, gen_clock = ModelClock(device), ModelClock(device)
     with demo_threads(device, source):
-        losses = train_lora(pipe, train_images, prompt, _lora_config(params), train_clock)
+        losses = train_lora(pipe, train_images, train_prompts, _lora_config(params, token),
+                            train_clock)
+        # A copy of what was learned, taken before the pipeline may change precision.
+        snapshot = lora_snapshot(pipe, a.train_text_encoder, token if a.learns_token() else None)
+        if gen_dtype != train_dtype:
+            pipe.to(dtype=gen_dtype)
         use_euler_ancestral(pipe)
         # The temporary output folder opens only now, so bad parameters found while training
         # starts leave no folder behind.
         with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as background:
             # A helper thread writes the LoRA file and the generated store while the images
-            # are generated (generation reads the adapters but never changes them). It runs
-            # its jobs in submission order; a failed job re-raises below, so atomic_dir
-            # discards the folder.
+            # are generated. It runs its jobs in submission order; a failed job re-raises
+            # below, so atomic_dir discards the folder.
             attrs = _generated_attrs(gen_ids, source_ids, seeds, section, model_info(source),
                                      {"lora": lora_summary(losses), "prompt": prompt,
+                                      "token": token,
                                       "precision": str(pipe.dtype).replace("torch.", "")})
             writer = StoreWriter(tmp / "generated.zarr", attrs=attrs)
             jobs = [
-                background.submit(lambda: write_lora(lora_snapshot(pipe, a.train_text_encoder),
-                                                     tmp, LORA_FILE, base)),
-                background.submit(_open_generated, writer, len(gen_ids), size),
+                background.submit(write_lora, snapshot, tmp, LORA_FILE, base),
+                background.submit(_open_generated, writer, len(gen_ids), size, a.resolution),
             ]
             for index in track(range(len(shot_ids)), f"generating {category} k={shots}"):
-                images = generate(
-                    pipe, shot_rgb[index], prompt, shot_seeds[index], strength=a.strength,
+                full, small = generate(
+                    pipe, shot_rgb[index], prompt, seeds_per_shot[index], strength=a.strength,
                     guidance=a.guidance, inference_steps=a.inference_steps,
-                    resolution=a.resolution, out_size=size, clock=gen_clock,
+                    resolution=a.resolution, out_size=size,
+                    generator_device=a.generator_device, clock=gen_clock,
                 )
-                jobs.append(background.submit(writer.append, "rgb", images))
+                jobs.append(background.submit(writer.append, "rgb", small))
+                jobs.append(background.submit(writer.append, "rgb_full", full))
             jobs.append(background.submit(writer.__exit__, None, None, None))
             for job in jobs:
                 job.result()
@@ -181,6 +240,7 @@ def _generated_attrs(ids: list[str], source_ids: list[str], seeds: list[int], se
     return attrs
 
 
-def _open_generated(writer: StoreWriter, n: int, size: int) -> None:
+def _open_generated(writer: StoreWriter, n: int, size: int, resolution: int) -> None:
     writer.__enter__()
     writer.create("rgb", n=n, sample_shape=(size, size, 3), dtype="uint8")
+    writer.create("rgb_full", n=n, sample_shape=(resolution, resolution, 3), dtype="uint8")

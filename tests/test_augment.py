@@ -95,10 +95,12 @@ def test_stage_end_to_end_is_byte_identical(project: Path, cache: Path) -> None:
     aug.use_euler_ancestral(pipe)
     shot = open_store(layout.prepared("bagel") / "train.zarr")["rgb"][1]
     with md.demo_threads(CPU, source):
-        again = aug.generate(pipe, shot, "a photo of sks bagel", store.attrs["seeds"][2:],
-                             strength=0.4, guidance=4.0, inference_steps=5, resolution=32,
-                             out_size=SIZE)
+        full, again = aug.generate(pipe, shot, "a photo of sks bagel", store.attrs["seeds"][2:],
+                                   strength=0.4, guidance=4.0, inference_steps=5,
+                                   resolution=32, out_size=SIZE)
     assert np.array_equal(again, rgb[2:])
+    assert store["rgb_full"].shape == (4, 32, 32, 3)  # at augment.resolution
+    assert np.array_equal(full, store["rgb_full"][2:])
     first = tree_digest(out)
     stage.run(params, "bagel", shots=2, seed=0)
     assert tree_digest(out) == first
@@ -283,3 +285,215 @@ def test_colour_jitter_is_seeded_and_bounded() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
     assert torch.equal(aug.colour_jitter(x, 0.0, torch.Generator()), x)
+
+
+# --------------------------------------------------------------------------------------------
+# Pivotal tuning (textual inversion + LoRA), the published recipe
+
+
+def _pivotal_cfg(**overrides: object) -> aug.LoraTraining:
+    inversion = aug.TextualInversion(token="<bagel>", steps=3, lr=5e-2, accumulation=2,
+                                     init_std=0.017, norm_target=0.4, continue_lr=1e-2)
+    values = dict(rank=4, targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"),
+                  train_text_encoder=True, lr=1e-2, steps=2, resolution=32,
+                  color_jitter=(0.1, 0.1), seed=0, text_encoder_lr=1e-3, weight_decay=1e-3,
+                  lr_schedule="linear", warmup_steps=1, grad_clip=1.0, timestep_fraction=0.8,
+                  hflip=0.5, interpolation="bilinear", cache_latents=True, inversion=inversion)
+    values.update(overrides)
+    return aug.LoraTraining(**values)
+
+
+def _images() -> list[np.ndarray]:
+    yy, xx = np.mgrid[0:32, 0:32] / 32
+    return [np.stack([xx * 255, yy * 255, np.full_like(xx, v)], -1).astype(np.uint8)
+            for v in (40, 200)]
+
+
+PROMPTS = [t.format("<bagel>") for t in aug.OBJECT_TEMPLATES]
+
+
+def test_textual_inversion_changes_only_the_new_token_row(cache: Path) -> None:
+    pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    n = len(pipe.tokenizer)
+    cfg = _pivotal_cfg()
+    losses = aug.train_lora(pipe, _images(), PROMPTS, cfg)
+    assert len(losses) == 3 + 2 and all(np.isfinite(losses))
+    assert len(pipe.tokenizer) == n + 1
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<bagel>")
+    assert token_id == n
+    after = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert after.shape == (n + 1, before.shape[1])
+    assert torch.equal(after[:n], before)  # every original row is untouched (both phases)
+    init = torch.randn(before.shape[1], generator=torch.Generator().manual_seed(0)) * 0.017
+    assert (after[n] - init).abs().max() > 1e-3  # the new row learned
+    # The prompt holds the new token as one id.
+    ids = pipe.tokenizer("a photo of a <bagel>").input_ids
+    assert token_id in ids
+    # A token that is already in the vocabulary cannot be learned.
+    other, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    bad = _pivotal_cfg(inversion=aug.TextualInversion(token="sks", steps=1))
+    with pytest.raises(ParamsError, match="augment.placeholder_token"):
+        aug.train_lora(other, _images(), ["x"], bad)
+
+
+def test_lora_targets_include_geglu_and_text_encoder(cache: Path, tmp_path: Path) -> None:
+    pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    unet_params, text_params = aug.add_lora(pipe, _pivotal_cfg())
+    names = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")]
+    assert any(n.endswith("ff.net.0.proj") for n in names)  # GEGLU's Linear
+    assert {n.rsplit(".", 1)[-1] for n in names if "attn" in n} >= {"to_q", "to_k", "to_v"}
+    assert any(n.endswith("to_out.0") for n in names)
+    geglu = pipe.unet.get_submodule(next(n for n in names if n.endswith("ff.net.0.proj")))
+    assert type(pipe.unet.get_submodule(next(n for n in names if n.endswith("ff.net.0.proj"))
+                                        .rsplit(".", 1)[0])).__name__ == "GEGLU"
+    assert geglu.r["default"] == 4 and geglu.scaling["default"] == 1.0
+    te_names = [n for n, m in pipe.text_encoder.named_modules() if hasattr(m, "lora_A")]
+    assert {n.rsplit(".", 1)[-1] for n in te_names} == set(aug.TEXT_ENCODER_TARGETS)
+    assert unet_params and text_params
+    # Without the text encoder and with today's targets: attention only.
+    plain, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    _, none = aug.add_lora(plain, _pivotal_cfg(targets=("to_q", "to_k", "to_v", "to_out.0"),
+                                                train_text_encoder=False))
+    assert none == []
+    assert not any(n.endswith("ff.net.0.proj") for n, m in plain.unet.named_modules()
+                   if hasattr(m, "lora_A"))
+
+
+def test_optimiser_schedule_warmup_and_clip_reach_the_optimiser() -> None:
+    cfg = _pivotal_cfg(lr=4e-4, text_encoder_lr=4e-5, warmup_steps=100, steps=1000,
+                       weight_decay=1e-3)
+    unet_p, te_p = [torch.nn.Parameter(torch.zeros(3))], [torch.nn.Parameter(torch.zeros(2))]
+    emb = torch.nn.Parameter(torch.zeros(4, 2))
+    groups = aug.tuning_param_groups(unet_p, te_p, emb, cfg)
+    optimizer, scheduler = aug.make_tuning_optimizer(groups, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder", "token"]
+    assert all(g["weight_decay"] == 1e-3 for g in optimizer.param_groups)
+    base = [4e-4, 4e-5, 1e-2]  # continue_lr of _pivotal_cfg
+    aug.advance_schedule(scheduler)  # stepped before the first update, as lora_pti
+    assert np.allclose([g["lr"] for g in optimizer.param_groups], [b / 100 for b in base])
+    for _ in range(99):
+        aug.advance_schedule(scheduler)
+    assert np.allclose([g["lr"] for g in optimizer.param_groups], base)
+    for _ in range(450):
+        aug.advance_schedule(scheduler)
+    assert np.allclose([g["lr"] for g in optimizer.param_groups], [b * 0.5 for b in base])
+    # No continued inversion: no token group. A constant schedule without warm-up stays put.
+    groups = aug.tuning_param_groups(unet_p, [], emb, _pivotal_cfg(
+        inversion=aug.TextualInversion(token="<t>", continue_lr=0.0)))
+    assert [g["name"] for g in groups] == ["unet"]
+    opt, sched = aug.make_tuning_optimizer(groups, _pivotal_cfg(lr_schedule="constant",
+                                                                warmup_steps=0))
+    aug.advance_schedule(sched)
+    assert opt.param_groups[0]["lr"] == 1e-2
+    with pytest.raises(ParamsError, match="augment.lr_schedule"):
+        aug.make_lr_scheduler(opt, "cosine", 0, 10)
+    # Gradient clipping to a global norm of 1.
+    p = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+    p[0].grad, p[1].grad = torch.full((4,), 3.0), torch.full((3,), 4.0)
+    assert aug.clip_gradients(p, 1.0) == pytest.approx(float(np.sqrt(36 + 48)))
+    assert float(torch.cat([q.grad for q in p]).norm()) == pytest.approx(1.0, rel=1e-5)
+    assert aug.clip_gradients(p, 0.0) is None
+    # Timesteps below 0.8 T.
+    gen = torch.Generator().manual_seed(0)
+    t = torch.cat([aug.sample_timestep(1000, 0.8, gen) for _ in range(2000)])
+    assert int(t.max()) < 800 and int(t.max()) > 780 and int(t.min()) >= 0
+    # lora_pti's clip_ti_decay moves the norm towards the target by min(1, 100 lr).
+    row = torch.tensor([3.0, 4.0])
+    assert float(aug.decay_token_norm(row, 2e-3, 0.4).norm()) == pytest.approx(5 + 0.2 * (0.4 - 5))
+
+
+def _generate(pipe: object, seeds: list[int]) -> np.ndarray:
+    full, _ = aug.generate(pipe, _images()[0], "a low high light and real photo of <bagel>",
+                           seeds, strength=0.5, guidance=4.0, inference_steps=4,
+                           resolution=32, out_size=16)
+    return full
+
+
+def test_lora_and_token_save_and_reload_give_identical_images(cache: Path, tmp_path: Path) -> None:
+    pipe, source = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    with md.demo_threads(CPU, source):
+        aug.train_lora(pipe, _images(), PROMPTS, _pivotal_cfg())
+        path = aug.save_lora(pipe, tmp_path, "lora.safetensors", md.DEMO_SD,
+                             train_text_encoder=True, token="<bagel>")
+        aug.use_euler_ancestral(pipe)
+        expected = _generate(pipe, [42, 1024])
+    assert aug.read_lora_metadata(path)[aug.TOKEN_KEY] == "<bagel>"
+    tokens = load_file(tmp_path / aug.TOKEN_FILE)
+    assert list(tokens) == ["<bagel>"] and tokens["<bagel>"].shape == (1, 32)
+    assert any("ff.net.0.proj" in k for k in load_file(path))
+    fresh, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    assert aug.load_lora(fresh, path, base_model=md.DEMO_SD)
+    aug.use_euler_ancestral(fresh)
+    with md.demo_threads(CPU, source):
+        again = _generate(fresh, [42, 1024])
+        assert np.array_equal(again, expected)
+        # Without the token the prompt means something else: the images differ.
+        no_token, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+        no_token.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+        aug.use_euler_ancestral(no_token)
+        assert not np.array_equal(_generate(no_token, [42, 1024]), expected)
+    # A LoRA that names a token whose file is gone is a clear error.
+    (tmp_path / aug.TOKEN_FILE).unlink()
+    other, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    with pytest.raises(ModelError, match="token embedding file not found"):
+        aug.load_lora(other, path)
+
+
+def test_published_like_stage_reads_original_rgb_and_fixed_seeds(project: Path, cache: Path) -> None:
+    good = project / "data" / "bagel" / "train" / "good"
+    (good / "rgb").mkdir(parents=True)
+    (good / "xyz").mkdir()
+    for i in range(3):  # non-square originals: padded to a square by the stage
+        Image.fromarray(np.full((30, 40, 3), 60 + 50 * i, np.uint8)).save(good / "rgb" / f"{i:03d}.png")
+        (good / "xyz" / f"{i:03d}.tiff").write_bytes(b"")
+    shots = stage.read_original_shots(make_params(cache, project / "data"), "bagel", ["good/001"])
+    assert shots[0].shape == (40, 40, 3) and shots[0][0, 0].tolist() == [0, 0, 0]
+    assert shots[0][20, 20].tolist() == [110, 110, 110]
+    params = make_params(
+        cache, project / "data", image_source="original", n_per_shot=2,
+        image_seeds=[42, 1024, 2026], placeholder_token="<{category}>",
+        prompt="a low high light and real photo of {token}", train_prompts="object",
+        textual_inversion_steps=2, textual_inversion_accumulation=2, textual_inversion_norm=0.4,
+        continue_inversion_lr=1e-4, train_text_encoder=True, text_encoder_lr=1e-4,
+        lora_targets=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"],
+        lr_schedule="linear", lr_warmup_steps=1, grad_clip=1.0, timestep_fraction=0.8,
+        color_jitter=[0.1, 0.1], hflip=0.5, cache_latents=True, interpolation="bilinear",
+        generator_device="device",
+    )
+    stats = stage.run(params, "bagel", shots=2, seed=0)
+    out = layout.augmented("bagel", 2, 0)
+    store = open_store(out / "generated.zarr")
+    assert store.attrs["seeds"] == [42, 1024, 42, 1024]
+    assert store.attrs["token"] == "<bagel>"
+    assert store["rgb_full"].shape == (4, 32, 32, 3) and store["rgb"].shape == (4, SIZE, SIZE, 3)
+    assert stats["lora_steps"] == 2 + 3
+    assert (out / aug.TOKEN_FILE).is_file()
+    # Reload LoRA + token into a fresh pipeline: the stored full-resolution images again.
+    pipe, source = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    assert aug.load_lora(pipe, out / "lora.safetensors", base_model=md.DEMO_SD)
+    aug.use_euler_ancestral(pipe)
+    with md.demo_threads(CPU, source):
+        full, small = aug.generate(pipe, shots[0], "a low high light and real photo of <bagel>",
+                                   [42, 1024], strength=0.4, guidance=4.0, inference_steps=5,
+                                   resolution=32, out_size=SIZE)
+    assert np.array_equal(full, store["rgb_full"][2:]) and np.array_equal(small, store["rgb"][2:])
+
+
+def test_bad_pivotal_params_name_the_key(project: Path, cache: Path) -> None:
+    with pytest.raises(ParamsError, match="augment.image_seeds"):
+        make_params(cache, project, image_seeds=[1], n_per_shot=2)
+    with pytest.raises(ParamsError, match="augment.color_jitter"):
+        make_params(cache, project, color_jitter=[0.1, 0.1, 0.1, 0.9])
+    with pytest.raises(ParamsError, match="augment.timestep_fraction"):
+        make_params(cache, project, timestep_fraction=0)
+    with pytest.raises(ParamsError, match="augment.lr_schedule"):
+        make_params(cache, project, lr_schedule="cosine")
+    with pytest.raises(ParamsError, match="augment.prompt"):
+        stage.run(make_params(cache, project, prompt="a photo of {thing}"), "bagel", 1, 0)
+    # The demo vocabulary already holds "sks" as one token: it cannot be a new TI token.
+    with pytest.raises(ParamsError, match="augment.placeholder_token"):
+        stage.run(make_params(cache, project, placeholder_token="sks",
+                              textual_inversion_steps=1), "bagel", 1, 0)
+    assert not (project / "artifacts" / "augment").exists()
