@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 
 from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
+from pipeline.data import list_samples, read_rgb
+from pipeline.data.preprocess import RGB_PAD_VALUE, pad_square
 from pipeline.device import inference_dtype, pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.models.diffusion import (
@@ -39,8 +41,6 @@ from pipeline.models.diffusion import (
     load_marigold,
     model_info,
 )
-from pipeline.data import list_samples, read_rgb
-from pipeline.data.preprocess import RGB_PAD_VALUE, pad_square
 from pipeline.normals_estimation import (
     MarigoldRun,
     finish_normals,
@@ -54,9 +54,7 @@ from stages import layout
 
 # Sample metadata carried over from the input store so readers can align the two.
 _CARRIED_ATTRS = ("ids", "labels", "defect_types", "category", "dataset", "source_ids")
-
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # estimate_normals.precision
 
 
 def _check_ids(store: Any) -> list[str]:
