@@ -12,18 +12,39 @@ This matters because the estimated-stream 2D->3D prediction is compared with REA
 features at test time (DESIGN 1.6). ``tests/test_estimate_normals.py`` checks the mapping on
 tilted planes against the real-normal definition.
 
-Degenerate predictions (zero vectors, which a random demo model can produce) become (0, 0, 1),
-the value of a surface facing the camera, so every stored normal has unit length.
+The flip is a setting (``flip_x``): the published code stores Marigold's frame as it is
+(OFFICIAL.md item 6), and its released mappers expect that.
+
+Two ways to finish a prediction (``output``):
+
+* ``float``: Marigold's prediction at the processing resolution is resized bilinearly to the
+  working size S and re-normalised; degenerate vectors (zero, which a random demo model can
+  produce) become (0, 0, 1), so every stored normal has unit length.
+* ``uint8``, the published one (OFFICIAL.md item 5): the ensembled prediction is resized back
+  to the input size (bilinear, antialiased), clipped to [-1, 1] and quantised to uint8 as
+  ``((n + 1) * 127.5)`` truncated, which is what the published PNGs hold; that image is then
+  resized to S with PIL's bilinear filter (what torchvision's ``Resize`` does to the PNG when
+  the published training loads it) and stored as ``q / 255``. These vectors are not
+  re-normalised, as in the published code. The x flip is applied last, on the uint8 values
+  (``255 - q``), so the two frames differ exactly by the sign of x.
+
+Seeding (``seeding``): ``per_sample`` seeds each ensemble member from the stage seed and the
+sample id, so an image's normals depend neither on batching nor on other images;
+``same_per_image`` is the published handling: every image gets a fresh generator seeded with
+the stage seed, from which the noise of all its ensemble members is drawn at once (so every
+image of a size starts from the same noise).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.models.diffusion import ModelClock
 
@@ -31,10 +52,31 @@ _FACING = torch.tensor([0.0, 0.0, 1.0])
 _FLIP_X = torch.tensor([-1.0, 1.0, 1.0])
 
 
+@dataclass(frozen=True)
+class MarigoldRun:
+    """How Marigold runs and how its prediction becomes stored normals (params.yaml
+    ``estimate_normals``, with the processing resolution already resolved to an int)."""
+
+    steps: int
+    ensemble: int
+    processing_resolution: int  # 0 = the input resolution
+    reduction: Literal["closest", "mean"] = "closest"
+    seeding: Literal["per_sample", "same_per_image"] = "per_sample"
+    output: Literal["float", "uint8"] = "float"
+    flip_x: bool = True
+
+
 def sample_seed(seed: int, sample_id: str) -> int:
     """A per-image seed from the stage seed and the sample id, independent of batching."""
     digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def image_seeds(seed: int, sample_ids: list[str], seeding: str) -> list[int]:
+    """The seed of each image: derived from its id, or the stage seed itself (published)."""
+    if seeding == "same_per_image":
+        return [seed] * len(sample_ids)
+    return [sample_seed(seed, i) for i in sample_ids]
 
 
 def marigold_to_pipeline_frame(normals: torch.Tensor) -> torch.Tensor:
@@ -70,77 +112,122 @@ def model_input(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def latent_size(pipe: Any, height: int, width: int, processing_resolution: int) -> tuple[int, int]:
+    """The latent grid the pipeline uses for an input of height x width: resized so that the
+    longer edge is the processing resolution (0: kept), padded to the VAE's scale factor."""
+    if processing_resolution > 0:
+        longer = max(height, width)
+        height = height * processing_resolution // longer
+        width = width * processing_resolution // longer
+    f = pipe.vae_scale_factor
+    return (height + f - 1) // f, (width + f - 1) // f
+
+
+def _noise(pipe: Any, images: torch.Tensor, seeds: list[int], run: MarigoldRun,
+           device: torch.device) -> dict[str, Any]:
+    """The pipeline's noise argument: seeded generators, or the latents themselves."""
+    if run.seeding == "per_sample":
+        # One generator per ensemble member: an image's noise does not depend on its batch.
+        return {"generator": [
+            torch.Generator(device=device).manual_seed((seed + 7919 * e) & 0x7FFF_FFFF_FFFF_FFFF)
+            for seed in seeds
+            for e in range(run.ensemble)
+        ]}
+    # Published: per image a fresh generator seeded with the seed, one draw of shape
+    # (E, C, h, w) for all its members (the published batch holds the whole ensemble).
+    h, w = latent_size(pipe, images.shape[-2], images.shape[-1], run.processing_resolution)
+    shape = (run.ensemble, pipe.vae.config.latent_channels, h, w)
+    latents = [
+        torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed),
+                    device=device, dtype=pipe.dtype)
+        for seed in seeds
+    ]
+    return {"latents": torch.cat(latents)}
+
+
 def marigold_prediction(
     pipe: Any,
     images: torch.Tensor,
     seeds: list[int],
-    *,
-    steps: int,
-    ensemble: int,
-    processing_resolution: int,
+    run: MarigoldRun,
     clock: ModelClock | None = None,
 ) -> torch.Tensor:
-    """Marigold's raw normals of :func:`model_input` images: (B, 3, h, w) float in Marigold's
-    frame at the processing resolution (``processing_resolution`` 0: the input resolution).
-
-    One seeded generator per ensemble member (``seeds`` has one seed per image), so an image's
-    normals do not depend on which batch it falls in.
-    """
+    """Marigold's ensembled normals of :func:`model_input` images of one size: (B, 3, h, w)
+    float in Marigold's frame at the processing resolution. ``seeds``: one per image
+    (:func:`image_seeds`)."""
     if len(seeds) != len(images):
         raise ValueError("one seed per image is required")
     device = pipe.unet.device
-    generators = [
-        torch.Generator(device=device).manual_seed((seed + 7919 * e) & 0x7FFF_FFFF_FFFF_FFFF)
-        for seed in seeds
-        for e in range(ensemble)
-    ]
     clock = clock or ModelClock()
     with clock():
         out = pipe(
             images.to(device),
-            num_inference_steps=steps,
-            ensemble_size=ensemble,
-            processing_resolution=processing_resolution,
-            # We resize to S ourselves (one bilinear pass + renormalisation), so the pipeline
-            # returns its prediction at the processing resolution.
+            num_inference_steps=run.steps,
+            ensemble_size=run.ensemble,
+            processing_resolution=run.processing_resolution,
+            ensembling_kwargs={"reduction": run.reduction},
+            # We resize ourselves (see the module docstring), so the pipeline returns its
+            # prediction at the processing resolution.
             match_input_resolution=False,
-            batch_size=len(images) * ensemble,
-            generator=generators,
+            batch_size=len(images) * run.ensemble,
             output_type="pt",
+            **_noise(pipe, images, seeds, run, device),
         )
     return out.prediction
 
 
-def finish_normals(prediction: torch.Tensor, out_size: int) -> np.ndarray:
-    """Marigold's (B, 3, h, w) prediction -> encoded unit normals (B, S, S, 3) in our frame."""
-    normals = marigold_to_pipeline_frame(prediction.float())
-    return encode(resize_normals(normals, out_size))
+def quantize(normals: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) normals -> (N, H, W, 3) uint8 as the published PNGs: clipped to [-1, 1],
+    then ``(n + 1) * 127.5`` truncated."""
+    q = ((normals.clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)  # the cast truncates
+    return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def resize_uint8_bilinear(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) with PIL's bilinear filter (what the published
+    training's torchvision ``Resize`` does to a PNG it loads)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return out
+
+
+def finish_normals(prediction: torch.Tensor, input_size: int, out_size: int,
+                   run: MarigoldRun) -> np.ndarray:
+    """Marigold's (B, 3, h, w) prediction of input_size x input_size images -> stored normals
+    (B, S, S, 3) float16 in [0, 1] (see the module docstring for the two ``output`` modes)."""
+    prediction = prediction.float()
+    if run.output == "float":
+        normals = marigold_to_pipeline_frame(prediction) if run.flip_x else prediction
+        return encode(resize_normals(normals, out_size))
+    if prediction.shape[-2:] != (input_size, input_size):
+        prediction = F.interpolate(prediction, size=(input_size, input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+    q = resize_uint8_bilinear(quantize(prediction), out_size)
+    if run.flip_x:
+        q[..., 0] = 255 - q[..., 0]
+    return (q.astype(np.float32) / 255.0).astype(np.float16)
 
 
 def predict_normals(
     pipe: Any,
     rgb: np.ndarray,
     seeds: list[int],
-    *,
-    steps: int,
-    ensemble: int,
-    processing_resolution: int,
+    run: MarigoldRun,
     out_size: int,
     clock: ModelClock | None = None,
 ) -> np.ndarray:
-    """Marigold normals of a batch of uint8 RGB images (B, H, W, 3) -> encoded (B, S, S, 3).
+    """Marigold normals of a batch of square uint8 RGB images (B, R, R, 3) -> (B, S, S, 3).
 
     The three steps (:func:`model_input`, :func:`marigold_prediction`,
     :func:`finish_normals`) are separate so the stage can run the first and last on helper
     threads while the model works on another batch.
     """
-    images = model_input(rgb)
     if len(seeds) != len(rgb):
         raise ValueError("one seed per image is required")
     if len(rgb) == 0:
         return np.zeros((0, out_size, out_size, 3), dtype=np.float16)
-    prediction = marigold_prediction(
-        pipe, images, seeds, steps=steps, ensemble=ensemble,
-        processing_resolution=processing_resolution, clock=clock,
-    )
-    return finish_normals(prediction, out_size)
+    prediction = marigold_prediction(pipe, model_input(rgb), seeds, run, clock=clock)
+    return finish_normals(prediction, rgb.shape[1], out_size, run)

@@ -160,9 +160,24 @@ class AugmentParams(Section):
 class EstimateNormalsParams(Section):
     """``estimate_normals``: Marigold normals from RGB (DESIGN 1.2)."""
 
+    # prepared: the data.size RGB of the prepare store / generated.zarr `rgb` (fast);
+    # original: the dataset's RGB padded to a square / generated.zarr `rgb_full` (published).
+    input: Literal["prepared", "original"] = "prepared"
+    # null: the model's default (published), 0: the input resolution, N: longer edge N.
+    processing_resolution: int | None = Field(0, ge=0)
+    # auto: fp16 on CUDA, fp32 on a CPU; the published run is fp32.
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
     steps: int = Field(10, ge=1)
     ensemble: int = Field(10, ge=1)
-    processing_resolution: int = Field(0, ge=0)  # 0 = the input resolution
+    reduction: Literal["closest", "mean"] = "closest"  # Marigold's ensembling
+    # float: bilinear to data.size at once, re-normalised, float16 (fast); uint8: resized back
+    # to the input size, quantised to uint8 as the published PNGs, then bilinear to data.size.
+    output: Literal["float", "uint8"] = "float"
+    # true: Marigold's x flipped into the real-normal frame; false: Marigold's frame (published).
+    flip_x: bool = True
+    # per_sample: one seed per (image id, ensemble member) from `seed`; same_per_image: every
+    # image's noise from a fresh generator seeded with `seed` (published).
+    seeding: Literal["per_sample", "same_per_image"] = "per_sample"
     batch_size: int = Field(1, ge=1)
     seed: int = 0
 

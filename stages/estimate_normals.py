@@ -1,11 +1,15 @@
 """Stage ``estimate_normals``: Marigold normals of real images (per category) or of the
 generated images of one (category, k, seed).
 
-Reads  ``artifacts/prepare/<cat>/{train,test}.zarr`` (``rgb``), or with ``shots``/``seed``
-       ``artifacts/augment/<cat>/k<k>-s<seed>/generated.zarr``.
+Reads  ``artifacts/prepare/<cat>/{train,test}.zarr`` (``ids``; ``rgb`` with
+       ``estimate_normals.input: prepared``), or with ``shots``/``seed``
+       ``artifacts/augment/<cat>/k<k>-s<seed>/generated.zarr`` (``rgb``, or ``rgb_full`` with
+       ``input: original``). With ``input: original`` the real images are read from the dataset
+       (``data.dataset``, ``data.root``) and padded to a square with zeros, as prepare pads.
 Writes ``artifacts/normals/<cat>/{train,test}.zarr``, or
        ``artifacts/normals_generated/<cat>/k<k>-s<seed>.zarr``:
-       ``normals`` (N, S, S, 3) float16, unit normals in the real-normal frame encoded (n + 1) / 2.
+       ``normals`` (N, S, S, 3) float16, normals encoded (n + 1) / 2, in the real-normal frame
+       (``flip_x: true``) or Marigold's (``false``); see ``pipeline/normals_estimation.py``.
 
 The model runs on the main thread; helper threads read the next batch and write the stores
 meanwhile (see ``_write_normals``), so reading and writing add little to the model's time.
@@ -15,16 +19,20 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
+from pipeline.data import list_samples, read_rgb
+from pipeline.data.preprocess import RGB_PAD_VALUE, pad_square
 from pipeline.device import inference_dtype, pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.models.diffusion import (
@@ -34,10 +42,11 @@ from pipeline.models.diffusion import (
     model_info,
 )
 from pipeline.normals_estimation import (
+    MarigoldRun,
     finish_normals,
+    image_seeds,
     marigold_prediction,
     model_input,
-    sample_seed,
 )
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
@@ -45,40 +54,100 @@ from stages import layout
 
 # Sample metadata carried over from the input store so readers can align the two.
 _CARRIED_ATTRS = ("ids", "labels", "defect_types", "category", "dataset", "source_ids")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # estimate_normals.precision
 
 
-def _check_rgb(store: Any, size: int) -> None:
-    if "rgb" not in store:
-        raise InputError(f"{store.path}: no array 'rgb'")
-    if not isinstance(store.attrs.get("ids"), list):
+def _check_ids(store: Any) -> list[str]:
+    ids = store.attrs.get("ids")
+    if not isinstance(ids, list):
         raise InputError(f"{store.path}: attribute 'ids' (the sample ids) is missing")
-    rgb = store["rgb"]
-    n = len(store.attrs["ids"])
-    if rgb.dtype.name != "uint8" or rgb.ndim != 4 or tuple(rgb.shape[1:]) != (size, size, 3):
+    return ids
+
+
+def _check_images(store: Any, name: str, side: int | None, why: str) -> int:
+    """``store[name]`` must be (N, R, R, 3) uint8 with one image per id (R = ``side`` if
+    given); returns R."""
+    if name not in store:
+        raise InputError(f"{store.path}: no array {name!r} ({why})")
+    images, n = store[name], len(store.attrs["ids"])
+    shape = tuple(images.shape)
+    square = images.ndim == 4 and shape[1] == shape[2] and shape[3] == 3
+    if images.dtype.name != "uint8" or not square or (side is not None and shape[1] != side):
+        want = f"(N, {side}, {side}, 3)" if side is not None else "(N, R, R, 3)"
+        raise InputError(f"{store.path}: {name!r} must be {want} uint8 ({why}), got "
+                         f"{shape} {images.dtype}")
+    if shape[0] != n:
+        raise InputError(f"{store.path}: {name!r} has {shape[0]} images but {n} ids")
+    return int(shape[1])
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where the RGB of one output store comes from: its input store (ids and attributes),
+    the side of each (square) image, and a reader of images ``start:stop``."""
+
+    store: Any
+    sides: list[int]
+    read: Callable[[int, int], np.ndarray]
+    described: str  # for provenance
+
+
+def _store_source(store: Any, name: str, side: int | None, why: str) -> _Source:
+    r = _check_images(store, name, side, why)
+    array = store[name]  # opened once, not per batch
+    return _Source(store, [r] * len(store.attrs["ids"]), lambda a, b: array[a:b],
+                   f"{store.path}:{name}")
+
+
+def _dataset_source(store: Any, params: Params, category: str, split: str) -> _Source:
+    """The original RGB of the store's samples, read from the dataset and padded square."""
+    data = params.data
+    refs = {r.id: r for r in list_samples(data.dataset, data.root, category, split)}
+    ids = store.attrs["ids"]
+    missing = [i for i in ids if i not in refs]
+    if missing:
         raise InputError(
-            f"{store.path}: 'rgb' must be (N, {size}, {size}, 3) uint8 (data.size={size}), "
-            f"got {tuple(rgb.shape)} {rgb.dtype}"
+            f"{data.root}/{category}: sample {missing[0]!r} of {store.path} is not in the "
+            f"dataset's {split} split (data.root or data.dataset changed since prepare?)"
         )
-    if rgb.shape[0] != n:
-        raise InputError(f"{store.path}: 'rgb' has {rgb.shape[0]} images but {n} ids")
+    paths = [refs[i].rgb for i in ids]
+    sides = []
+    for path in paths:  # the header only: batches hold images of one size
+        try:
+            with Image.open(path) as image:
+                sides.append(max(image.size))
+        except OSError as err:
+            raise InputError(f"{path}: cannot read rgb image ({err})") from None
+
+    def read(start: int, stop: int) -> np.ndarray:
+        return np.stack([pad_square(read_rgb(p), RGB_PAD_VALUE) for p in paths[start:stop]])
+
+    return _Source(store, sides, read, f"{data.root}/{category}/{split} (rgb, padded square)")
 
 
 @dataclass(frozen=True)
 class _Batch:
-    """One model call: images ``start:stop`` of input store ``store``."""
+    """One model call: images ``start:stop`` of source ``source``, all ``side`` x ``side``."""
 
-    store: int
+    source: int
     ids: list[str]
     start: int
     stop: int
+    side: int
 
 
-def _plan(stores: list[Any], batch_size: int) -> list[_Batch]:
+def _plan(sources: list[_Source], batch_size: int) -> list[_Batch]:
     plan = []
-    for index, store in enumerate(stores):
-        ids: list[str] = list(store.attrs["ids"])
-        plan += [_Batch(index, ids, start, min(start + batch_size, len(ids)))
-                 for start in range(0, len(ids), batch_size)]
+    for index, source in enumerate(sources):
+        ids: list[str] = list(source.store.attrs["ids"])
+        start = 0
+        while start < len(ids):
+            stop = start + 1
+            while (stop < len(ids) and stop - start < batch_size
+                   and source.sides[stop] == source.sides[start]):
+                stop += 1
+            plan.append(_Batch(index, ids, start, stop, source.sides[start]))
+            start = stop
     return plan
 
 
@@ -86,9 +155,9 @@ class _ReadAhead:
     """The model input of each planned batch, read and converted on a helper thread one batch
     ahead of its use, so each read overlaps the model call of the batch before it."""
 
-    def __init__(self, pool: ThreadPoolExecutor, stores: list[Any], plan: list[_Batch]) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, sources: list[_Source], plan: list[_Batch]) -> None:
         self._pool = pool
-        self._arrays = [store["rgb"] for store in stores]  # opened once, not per batch
+        self._sources = sources
         self._plan = plan
 
     def __len__(self) -> int:
@@ -96,7 +165,11 @@ class _ReadAhead:
 
     def _read(self, step: int) -> torch.Tensor:
         batch = self._plan[step]
-        return model_input(self._arrays[batch.store][batch.start : batch.stop])
+        rgb = self._sources[batch.source].read(batch.start, batch.stop)
+        if rgb.shape[1:3] != (batch.side, batch.side):  # a file changed since planning
+            raise InputError(f"{self._sources[batch.source].described}: image "
+                             f"{batch.ids[batch.start]!r} changed size while being read")
+        return model_input(rgb)
 
     def __iter__(self) -> Iterator[tuple[_Batch, torch.Tensor]]:
         upcoming = self._pool.submit(self._read, 0) if self._plan else None
@@ -114,9 +187,11 @@ class _Outputs:
     closing stores all overlap model calls.
     """
 
-    def __init__(self, outs: list[Path], attrs: list[dict], counts: list[int], size: int) -> None:
+    def __init__(self, outs: list[Path], attrs: list[dict], counts: list[int], size: int,
+                 run: MarigoldRun) -> None:
         self._specs = list(zip(outs, attrs, counts))
         self._size = size
+        self._run = run
         self._open: dict[int, StoreWriter] = {}
 
     def open(self) -> None:
@@ -128,8 +203,9 @@ class _Outputs:
             if n == 0:
                 self._close(index)
 
-    def write(self, index: int, prediction: torch.Tensor, last: bool) -> None:
-        self._open[index].append("normals", finish_normals(prediction, self._size))
+    def write(self, index: int, prediction: torch.Tensor, side: int, last: bool) -> None:
+        self._open[index].append(
+            "normals", finish_normals(prediction, side, self._size, self._run))
         if last:
             self._close(index)
 
@@ -142,20 +218,25 @@ class _Outputs:
             self._open.popitem()[1].__exit__(exc_type, exc, tb)
 
 
-def _normals_attrs(store: Any, source_info: dict, params: Params, precision: str) -> dict:
+def _normals_attrs(source: _Source, source_info: dict, params: Params, precision: str,
+                   run: MarigoldRun) -> dict:
+    store = source.store
     attrs = {k: store.attrs[k] for k in _CARRIED_ATTRS if k in store.attrs}
+    frame = ("real-normal frame (Marigold's x flipped)" if run.flip_x
+             else "Marigold's frame (x right, y up, z to the viewer)")
     attrs.update(
         provenance(
             "estimate_normals", section_dict(params.estimate_normals), model=source_info,
-            input=str(store.path), precision=precision, frame="real-normal frame (x flipped)",
+            input=source.described, precision=precision, frame=frame,
+            processing_resolution=run.processing_resolution,
         )
     )
     return attrs
 
 
-def _write_normals(pipe: Any, source_info: dict, stores: list[Any], outs: list[Path],
-                   params: Params, clock: ModelClock, label: str) -> None:
-    """Estimate the normals of ``stores`` batch by batch and write them to ``outs``.
+def _write_normals(pipe: Any, source_info: dict, sources: list[_Source], outs: list[Path],
+                   params: Params, run: MarigoldRun, clock: ModelClock, label: str) -> None:
+    """Estimate the normals of ``sources`` batch by batch and write them to ``outs``.
 
     The model runs on this thread. Helper threads read the next batch (:class:`_ReadAhead`)
     and write the stores (:class:`_Outputs`) while the model works; at most one batch is read
@@ -165,8 +246,8 @@ def _write_normals(pipe: Any, source_info: dict, stores: list[Any], outs: list[P
     p = params.estimate_normals
     precision = str(pipe.dtype).replace("torch.", "")
     outputs = _Outputs(
-        outs, [_normals_attrs(store, source_info, params, precision) for store in stores],
-        [len(store.attrs["ids"]) for store in stores], params.data.size,
+        outs, [_normals_attrs(source, source_info, params, precision, run) for source in sources],
+        [len(source.store.attrs["ids"]) for source in sources], params.data.size, run,
     )
     with ExitStack() as stack:
         stack.push(outputs.abort)  # runs after the helper threads have stopped (LIFO)
@@ -174,20 +255,60 @@ def _write_normals(pipe: Any, source_info: dict, stores: list[Any], outs: list[P
         # After a failure, queued reads and writes are dropped rather than run.
         stack.callback(reader.shutdown, cancel_futures=True)
         stack.callback(helper.shutdown, cancel_futures=True)
-        batches = _ReadAhead(reader, stores, _plan(stores, p.batch_size))
+        batches = _ReadAhead(reader, sources, _plan(sources, p.batch_size))
         pending: deque[Future[None]] = deque([helper.submit(outputs.open)])
         for batch, images in track(batches, f"Marigold normals {label}", total=len(batches)):
-            prediction = marigold_prediction(
-                pipe, images, [sample_seed(p.seed, i) for i in batch.ids[batch.start : batch.stop]],
-                steps=p.steps, ensemble=p.ensemble,
-                processing_resolution=p.processing_resolution, clock=clock,
-            )
+            seeds = image_seeds(p.seed, batch.ids[batch.start : batch.stop], p.seeding)
+            prediction = marigold_prediction(pipe, images, seeds, run, clock=clock)
             last = batch.stop == len(batch.ids)
-            pending.append(helper.submit(outputs.write, batch.store, prediction, last))
+            pending.append(helper.submit(outputs.write, batch.source, prediction, batch.side,
+                                         last))
             while len(pending) > 1:
                 pending.popleft().result()  # re-raises a failed write here
         while pending:
             pending.popleft().result()
+
+
+def _sources(params: Params, category: str, shots: int | None,
+             seed: int | None) -> dict[str, _Source]:
+    """Every input, opened and checked (before the model loads, so bad input fails fast)."""
+    original = params.estimate_normals.input == "original"
+    size = params.data.size
+    if shots is None:
+        stores = {split: open_store(layout.prepared(category) / f"{split}.zarr")
+                  for split in ("train", "test")}
+        for store in stores.values():
+            _check_ids(store)
+        if original:
+            return {split: _dataset_source(store, params, category, split)
+                    for split, store in stores.items()}
+        why = f"data.size={size}"
+        return {split: _store_source(store, "rgb", size, why) for split, store in stores.items()}
+    assert seed is not None
+    store = open_store(layout.augmented(category, shots, seed) / "generated.zarr")
+    _check_ids(store)
+    if original:
+        # The generation-resolution images augment writes next to `rgb`.
+        why = "the generated images at augment.resolution, read with estimate_normals.input: original"
+        return {"generated": _store_source(store, "rgb_full", None, why)}
+    return {"generated": _store_source(store, "rgb", size, f"data.size={size}")}
+
+
+def _resolve_resolution(pipe: Any, value: int | None, spec: str) -> int:
+    """``estimate_normals.processing_resolution``: null = the model's default."""
+    key = "estimate_normals.processing_resolution"
+    if value is None:
+        default = pipe.default_processing_resolution
+        if not isinstance(default, int) or default < 0:
+            raise ParamsError(f"{key}: null asks for the model's default, but {spec} has no "
+                              "default_processing_resolution in its config; give a number")
+        return default
+    if value % pipe.vae_scale_factor:
+        raise ParamsError(
+            f"{key}: {value} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor} "
+            f"({spec}); 0 = input resolution, null = the model's default"
+        )
+    return value
 
 
 def run(params: Params, category: str, shots: int | None = None,
@@ -198,45 +319,37 @@ def run(params: Params, category: str, shots: int | None = None,
         raise InputError("estimate_normals: --seed needs --shots (the generated images of a k)")
     if shots is not None and seed is None:
         seed = 0
-    # Open (and check) every input before loading the model, so bad input fails in seconds.
-    if shots is None:
-        inputs = {split: open_store(layout.prepared(category) / f"{split}.zarr")
-                  for split in ("train", "test")}
-    else:
-        assert seed is not None
-        inputs = {"generated": open_store(layout.augmented(category, shots, seed) / "generated.zarr")}
-    for store in inputs.values():
-        _check_rgb(store, params.data.size)
+    inputs = _sources(params, category, shots, seed)
     # Largest store first: the final shard write of the last store is the one write that no
     # model call hides.
-    splits = sorted(inputs, key=lambda split: -len(inputs[split].attrs["ids"]))
-    stores = [inputs[split] for split in splits]
+    splits = sorted(inputs, key=lambda split: -len(inputs[split].store.attrs["ids"]))
+    sources = [inputs[split] for split in splits]
 
+    p = params.estimate_normals
     device = pick_device()
+    dtype = inference_dtype(device) if p.precision == "auto" else _DTYPES[p.precision]
     loading = time.perf_counter()
-    pipe, source = load_marigold(
-        params.models.normals, params.models.cache_dir, device, inference_dtype(device)
-    )
+    pipe, source = load_marigold(params.models.normals, params.models.cache_dir, device, dtype)
     load_s = time.perf_counter() - loading
-    resolution = params.estimate_normals.processing_resolution
-    if resolution % pipe.vae_scale_factor:
-        raise ParamsError(
-            f"estimate_normals.processing_resolution: {resolution} is not a multiple of the "
-            f"VAE's scale factor {pipe.vae_scale_factor} ({source.spec}); 0 = input resolution"
-        )
+    marigold = MarigoldRun(
+        steps=p.steps, ensemble=p.ensemble,
+        processing_resolution=_resolve_resolution(pipe, p.processing_resolution, source.spec),
+        reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
+    )
     info(f"estimate_normals {category}: Marigold {source.spec} ({source.kind}) on {device}, "
-         f"{params.estimate_normals.steps} steps, ensemble {params.estimate_normals.ensemble}")
+         f"{p.input} input, processing resolution {marigold.processing_resolution or 'input'}, "
+         f"{p.steps} steps, ensemble {p.ensemble}")
     clock = ModelClock(device)
     with demo_threads(device, source):
         if shots is None:
             with atomic_dir(layout.normals(category)) as tmp:
-                _write_normals(pipe, model_info(source), stores,
-                               [tmp / f"{split}.zarr" for split in splits], params, clock,
-                               category)
+                _write_normals(pipe, model_info(source), sources,
+                               [tmp / f"{split}.zarr" for split in splits], params, marigold,
+                               clock, category)
         else:
             assert seed is not None
-            _write_normals(pipe, model_info(source), stores,
-                           [layout.normals_generated(category, shots, seed)], params, clock,
-                           f"{category}/{layout.run_key(shots, seed)}")
-    return {"images": float(sum(len(store.attrs["ids"]) for store in stores)),
+            _write_normals(pipe, model_info(source), sources,
+                           [layout.normals_generated(category, shots, seed)], params, marigold,
+                           clock, f"{category}/{layout.run_key(shots, seed)}")
+    return {"images": float(sum(len(s.store.attrs["ids"]) for s in sources)),
             "model_s": clock.seconds, "load_s": load_s, "total_s": time.perf_counter() - started}

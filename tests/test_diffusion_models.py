@@ -47,6 +47,17 @@ def test_demo_marigold_is_a_real_marigold_pipeline(cache: Path) -> None:
     assert source.spec == md.DEMO_MARIGOLD
 
 
+def test_demo_marigold_has_a_default_resolution_and_loads_in_either_precision(cache: Path) -> None:
+    # estimate_normals.processing_resolution: null resolves to the model's default, and
+    # estimate_normals.precision picks the dtype the pipeline is loaded in.
+    for dtype in (torch.float32, torch.float16):
+        pipe, _ = md.load_marigold(md.DEMO_MARIGOLD, cache, CPU, dtype)
+        assert {p.dtype for p in pipe.unet.parameters()} == {dtype}
+        assert pipe.dtype == dtype
+        assert pipe.default_processing_resolution == 64
+        assert pipe.default_processing_resolution % pipe.vae_scale_factor == 0
+
+
 def test_cpu_loading_skips_the_move_but_leaves_everything_on_the_cpu(cache: Path) -> None:
     # load_* skip pipe.to() for the CPU (components load there); nothing may be left elsewhere
     # and the requested dtype must hold.

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 import torch
+from PIL import Image
 
 from pipeline import normals_estimation as ne
 from pipeline.artifacts import StoreWriter, open_store
@@ -17,6 +20,7 @@ from stages import estimate_normals as stage
 from stages import layout
 
 SIZE = 32
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,8 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_params(cache: Path, root: Path, normals: str = "demo:tiny-marigold", **section: object) -> Params:
-    values = {"steps": 2, "ensemble": 3, "processing_resolution": 16, "batch_size": 2, "seed": 0}
+    values: dict[str, Any] = {"steps": 2, "ensemble": 3, "processing_resolution": 16,
+                              "batch_size": 2, "seed": 0}
     values.update(section)
     return parse_params({
         "data": {"dataset": "mvtec3d", "root": str(root), "categories": ["bagel"], "size": SIZE},
@@ -34,14 +39,49 @@ def make_params(cache: Path, root: Path, normals: str = "demo:tiny-marigold", **
     })
 
 
-def write_rgb_store(path: Path, n: int, seed: int = 0, prefix: str = "good") -> list[str]:
+def write_rgb_store(path: Path, n: int, seed: int = 0, prefix: str = "good",
+                    full: int | None = None) -> list[str]:
+    """A prepare store or generated.zarr; ``full``: also `rgb_full` at that resolution."""
     ids = [f"{prefix}/{i:03d}" for i in range(n)]
-    rgb = np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
     with StoreWriter(path, attrs={"ids": ids, "labels": [i % 2 for i in range(n)]}) as writer:
         writer.create("rgb", n, (SIZE, SIZE, 3), "uint8")
         if n:
-            writer.append("rgb", rgb)
+            writer.append("rgb", rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8))
+        if full is not None:
+            writer.create("rgb_full", n, (full, full, 3), "uint8")
+            if n:
+                writer.append("rgb_full", rng.integers(0, 256, (n, full, full, 3), dtype=np.uint8))
     return ids
+
+
+def write_dataset(root: Path, split: str, n: int, width: int = 40, height: int = 28,
+                  seed: int = 0) -> None:
+    """A minimal MVTec 3D-AD layout (good samples only) with non-square rgb images."""
+    rng = np.random.default_rng(seed)
+    folder = root / "bagel" / split / "good"
+    for sub in ("rgb", "xyz"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(folder / "rgb" / f"{i:03d}.png")
+        tifffile.imwrite(folder / "xyz" / f"{i:03d}.tiff", np.zeros((height, width, 3), np.float32),
+                         photometric="rgb")
+
+
+def record_encoder_inputs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Make the stage's Marigold record the shape of every image its VAE encodes."""
+    shapes: list[tuple[int, ...]] = []
+    load = stage.load_marigold
+
+    def loading(*args: Any, **kwargs: Any) -> Any:
+        pipe, source = load(*args, **kwargs)
+        pipe.vae.encoder.register_forward_pre_hook(
+            lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
+        return pipe, source
+
+    monkeypatch.setattr(stage, "load_marigold", loading)
+    return shapes
 
 
 def tree_digest(path: Path) -> dict[str, str]:
@@ -115,15 +155,14 @@ def test_stores_match_serial_prediction_batch_by_batch(project: Path, cache: Pat
     cpu = torch.device("cpu")
     pipe, source = load_marigold("demo:tiny-marigold", cache, cpu, torch.float32)
     p = params.estimate_normals
+    run = ne.MarigoldRun(steps=p.steps, ensemble=p.ensemble, processing_resolution=16)
     for split in ("train", "test"):
         inputs = open_store(layout.prepared("bagel") / f"{split}.zarr")
         ids, rgb = inputs.attrs["ids"], inputs["rgb"][:]
         with demo_threads(cpu, source):  # the stage's thread count: same arithmetic
             expected = np.concatenate([
                 ne.predict_normals(pipe, rgb[i : i + 2],
-                                   [ne.sample_seed(p.seed, s) for s in ids[i : i + 2]],
-                                   steps=p.steps, ensemble=p.ensemble,
-                                   processing_resolution=p.processing_resolution, out_size=SIZE)
+                                   ne.image_seeds(p.seed, ids[i : i + 2], p.seeding), run, SIZE)
                 for i in range(0, len(ids), 2)
             ])
         stored = open_store(layout.normals("bagel") / f"{split}.zarr")["normals"][:]
@@ -225,3 +264,212 @@ def test_resize_renormalises_and_fixes_degenerate_vectors() -> None:
 def test_sample_seed_is_stable_and_distinct() -> None:
     assert ne.sample_seed(0, "good/000") == ne.sample_seed(0, "good/000")
     assert len({ne.sample_seed(s, i) for s in (0, 1) for i in ("good/000", "good/001")}) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# The published path (OFFICIAL.md items 5, 6): original resolution, model default, uint8 output
+
+
+def published(cache: Path, root: Path, **section: object) -> Params:
+    values: dict[str, Any] = {"input": "original", "processing_resolution": None,
+                              "precision": "fp32", "output": "uint8", "flip_x": False,
+                              "seeding": "same_per_image", "seed": 42}
+    values.update(section)
+    return make_params(cache, root, **values)
+
+
+@pytest.fixture
+def dataset(project: Path) -> Path:
+    """The dataset behind the project's prepare stores: 2 train, 3 test images of 40 x 28."""
+    root = project / "data"
+    write_dataset(root, "train", 2, seed=1)
+    write_dataset(root, "test", 3, seed=2)
+    return root
+
+
+def test_original_resolution_input_reaches_the_model(
+        dataset: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real images: the dataset's 40 x 28 rgb padded to 40 x 40 (not the 32 x 32 prepare crop).
+    shapes = record_encoder_inputs(monkeypatch)
+    stage.run(published(cache, dataset, processing_resolution=0, batch_size=3), "bagel")
+    assert shapes and {s[1:] for s in shapes} == {(3, 40, 40)}
+    assert sum(s[0] for s in shapes) == 5  # every image, each encoded once
+    test = open_store(layout.normals("bagel") / "test.zarr")
+    assert test["normals"].shape == (3, SIZE, SIZE, 3)
+    assert "padded square" in test.attrs["input"]
+    # processing_resolution null: the model's default (the tiny model's 64).
+    shapes.clear()
+    stage.run(published(cache, dataset), "bagel")
+    assert {s[1:] for s in shapes} == {(3, 64, 64)}
+    assert open_store(layout.normals("bagel") / "test.zarr").attrs["processing_resolution"] == 64
+    # Generated images: `rgb_full` (48 x 48 here), not `rgb`.
+    write_rgb_store(layout.augmented("bagel", 2, 0) / "generated.zarr", 3, prefix="gen/good/000",
+                    full=48)
+    shapes.clear()
+    stage.run(published(cache, dataset, processing_resolution=0), "bagel", shots=2, seed=0)
+    assert {s[1:] for s in shapes} == {(3, 48, 48)}
+    assert open_store(layout.normals_generated("bagel", 2, 0))["normals"].shape == (3, SIZE, SIZE, 3)
+
+
+def test_original_input_is_the_padded_dataset_image(dataset: Path, cache: Path) -> None:
+    # The stored normals are those of pad_square(dataset rgb), zeros around, as prepare pads.
+    from pipeline.models.diffusion import demo_threads, load_marigold
+
+    params = published(cache, dataset, processing_resolution=0, batch_size=1)
+    stage.run(params, "bagel")
+    cpu = torch.device("cpu")
+    pipe, source = load_marigold("demo:tiny-marigold", cache, cpu, torch.float32)
+    rgb = np.array(Image.open(dataset / "bagel/test/good/rgb/001.png"))
+    padded = np.zeros((40, 40, 3), np.uint8)
+    padded[6:34] = rgb  # 28 rows centred in 40
+    run = ne.MarigoldRun(steps=2, ensemble=3, processing_resolution=0, seeding="same_per_image",
+                         output="uint8", flip_x=False)
+    with demo_threads(cpu, source):
+        expected = ne.predict_normals(pipe, padded[None], [42], run, SIZE)
+    stored = open_store(layout.normals("bagel") / "test.zarr")["normals"][1:2]
+    assert np.array_equal(stored, expected)
+
+
+def test_missing_rgb_full_and_missing_samples_are_clear_errors(dataset: Path, cache: Path) -> None:
+    write_rgb_store(layout.augmented("bagel", 2, 0) / "generated.zarr", 2, prefix="gen/good/000")
+    with pytest.raises(InputError, match=r"generated\.zarr: no array 'rgb_full'"):
+        stage.run(published(cache, dataset), "bagel", shots=2, seed=0)
+    write_rgb_store(layout.prepared("bagel") / "test.zarr", 4)  # good/003 is not in the dataset
+    with pytest.raises(InputError, match=r"data/bagel: sample 'good/003' of .*test\.zarr"):
+        stage.run(published(cache, dataset), "bagel")
+    assert not (dataset.parent / "artifacts" / "normals").exists()
+    assert not (dataset.parent / "artifacts" / "normals_generated").exists()
+
+
+def test_ensembling_reduction_reaches_the_pipeline(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import MarigoldNormalsPipeline
+
+    from pipeline.models.diffusion import load_marigold
+
+    pipe, _ = load_marigold("demo:tiny-marigold", cache, torch.device("cpu"), torch.float32)
+    seen: list[str] = []
+    original = MarigoldNormalsPipeline.ensemble_normals
+
+    def spy(normals: torch.Tensor, output_uncertainty: bool, **kwargs: Any) -> Any:
+        seen.append(kwargs["reduction"])
+        return original(normals, output_uncertainty, **kwargs)
+
+    monkeypatch.setattr(MarigoldNormalsPipeline, "ensemble_normals", staticmethod(spy))
+    images = ne.model_input(np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3), np.uint8))
+    out = {}
+    for reduction in ("closest", "mean"):
+        run = ne.MarigoldRun(steps=2, ensemble=4, processing_resolution=0, reduction=reduction)
+        out[reduction] = ne.marigold_prediction(pipe, images, [1, 2], run)
+    assert seen == ["closest"] * 2 + ["mean"] * 2  # one call per image
+    assert not torch.allclose(out["closest"], out["mean"])
+
+
+def _prediction(seed: int = 0) -> torch.Tensor:
+    """Unit normals (1, 3, 12, 12) as Marigold returns them at its processing resolution."""
+    n = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+    n[:, 2] = n[:, 2].abs()
+    return n / n.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("output", ["float", "uint8"])
+def test_flip_and_no_flip_frames_differ_exactly_by_the_sign_of_x(output: str) -> None:
+    prediction = _prediction()
+    frames = {flip: ne.finish_normals(prediction, 40, SIZE, ne.MarigoldRun(
+        steps=1, ensemble=1, processing_resolution=0, output=output, flip_x=flip))
+        for flip in (False, True)}
+    plain, flipped = frames[False], frames[True]
+    assert np.array_equal(plain[..., 1:], flipped[..., 1:])  # y and z: bit for bit
+    if output == "uint8":
+        # the stored q / 255: the two x values are q and 255 - q
+        q = np.rint(plain[..., 0].astype(np.float64) * 255).astype(int)
+        q_flipped = np.rint(flipped[..., 0].astype(np.float64) * 255).astype(int)
+        assert np.array_equal(q + q_flipped, np.full_like(q, 255))
+    else:
+        x, x_flipped = (f[..., 0].astype(np.float32) * 2 - 1 for f in (plain, flipped))
+        assert np.abs(x + x_flipped).max() < 1e-3  # float16 rounding only
+    assert np.abs(plain[..., 0] - flipped[..., 0]).max() > 0.1
+
+
+def test_uint8_output_is_quantised_as_published() -> None:
+    import torchvision.transforms.functional as TF
+
+    # Truncation, not rounding; clipping first: 0 -> 127, 1 -> 255, -1 -> 0, 1.3 -> 255.
+    values = torch.tensor([0.0, 1.0, -1.0, 1.3, -0.999, 0.5]).view(1, 1, 6, 1).repeat(1, 3, 1, 1)
+    q = ne.quantize(values)  # (1, 6, 1, 3)
+    assert q.dtype == np.uint8 and q.shape == (1, 6, 1, 3)
+    assert q[0, :, 0, 0].tolist() == [127, 255, 0, 255, 0, 191]
+    # The whole path, against torchvision's resize (the published resize back, antialiased)
+    # and a PIL bilinear resize of the quantised image (the published loader).
+    prediction = _prediction(1)
+    run = ne.MarigoldRun(steps=1, ensemble=1, processing_resolution=0, output="uint8",
+                         flip_x=False)
+    ours = ne.finish_normals(prediction, 40, SIZE, run)
+    back = TF.resize(prediction, [40, 40], interpolation=TF.InterpolationMode.BILINEAR,
+                     antialias=True)[0].clamp(-1, 1).permute(1, 2, 0).numpy()
+    png = ((back + 1) * 127.5).astype(np.uint8)
+    loaded = np.asarray(Image.fromarray(png).resize((SIZE, SIZE), Image.BILINEAR))
+    assert ours.dtype == np.float16 and ours.shape == (1, SIZE, SIZE, 3)
+    assert np.array_equal(np.rint(ours[0].astype(np.float64) * 255).astype(np.uint8), loaded)
+
+
+def test_same_per_image_seeding_is_the_published_generator(cache: Path) -> None:
+    # Published: per image a fresh generator seeded with the seed, all ensemble members drawn
+    # from it. Ours builds those latents itself; they must equal the pipeline's own use of
+    # one such generator per image.
+    from pipeline.models.diffusion import load_marigold
+
+    pipe, _ = load_marigold("demo:tiny-marigold", cache, torch.device("cpu"), torch.float32)
+    rgb = np.random.default_rng(3).integers(0, 256, (2, 24, 24, 3), np.uint8)
+    run = ne.MarigoldRun(steps=2, ensemble=3, processing_resolution=16, seeding="same_per_image")
+    both = ne.marigold_prediction(pipe, ne.model_input(rgb), [42, 42], run)
+    for i in range(2):
+        theirs = pipe(ne.model_input(rgb[i : i + 1]), num_inference_steps=2, ensemble_size=3,
+                      processing_resolution=16, match_input_resolution=False, batch_size=3,
+                      generator=torch.Generator().manual_seed(42), output_type="pt").prediction
+        ours = ne.marigold_prediction(pipe, ne.model_input(rgb[i : i + 1]), [42], run)
+        assert torch.equal(ours, theirs)
+        # In a batch of two images: the same noise (the arithmetic of a larger batch differs
+        # in the last bits only).
+        assert torch.allclose(both[i : i + 1], theirs, atol=1e-3)
+    # The same image gets the same noise under same_per_image, other noise under per_sample.
+    twice = np.concatenate([rgb[:1], rgb[:1]])
+    same = ne.marigold_prediction(pipe, ne.model_input(twice), ne.image_seeds(
+        42, ["good/000", "good/001"], "same_per_image"), run)
+    assert torch.equal(same[0], same[1])
+    per_sample = ne.marigold_prediction(pipe, ne.model_input(twice), ne.image_seeds(
+        42, ["good/000", "good/001"], "per_sample"), ne.MarigoldRun(2, 3, 16))
+    assert not torch.allclose(per_sample[0], per_sample[1])
+
+
+def test_published_path_is_reproducible_and_seeded(dataset: Path, cache: Path) -> None:
+    out = layout.normals("bagel")
+    stage.run(published(cache, dataset), "bagel")
+    first = tree_digest(out)
+    stage.run(published(cache, dataset), "bagel")
+    assert tree_digest(out) == first
+    stage.run(published(cache, dataset, seed=7), "bagel")
+    assert tree_digest(out) != first
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("input", "full"), ("processing_resolution", -1), ("precision", "bf16"),
+    ("reduction", "median"), ("output", "png"), ("flip_x", "sideways"), ("seeding", "global"),
+])
+def test_bad_params_name_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(ParamsError, match=rf"estimate_normals\.{key}"):
+        make_params(tmp_path, tmp_path, **{key: value})
+
+
+def test_null_resolution_without_a_model_default_names_the_key(
+        project: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    load = stage.load_marigold
+
+    def without_default(*args: Any, **kwargs: Any) -> Any:
+        pipe, source = load(*args, **kwargs)
+        pipe.default_processing_resolution = None
+        return pipe, source
+
+    monkeypatch.setattr(stage, "load_marigold", without_default)
+    with pytest.raises(ParamsError, match=r"estimate_normals\.processing_resolution: null"):
+        stage.run(make_params(cache, project, processing_resolution=None), "bagel")
+    assert not (project / "artifacts" / "normals").exists()
