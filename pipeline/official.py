@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,12 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        first = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
+                     text.splitlines()[0] if text else type(err).__name__)
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+            raise ModelError(f"{path}: cannot read checkpoint: not a torch.save archive, nor a "
+                             f"plain pickled state dict (torch: {first})") from None
         raise ModelError(
             f"{path}: refused: not a plain state dict of tensors (the pickle asks for other "
             f"objects, which are never built from a downloaded file; torch: {first})"
@@ -213,8 +219,8 @@ def import_official(root: str | Path, dataset: str, category: str, shots: int, o
         config["provenance"] = dict(provenance)
     with atomic_dir(out) as tmp:
         for name, state in states.items():
-            save_file(state, str(tmp / f"{name}.safetensors"),
-                      metadata={"architecture": "cahfm", "official": sources[name]["file"]})
+            # One metadata entry only: safetensors orders several at random (bytes would differ).
+            save_file(state, str(tmp / f"{name}.safetensors"), metadata={"architecture": "cahfm"})
         atomic_write_json(tmp / "config.json", config)
     return config
 
