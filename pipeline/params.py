@@ -153,10 +153,9 @@ OFFICIAL_SETUP: dict = {
     "distance": "concatenated",
     "size": 224,
 }
-# HOOK(lead): the Marigold frame flip of estimate_normals (marigold branch). The official
-# checkpoints expect Marigold's own frame (no x flip). Set this to that parameter's name (a
-# bool, true = flip) when it is merged; until then estimate_normals always flips and the
-# check below cannot see it.
+# HOOK(lead): the Marigold frame flip, estimate_normals.flip_x (bool, true = flip; added by the
+# marigold branch). The official checkpoints expect Marigold's own frame (no flip). On a branch
+# without that field getattr finds nothing and the check is skipped; after the merge it applies.
 MARIGOLD_FLIP_KEY = "flip_x"
 
 

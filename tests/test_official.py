@@ -20,7 +20,7 @@ from pipeline.errors import InputError, ModelError, ParamsError
 from pipeline.inference import load_mappers
 from pipeline.models.mapper import CAHFM
 from pipeline.official import convert_state, import_official, read_checkpoint
-from pipeline.params import parse_params
+from pipeline.params import EstimateNormalsParams, parse_params
 from stages import fit_mapper, infer, layout
 from stages.cli import app
 from tests.test_fit_mapper import synth_features, write_features, write_prepare
@@ -271,10 +271,15 @@ def official_params(**over) -> object:
         "fit_mapper": {"mappers": "official", "checkpoints": "release", "resolution": 224},
         "infer": {"distance": "concatenated", "batch_size": 2},
     }
+    if HAS_FLIP:  # the published (Marigold) frame, once estimate_normals has the switch
+        raw["estimate_normals"] = {"flip_x": False}
     for key, value in over.items():
         section, name = key.split("__")
-        raw[section][name] = value
+        raw.setdefault(section, {})[name] = value
     return parse_params(raw)
+
+
+HAS_FLIP = "flip_x" in EstimateNormalsParams.model_fields
 
 
 def test_inconsistent_preset_names_the_keys():
@@ -289,6 +294,12 @@ def test_inconsistent_preset_names_the_keys():
         official_params(extract_features__layers=[2, 3, 4], fit_mapper__resolution=28)
     with pytest.raises(ParamsError, match=r"fit_mapper.architecture='mlp'"):
         official_params(fit_mapper__architecture="mlp")
+
+
+@pytest.mark.skipif(not HAS_FLIP, reason="estimate_normals.flip_x comes with the marigold branch")
+def test_official_checkpoints_need_marigolds_own_frame():
+    with pytest.raises(ParamsError, match=r"estimate_normals.flip_x=True \(need false"):
+        official_params(estimate_normals__flip_x=True)
 
 
 def write_stores(root: Path, backbone: str = "vit_base_patch8_224.dino", n_test: int = 2) -> None:
