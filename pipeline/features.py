@@ -9,11 +9,14 @@ encodes the current one, and a writer thread appends the previous batch's featur
 output store, so reading, decompression and compression overlap the forward pass and memory
 stays flat (at most one batch in each of the three places, plus the writer's shard buffer).
 
-Optional noisy copies (published training adds Gaussian noise to the input images before
-encoding, every step): ``copies`` extra encodings of each image with noise of std ``sigma``
-added in [0, 1] image space (before ImageNet normalisation), stored as ``noisy_<modality>_<l>``
-(N, copies, C_l, h, w). The noise of sample i depends only on (seed, store tag, i, modality),
-not on the batch size.
+Optional noisy copies (published training adds Gaussian noise of std 0.01 to the mapper's input
+image before encoding, fresh every step; OFFICIAL 10): ``copies`` extra encodings of each image
+with noise of std ``sigma``, stored as ``noisy_<modality>_<l>`` (N, copies, C_l, h, w). For RGB
+the noise goes where ``space`` says: ``normalised`` = after ImageNet normalisation (published),
+``image`` = in [0, 1] before it; normal images are not normalised, so both are the same for
+them. Which side of a mapper uses the copies (its source only, as published, or both) is the
+trainer's choice (``fit_mapper.noise_on``). The noise of sample i depends only on (seed, store
+tag, i, modality), not on the batch size.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pipeline.progress import track
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Kind = Literal["rgb", "normals"]
+NoiseSpace = Literal["normalised", "image"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Noise:
     sigma: float = 0.01
     seed: int = 0
     tag: str = ""  # distinguishes stores so sample i of two stores gets different noise
+    space: NoiseSpace = "image"  # RGB: add after ImageNet normalisation, or in [0, 1] before
 
 
 def check_sources(sources: Sequence[Source]) -> tuple[int, int, int]:
@@ -127,10 +132,17 @@ def sample_noise(noise: Noise, index: int, modality: str, shape: tuple[int, int,
 
 
 @torch.inference_mode()
-def encode(backbone: Backbone, x: torch.Tensor, kind: Kind) -> list[np.ndarray]:
-    """Three float16 feature maps (B, C_l, h, w) of a [0, 1] image batch."""
+def encode(backbone: Backbone, x: torch.Tensor, kind: Kind, added: torch.Tensor | None = None,
+           ) -> list[np.ndarray]:
+    """Three float16 feature maps (B, C_l, h, w) of a [0, 1] image batch.
+
+    ``added`` (noise) is added to the backbone's input, i.e. after the normalisation.
+    """
     p = next(backbone.parameters())
-    x = normalise(x.to(p.device, non_blocking=True).to(p.dtype), kind)
+    x = normalise(x.to(p.device, non_blocking=True).float(), kind)
+    if added is not None:
+        x = x + added.to(x.device, non_blocking=True).float()
+    x = x.to(p.dtype)  # normalise (and add noise) in float32, then the backbone's precision
     maps = [m.to(torch.float16) for m in backbone(x)]
     if not all(bool(torch.isfinite(m).all()) for m in maps):
         raise ModelError(f"backbone {backbone.name!r}: non-finite features (overflow beyond float16?)")
@@ -177,7 +189,10 @@ def _encode_batch(
         if noise.copies:
             shape = tuple(x.shape[1:])
             eps = torch.stack([sample_noise(noise, start + i, src.modality, shape) for i in range(len(x))])
-            per_copy = [encode(backbone, x + eps[:, c], src.kind) for c in range(noise.copies)]
+            if noise.space == "image":
+                per_copy = [encode(backbone, x + eps[:, c], src.kind) for c in range(noise.copies)]
+            else:
+                per_copy = [encode(backbone, x, src.kind, eps[:, c]) for c in range(noise.copies)]
             for layer in range(len(per_copy[0])):
                 out[f"noisy_{src.modality}_{layer}"] = np.stack([f[layer] for f in per_copy], axis=1)
     return out
@@ -208,6 +223,7 @@ def extract_store(
         "layers": list(backbone.layers),
         "noisy_copies": noise.copies,
         "noise_sigma": noise.sigma if noise.copies else 0.0,
+        "noise_space": noise.space,
     }
     starts = list(range(0, n, batch_size))
     encode_s = 0.0

@@ -189,6 +189,13 @@ class ExtractFeaturesParams(Section):
     batch_size: int = Field(8, ge=1)
     noisy_copies: int = Field(0, ge=0)
     noise_sigma: float = Field(0.01, ge=0)
+    # Where the RGB noise of the noisy copies is added: "normalised" = after ImageNet
+    # normalisation (published, OFFICIAL 10), "image" = in [0, 1] before it. Normal images are
+    # not normalised, so for them both are the same.
+    noise_space: Literal["normalised", "image"] = "image"
+    # The backbone's forward precision: fp32 (published, OFFICIAL 13), fp16, or auto = fp16 on
+    # CUDA and fp32 on the CPU. Features are stored as float16 either way.
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
     seed: int = 0
 
 
@@ -203,6 +210,14 @@ class FitMapperParams(Section):
     weight_decay: float = Field(1e-4, ge=0)
     layer_weights: list[float] = Field(default=[1.2, 1.0, 0.8], min_length=3, max_length=3)
     batch_size: int = Field(1, ge=1)
+    # Which side of a mapper gets the noisy copies: "source" (its input only, targets clean:
+    # published, OFFICIAL 10) or "both" (input and target).
+    noise_on: Literal["source", "both"] = "both"
+    # train: fit the mappers; official: convert the released checkpoints found under
+    # `checkpoints` (pipeline/official.py) instead. `checkpoints` is always a path because
+    # upstream/dvc.yaml lists it as a dependency, so DVC hashes the files (README).
+    mappers: Literal["train", "official"] = "train"
+    checkpoints: str = Field("checkpoints", min_length=1)
     seed: int = 0
 
     def steps_for(self, k: int) -> int:
@@ -211,6 +226,46 @@ class FitMapperParams(Section):
                 f"fit_mapper.steps: no step count for k={k} (given for k in {sorted(self.steps)})"
             )
         return self.steps[k]
+
+
+# The feature setup the released checkpoints were trained and tested with (OFFICIAL.md,
+# "Released checkpoints"): a preset with fit_mapper.mappers = official must use it.
+OFFICIAL_SETUP: dict = {
+    "backbone": "vit_base_patch8_224.dino",
+    "layers": [4, 7, 11],
+    "resolution": 224,
+    "architecture": "cahfm",
+    "distance": "concatenated",
+    "size": 224,
+}
+# HOOK(lead): the Marigold frame flip, estimate_normals.flip_x (bool, true = flip; added by the
+# marigold branch). The official checkpoints expect Marigold's own frame (no flip). On a branch
+# without that field getattr finds nothing and the check is skipped; after the merge it applies.
+MARIGOLD_FLIP_KEY = "flip_x"
+
+
+def official_setup_issues(params: Params) -> list[str]:
+    """Keys that differ from the setup the official checkpoints need (empty when consistent)."""
+    if params.fit_mapper.mappers != "official":
+        return []
+    need = OFFICIAL_SETUP
+    issues = []
+    if params.models.backbone.split("@")[0] != need["backbone"]:
+        issues.append(f"models.backbone={params.models.backbone!r} (need {need['backbone']}, "
+                      f"or {need['backbone']}@<weights file>)")
+    checks = (
+        ("extract_features.layers", params.extract_features.layers, need["layers"]),
+        ("fit_mapper.resolution", params.fit_mapper.resolution, need["resolution"]),
+        ("fit_mapper.architecture", params.fit_mapper.architecture, need["architecture"]),
+        ("infer.distance", params.infer.distance, need["distance"]),
+        ("data.size", params.data.size, need["size"]),
+    )
+    issues += [f"{key}={got!r} (need {want!r})" for key, got, want in checks if got != want]
+    flip = getattr(params.estimate_normals, MARIGOLD_FLIP_KEY, None)
+    if flip:
+        issues.append(f"estimate_normals.{MARIGOLD_FLIP_KEY}={flip!r} (need false: the official "
+                      "mappers saw Marigold's own frame)")
+    return issues
 
 
 class InferParams(Section):
@@ -287,6 +342,10 @@ class Params(Section):
                 )
         for k in self.fewshot.shots:
             self.fit_mapper.steps_for(k)
+        issues = official_setup_issues(self)  # [mapper] released checkpoints need their setup
+        if issues:
+            raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "
+                             "published feature setup; inconsistent: " + "; ".join(issues))
         return self
 
 

@@ -119,10 +119,12 @@ def read_rows(store: Store, name: str, rows: Sequence[int]) -> np.ndarray:
     return np.stack([np.asarray(array[r]) for r in rows])
 
 
-def modality_copies(store: Store, modality: str, rows: Sequence[int]) -> list[np.ndarray]:
-    """Per layer, (N, copies, C, h, w): the noisy copies when the store has them, else 1 copy."""
+def modality_copies(store: Store, modality: str, rows: Sequence[int], noisy_copies: bool = True
+                    ) -> list[np.ndarray]:
+    """Per layer, (N, copies, C, h, w): the noisy copies when the store has them (and
+    ``noisy_copies``), else the clean features as 1 copy."""
     noisy = [f"noisy_{modality}_{layer}" for layer in range(N_LAYERS)]
-    if all(name in store for name in noisy):
+    if noisy_copies and all(name in store for name in noisy):
         out = [read_rows(store, name, rows) for name in noisy]
         for name, arr in zip(noisy, out):
             if arr.ndim != 5:
@@ -139,11 +141,16 @@ class StreamData:
 
     ``rgb[l]`` and ``normals[l]`` are (N, copies, C_l, h, w) arrays (copies may differ between
     the two); ``masks`` is (N, R, R) float at the working resolution or None (all pixels).
+    ``rgb_clean``/``normals_clean`` (N, 1, C_l, h, w), when given, are the noise-free features:
+    with ``TrainConfig.noise_on = "source"`` a mapper's target is read from them, so only its
+    input carries the noise (the published placement, OFFICIAL 10).
     """
 
     rgb: list[np.ndarray]
     normals: list[np.ndarray]
     masks: np.ndarray | None = None
+    rgb_clean: list[np.ndarray] | None = None
+    normals_clean: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.rgb[0].shape[0])
@@ -167,6 +174,7 @@ class TrainConfig:
     weight_decay: float
     layer_weights: tuple[float, ...]
     batch_size: int
+    noise_on: str = "both"  # "source": noisy input, clean target; "both": noisy input and target
 
 
 @dataclass
@@ -256,6 +264,8 @@ def train_stream(data: StreamData, config: TrainConfig, seed: int, device: torch
         raise InputError(f"{description}: no training samples")
     if len(config.layer_weights) != N_LAYERS:
         raise ValueError("layer_weights must have one weight per layer")
+    if config.noise_on not in ("source", "both"):
+        raise ValueError(f"noise_on must be 'source' or 'both', got {config.noise_on!r}")
     sources = {"2d_to_3d": (data.rgb_channels, data.normal_channels),
                "3d_to_2d": (data.normal_channels, data.rgb_channels)}
     mappers: dict[str, Mapper] = {}
@@ -276,11 +286,19 @@ def train_stream(data: StreamData, config: TrainConfig, seed: int, device: torch
         for step, rows in enumerate(track(batches, description, total=config.steps)):
             rgb = _gather(data.rgb, rows, gen, device, config.resolution)
             nrm = _gather(data.normals, rows, gen, device, config.resolution)
+            rgb_target, nrm_target = rgb, nrm
+            if config.noise_on == "source":
+                # The clean copy is the target; a single copy draws nothing from gen.
+                if data.rgb_clean is not None:
+                    rgb_target = _gather(data.rgb_clean, rows, gen, device, config.resolution)
+                if data.normals_clean is not None:
+                    nrm_target = _gather(data.normals_clean, rows, gen, device, config.resolution)
             mask = None
             if data.masks is not None:
                 mask = torch.from_numpy(data.masks[rows]).to(device)
             lr = cosine_lr(step, config.steps, config.lr, config.lr_min)
-            for direction, (src, tgt) in (("2d_to_3d", (rgb, nrm)), ("3d_to_2d", (nrm, rgb))):
+            pairs = (("2d_to_3d", (rgb, nrm_target)), ("3d_to_2d", (nrm, rgb_target)))
+            for direction, (src, tgt) in pairs:
                 opt = optims[direction]
                 for group in opt.param_groups:
                     group["lr"] = lr

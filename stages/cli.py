@@ -178,6 +178,26 @@ def sweep_lambda(
         _fail(str(err))
 
 
+@app.command("import-official")
+def import_official(
+    ckpt_root: Annotated[Path, typer.Argument(help="Folder of the released archive (holds checkpoints/).")],
+    category: Annotated[str, typer.Option("--category", "-c", help="Category, e.g. bagel.")],
+    shots: ShotsOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mapper folder to write.")],
+    dataset: Annotated[str, typer.Option(help="mvtec3d or eyecandies (folder prefix).")] = "mvtec3d",
+) -> None:
+    """Convert the four official mapper checkpoints of one category and k into a mapper folder."""
+    from pipeline.official import import_official as convert
+
+    if dataset not in ("mvtec3d", "eyecandies"):
+        _fail(f"--dataset: {dataset!r} is not one of mvtec3d, eyecandies")
+    try:
+        convert(ckpt_root, dataset, category, shots, out)
+    except CmdsAdError as err:
+        _fail(str(err))
+    typer.echo(f"{out}: four mappers converted from {ckpt_root} ({category}, k={shots})")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import Store, atomic_dir, open_store, provenance
-from pipeline.device import inference_dtype, pick_device
+from pipeline.device import pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.features import Noise, Source, check_sources, extract_store
-from pipeline.models.backbones import Backbone, load_backbone
+from pipeline.models.backbones import Backbone, backbone_dtype, load_backbone
 from pipeline.params import Params, section_dict
 from pipeline.progress import info
 from stages import layout
@@ -42,7 +42,7 @@ def _backbone(params: Params) -> Backbone:
     backbone = load_backbone(
         params.models.backbone, params.extract_features.layers, cache_dir=params.models.cache_dir
     )
-    return backbone.to(device=device, dtype=inference_dtype(device))
+    return backbone.to(device=device, dtype=backbone_dtype(params.extract_features.precision, device))
 
 
 def _attrs(params: Params, category: str, store: Store, inputs: list[Store], **extra: Any) -> dict[str, Any]:
@@ -84,7 +84,8 @@ def run_real(params: Params, category: str) -> None:
             sources = stores[split]
             noisy = split == "train"
             attrs = _attrs(params, category, sources[0].store, [sources[0].store, sources[2].store], split=split)
-            noise = Noise(sec.noisy_copies if noisy else 0, sec.noise_sigma, sec.seed, f"{category}/{split}")
+            noise = Noise(sec.noisy_copies if noisy else 0, sec.noise_sigma, sec.seed, f"{category}/{split}",
+                          sec.noise_space)
             extract_store(
                 backbone, sources, tmp / f"{split}.zarr", attrs,
                 batch_size=sec.batch_size, noise=noise, description=f"features {category}/{split}",
@@ -107,7 +108,7 @@ def run_generated(params: Params, category: str, shots: int, seed: int) -> None:
         extra["source_ids"] = list(generated.attrs["source_ids"])
     attrs = _attrs(params, category, generated, [generated, estimated], **extra)
     key = layout.run_key(shots, seed)
-    noise = Noise(sec.noisy_copies, sec.noise_sigma, sec.seed, f"{category}/generated/{key}")
+    noise = Noise(sec.noisy_copies, sec.noise_sigma, sec.seed, f"{category}/generated/{key}", sec.noise_space)
     out = layout.features_generated(category, shots, seed)
     extract_store(
         backbone, sources, out, attrs,

@@ -43,6 +43,9 @@ def mapper_name(stream: str, direction: str) -> str:
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     p = params.fit_mapper
+    if p.mappers == "official":
+        run_official(params, category, shots, seed)
+        return
     steps = p.steps_for(shots)
     if p.lr_min > p.lr:
         raise ParamsError(f"fit_mapper.lr_min: {p.lr_min} is above fit_mapper.lr={p.lr} "
@@ -70,16 +73,11 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     check_same_features(meta, str(train_path), gen_meta)
     gen_rows = list(range(len(gen_meta.ids)))
 
-    shot_rgb = modality_copies(train, "rgb", rows)
-    data = {
-        "real": StreamData(shot_rgb, modality_copies(train, "real", rows), masks),
-        "est": StreamData(
-            _concat(shot_rgb, modality_copies(gen, "rgb", gen_rows)),
-            _concat(modality_copies(train, "est", rows), modality_copies(gen, "est", gen_rows)),
-        ),
-    }
+    data = {stream: _stream_data(stream, train, rows, gen, gen_rows, masks if stream == "real"
+                                 else None, clean_targets=p.noise_on == "source")
+            for stream in STREAMS}
     config = TrainConfig(p.architecture, p.resolution, steps, p.lr, p.lr_min, p.weight_decay,
-                         tuple(p.layer_weights), p.batch_size)
+                         tuple(p.layer_weights), p.batch_size, p.noise_on)
     device = pick_device()
     info(f"fit_mapper {category} {layout.run_key(shots, seed)}: {p.architecture}, {steps} steps, "
          f"{len(shot_ids)} shots + {len(gen_rows)} generated, on {device}")
@@ -135,6 +133,43 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
                 save_file(state, str(tmp / f"{mapper_name(stream, direction)}.safetensors"),
                           metadata={"architecture": p.architecture})
         atomic_write_json(tmp / "config.json", config_json)
+
+
+def run_official(params: Params, category: str, shots: int, seed: int) -> None:
+    """fit_mapper.mappers = official: convert the released checkpoints instead of training."""
+    from pipeline.official import check_features, import_official
+
+    p = params.fit_mapper
+    train_path = layout.features(category) / "train.zarr"
+    meta = feature_meta(open_store(train_path), ("rgb", "real", "est"))
+    features = {"backbone": meta.backbone, "backbone_source": meta.backbone_source,
+                "layers": meta.layers, "grid": meta.grid, "channels": meta.channels}
+    check_features({"channels": meta.channels, "grid": meta.grid}, meta, str(train_path))
+    info(f"fit_mapper {category} {layout.run_key(shots, seed)}: converting the official "
+         f"checkpoints under {p.checkpoints} (fit_mapper.mappers=official)")
+    import_official(p.checkpoints, params.data.dataset, category, shots,
+                    layout.mappers(category, shots, seed), features=features, seed=seed,
+                    provenance=provenance("fit_mapper", section_dict(p)))
+    # No training, no loss: the plot file DVC expects holds the header only.
+    header = "step," + ",".join(mapper_name(s, d) for s in STREAMS for d in DIRECTIONS)
+    atomic_write_text(layout.loss_curve(category, shots, seed), header + "\n")
+
+
+def _stream_data(stream: str, train, rows, gen, gen_rows, masks, clean_targets: bool
+                 ) -> StreamData:
+    """The training pairs of one stream: real = shots only; est = shots + generated images."""
+    def features(modality: str, noisy: bool = True) -> list[np.ndarray]:
+        shots = modality_copies(train, modality, rows, noisy)
+        if stream == "real":
+            return shots
+        return _concat(shots, modality_copies(gen, modality, gen_rows, noisy))
+
+    normals = "real" if stream == "real" else "est"
+    data = StreamData(features("rgb"), features(normals), masks)
+    if clean_targets:  # the published placement: noise on the mapper's input only
+        data.rgb_clean = features("rgb", noisy=False)
+        data.normals_clean = features(normals, noisy=False)
+    return data
 
 
 def _concat(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:

@@ -60,7 +60,14 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     feat_path = layout.features(category) / "test.zarr"
     feats = open_store(feat_path)
     meta = feature_meta(feats, MODALITIES)
-    _check_matches(config, str(mapper_dir / "config.json"), meta, str(feat_path))
+    if "official" in config and config.get("backbone_source") is None:
+        # Imported with `cmds-ad import-official` (no feature store at hand): the published
+        # backbone and layers, whichever copy of its weights made the features.
+        from pipeline.official import check_features
+
+        check_features(config, meta, str(feat_path))
+    else:
+        _check_matches(config, str(mapper_dir / "config.json"), meta, str(feat_path))
 
     prep_path = layout.prepared(category) / "test.zarr"
     prep, prep_ids = open_prepared_with_fg(prep_path, f"to score {feat_path}")

@@ -18,7 +18,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
-    "dvc.yaml", "upstream/dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"
+    "dvc.yaml", "upstream/dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore",
+    "checkpoints/README.md",  # fit_mapper's dependency (fit_mapper.checkpoints)
 )
 PROJECT_DIRS = ("pipeline", "stages")
 

@@ -278,3 +278,42 @@ def test_failure_keeps_a_previous_store(workdir):
 def test_seed_without_shots_is_a_params_error(workdir):
     with pytest.raises(ParamsError, match="--shots"):
         stage.run(make_params(), CAT, seed=1)
+
+
+def test_noise_space_normalised_adds_rgb_noise_after_imagenet_normalisation(workdir, backbone):
+    data = write_real(n_train=2, n_test=1)
+    stage.run(make_params(noisy_copies=2, noise_sigma=0.05, noise_space="image"), CAT)
+    image = open_store(layout.features(CAT) / "train.zarr")
+    image_rgb, image_real = image["noisy_rgb_0"][:], image["noisy_real_0"][:]
+    stage.run(make_params(noisy_copies=2, noise_sigma=0.05, noise_space="normalised"), CAT)
+    train = open_store(layout.features(CAT) / "train.zarr")
+    assert train.attrs["noise_space"] == "normalised" and image.attrs["noise_space"] == "image"
+    noise = Noise(copies=2, sigma=0.05, seed=0, tag=f"{CAT}/train", space="normalised")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for i in range(2):
+        eps = sample_noise(noise, i, "rgb", (3, S, S))
+        x = torch.from_numpy(data["train"]["rgb"][i].astype(np.float32) / 255).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            after = backbone((x - mean) / std + eps)[0].numpy()
+            before = backbone((x + eps - mean) / std)[0].numpy()
+        got = train["noisy_rgb_0"][i].astype(np.float32)
+        np.testing.assert_allclose(got, after, rtol=1e-2, atol=1e-2)
+        assert np.abs(got - before).max() > 0.05  # 1/std ~ 4.4x stronger than in image space
+    # Normal images are not normalised: both placements give the same bytes for them.
+    np.testing.assert_array_equal(train["noisy_real_0"][:], image_real)
+    assert np.abs(train["noisy_rgb_0"][:].astype(np.float32) - image_rgb.astype(np.float32)).max() > 0
+
+
+def test_precision_sets_the_backbone_dtype(workdir):
+    from pipeline.models.backbones import backbone_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert backbone_dtype("auto", cuda) == torch.float16 and backbone_dtype("auto", cpu) == torch.float32
+    assert backbone_dtype("fp32", cuda) == torch.float32  # published: ViT-B/8 in float32
+    assert backbone_dtype("fp16", cpu) == torch.float16
+    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("auto", torch.float32)):
+        model = stage._backbone(make_params(precision=precision))
+        assert next(model.parameters()).dtype == dtype
+    with pytest.raises(ParamsError, match="extract_features.precision"):
+        make_params(precision="bf16")

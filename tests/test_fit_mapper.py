@@ -280,3 +280,57 @@ def test_missing_shot_key(tmp_path, monkeypatch) -> None:
     write_project(tmp_path, test=False)
     (layout.prepared(CAT) / "shots.json").write_text(json.dumps({"k1-s0": ["good/000"]}))
     _expect_error(r"shots.json: no shots for 'k2-s0'")
+
+
+@pytest.mark.parametrize("noise_on", ["source", "both"])
+def test_noise_on_source_keeps_targets_clean(monkeypatch, noise_on: str) -> None:
+    import pipeline.training as training
+
+    rng = np.random.default_rng(0)
+    n, c = 3, (8, 8, 8)
+    clean_rgb = [rng.normal(size=(n, 1, k, GRID, GRID)).astype(np.float32) for k in c]
+    clean_nrm = [rng.normal(size=(n, 1, k, GRID, GRID)).astype(np.float32) for k in c]
+    # Noisy copies far from the clean features, so the mean tells which one a tensor is.
+    noisy_rgb = [np.repeat(a, 2, axis=1) + 100.0 for a in clean_rgb]
+    noisy_nrm = [np.repeat(a, 2, axis=1) + 200.0 for a in clean_nrm]
+    data = StreamData(noisy_rgb, noisy_nrm, None, rgb_clean=clean_rgb, normals_clean=clean_nrm)
+    targets: list[float] = []
+    sources: list[float] = []
+    loss = training.mapping_loss
+
+    def record(pred, target, weights, mask=None):
+        targets.append(float(target[0].mean()))
+        return loss(pred, target, weights, mask)
+
+    build = training.build_mapper
+
+    def build_and_hook(*args):
+        mapper = build(*args)
+        mapper.register_forward_pre_hook(lambda m, a: sources.append(float(a[0][0].mean())))
+        return mapper
+
+    monkeypatch.setattr(training, "mapping_loss", record)
+    monkeypatch.setattr(training, "build_mapper", build_and_hook)
+    config = TrainConfig("mlp", GRID, 3, 1e-3, 1e-4, 0.0, (1.2, 1.0, 0.8), 1, noise_on)
+    train_stream(data, config, seed=0, device=torch.device("cpu"))
+    assert len(targets) == len(sources) == 6  # 3 steps x (2d_to_3d, 3d_to_2d)
+    assert all(s > 150 for s in sources[1::2]) and all(90 < s < 110 for s in sources[0::2])
+    if noise_on == "source":  # noisy inputs, clean targets (the published placement)
+        assert all(abs(t) < 5 for t in targets)
+    else:
+        assert all(t > 150 for t in targets[0::2]) and all(90 < t < 110 for t in targets[1::2])
+
+
+def test_stage_noise_on(tmp_path, monkeypatch) -> None:
+    digests = {}
+    for noise_on, noisy in (("source", 2), ("both", 2), ("source", 0), ("both", 0)):
+        root = tmp_path / f"{noise_on}{noisy}"
+        root.mkdir()
+        monkeypatch.chdir(root)
+        write_project(root, test=False, noisy=noisy)
+        fit_mapper.run(make_params(architecture="mlp", steps=2, noise_on=noise_on), CAT, 2, 0)
+        digests[noise_on, noisy] = _digest(root)
+    assert digests["source", 2]["real_2d_to_3d.safetensors"] != digests["both", 2]["real_2d_to_3d.safetensors"]
+    # Without noisy copies both placements are the same training, byte for byte.
+    same = [k for k in digests["both", 0] if k != "config.json"]  # config records noise_on
+    assert [digests["source", 0][k] for k in same] == [digests["both", 0][k] for k in same]

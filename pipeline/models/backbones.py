@@ -111,6 +111,23 @@ class Backbone(nn.Module):
         return [int(m.shape[1]) for m in maps], [int(s) for s in maps[0].shape[-2:]]
 
 
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def backbone_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The forward dtype for ``extract_features.precision``.
+
+    ``fp32`` is the published precision (OFFICIAL 13: timm ViT-B/8 in float32); ``auto`` is half
+    precision on CUDA and float32 on the CPU (where half is slow and gains nothing).
+    """
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise ParamsError(f"extract_features.precision: unknown value {precision!r} "
+                          f"(allowed: auto, {', '.join(PRECISIONS)})")
+    return PRECISIONS[precision]
+
+
 # --- weights --------------------------------------------------------------------------------
 
 
