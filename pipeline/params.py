@@ -238,11 +238,6 @@ OFFICIAL_SETUP: dict = {
     "distance": "concatenated",
     "size": 224,
 }
-# HOOK(lead): the Marigold frame flip, estimate_normals.flip_x (bool, true = flip; added by the
-# marigold branch). The official checkpoints expect Marigold's own frame (no flip). On a branch
-# without that field getattr finds nothing and the check is skipped; after the merge it applies.
-MARIGOLD_FLIP_KEY = "flip_x"
-
 
 def official_setup_issues(params: Params) -> list[str]:
     """Keys that differ from the setup the official checkpoints need (empty when consistent)."""
@@ -261,10 +256,9 @@ def official_setup_issues(params: Params) -> list[str]:
         ("data.size", params.data.size, need["size"]),
     )
     issues += [f"{key}={got!r} (need {want!r})" for key, got, want in checks if got != want]
-    flip = getattr(params.estimate_normals, MARIGOLD_FLIP_KEY, None)
-    if flip:
-        issues.append(f"estimate_normals.{MARIGOLD_FLIP_KEY}={flip!r} (need false: the official "
-                      "mappers saw Marigold's own frame)")
+    if params.estimate_normals.flip_x:
+        issues.append("estimate_normals.flip_x=True (need false: the official mappers saw "
+                      "Marigold's own frame)")
     return issues
 
 

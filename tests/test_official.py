@@ -20,7 +20,7 @@ from pipeline.errors import InputError, ModelError, ParamsError
 from pipeline.inference import load_mappers
 from pipeline.models.mapper import CAHFM
 from pipeline.official import convert_state, import_official, read_checkpoint
-from pipeline.params import EstimateNormalsParams, parse_params
+from pipeline.params import parse_params
 from stages import fit_mapper, infer, layout
 from stages.cli import app
 from tests.test_fit_mapper import synth_features, write_features, write_prepare
@@ -270,16 +270,14 @@ def official_params(**over) -> object:
         "extract_features": {"layers": [4, 7, 11]},
         "fit_mapper": {"mappers": "official", "checkpoints": "release", "resolution": 224},
         "infer": {"distance": "concatenated", "batch_size": 2},
+        "estimate_normals": {"flip_x": False},  # the published (Marigold) frame
     }
-    if HAS_FLIP:  # the published (Marigold) frame, once estimate_normals has the switch
-        raw["estimate_normals"] = {"flip_x": False}
     for key, value in over.items():
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
     return parse_params(raw)
 
 
-HAS_FLIP = "flip_x" in EstimateNormalsParams.model_fields
 
 
 def test_inconsistent_preset_names_the_keys():
@@ -296,7 +294,6 @@ def test_inconsistent_preset_names_the_keys():
         official_params(fit_mapper__architecture="mlp")
 
 
-@pytest.mark.skipif(not HAS_FLIP, reason="estimate_normals.flip_x comes with the marigold branch")
 def test_official_checkpoints_need_marigolds_own_frame():
     with pytest.raises(ParamsError, match=r"estimate_normals.flip_x=True \(need false"):
         official_params(estimate_normals__flip_x=True)
