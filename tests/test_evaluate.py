@@ -249,3 +249,19 @@ def test_stream_store_of_other_test_set_fails(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(InputError, match=r"streams/bagel/k1-s0.zarr: sample ids do not match"):
         stage.run(params, CAT, 1, 0)
     assert not (tmp_path / "results").exists()
+
+
+def test_headline_is_read_by_the_report_alone() -> None:
+    """dvc.yaml: evaluate lists every evaluate key but the headline (both AUPROs are in
+    metrics.json already), so changing the headline re-runs only the report, which lists it."""
+    import yaml
+
+    from pipeline.params import EvaluateParams
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    stages = stages["stages"]
+    listed = {k for k in stages["evaluate"]["params"] if isinstance(k, str)}
+    assert listed == {f"evaluate.{f}" for f in EvaluateParams.model_fields
+                      if f != "headline_aupro"} | {"score"}
+    assert {"evaluate.limits", "evaluate.aupro_thresholds", "evaluate.headline_aupro"} <= \
+        set(stages["report"]["params"])
