@@ -102,7 +102,8 @@ def bench(name: str, maps, gt, labels, repeat: int, reference: bool) -> None:
     runs = {(): [], (99,): [], (99, 100): []}
     for _ in range(repeat):
         for counts, times in runs.items():
-            t, value = best_time(lambda: evaluate_maps(maps, gt, labels, aupro_thresholds=counts), 1)
+            t, value = best_time(
+                lambda: evaluate_maps(maps, gt, labels, aupro_thresholds=counts), 1)
             times.append(t)
             if counts == (99,):
                 result = value

@@ -14,8 +14,8 @@ and prints the summary table to the terminal. AUPRO: the columns titled ``AUPRO@
 headline computation (``evaluate.headline_aupro``: exact, or thr<T> = the published T-threshold
 approximation); the others follow, titled ``AUPRO@L% exact`` / ``AUPRO@L% thr99``. The CSVs
 hold every computation at every limit, the Markdown and terminal tables the others at the
-largest and the smallest limit only (readable width). A metric undefined for any category (null in
-metrics.json) makes the mean ``n/a`` rather than a mean over fewer categories.
+largest and the smallest limit only (readable width). A metric undefined for any category
+(null in metrics.json) makes the mean ``n/a`` rather than a mean over fewer categories.
 """
 
 from __future__ import annotations

@@ -185,7 +185,8 @@ def test_old_aupro_thresholds_values_fail_with_a_migration_message() -> None:
         msg = str(err.value)
         assert "evaluate.aupro_thresholds" in msg and "[99]" in msg
         assert "headline_aupro" in msg
-    with pytest.raises(ParamsError, match=r"evaluate.headline_aupro: .*needs 100 in evaluate.aupro_thresholds"):
+    with pytest.raises(ParamsError,
+                       match=r"evaluate.headline_aupro: .*needs 100 in evaluate.aupro_thresholds"):
         make_params(headline_aupro="thr100")
     with pytest.raises(ParamsError, match="evaluate.headline_aupro"):
         make_params(headline_aupro="approx")

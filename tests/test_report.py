@@ -118,7 +118,8 @@ def test_published_headline_leads_the_tables(tmp_path: Path, monkeypatch, capsys
         assert float(cat[f"AUPRO@{title} exact"]) == pytest.approx(exact, abs=1e-4)
     md = (out / "summary.md").read_text()
     assert "| AUPRO@1% | AUPRO@30% exact | AUPRO@1% exact |" in md
-    assert "the `exact` columns are the exact AUPRO" in md and "`evaluate.headline_aupro: thr99`" in md
+    assert "the `exact` columns are the exact AUPRO" in md
+    assert "`evaluate.headline_aupro: thr99`" in md
     abl = (out / "ablations.md").read_text()
     assert "| AUPRO@30% exact |" in abl
     abl_rows = rows_by_name((out / "ablations.csv").read_text())
