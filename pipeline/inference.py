@@ -41,11 +41,15 @@ def cosine_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor]
                     distance: str = "layerwise") -> torch.Tensor:
     """d(pred, target) = 1 - cos over the concatenated layers at each pixel: (B, H, W).
 
+    ``concatenated`` is the published code (OFFICIAL item 1): the mapper output and the target
+    are each the concatenation of the three layers (3 x 768 = 2304 values per pixel for
+    ViT-B/8), L2-normalised, and d = 1 - their dot product; cosine similarity is that dot
+    product, so no separate normalisation is needed.
     ``layerwise`` unit-normalises each layer before concatenating, which makes d the mean of the
     per-layer cosine distances. The mappers are trained on exactly those (DESIGN 1.5 loss), so
     the norms of their predicted layers are never fitted and differ from the targets' by an
-    order of magnitude; with ``concatenated`` (raw layers) the layer with the largest norm
-    mismatch sets d, and d tracks the object's silhouette rather than its defects.
+    order of magnitude; with ``concatenated`` the layer with the largest norm mismatch sets d,
+    and d tracks the object's silhouette rather than its defects.
     """
     if distance == "layerwise":
         pred = [F.normalize(p, dim=1) for p in pred]

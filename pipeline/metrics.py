@@ -12,8 +12,11 @@ exact AUPRO and the pixel AUROC together cost about one sort of the defect-free 
   in closed form needs only, for every defect pixel, the number of defect-free pixels below
   it (the same two ``searchsorted`` counts as the AUROC), and one bisection per limit: no
   pass over the curve's points at all (:class:`ExactPro`).
-* The published approximation (99 or 100 thresholds at quantiles of the defect-free scores)
-  is offered for comparison with published tables.
+* The published approximation (99 or 100 thresholds at quantiles of the defect-free scores,
+  ``calculate_au_pro(..., num_thresholds=99)`` in CFM / CMDS-AD) is computed next to the exact
+  value from the same sorted pixels: one ``searchsorted`` of its thresholds, no second sort.
+  Its keys carry the threshold count: ``aupro@0.3`` is exact, ``aupro@0.3_thr99`` the
+  approximation (:func:`aupro_key`).
 
 A metric that the data leaves undefined (no good image, no defect pixel, ...) is ``None``
 and its reason is recorded under ``"undefined"``; bad input raises :class:`InputError`.
@@ -30,12 +33,34 @@ from scipy import ndimage
 from pipeline.errors import InputError
 
 DEFAULT_LIMITS: tuple[float, ...] = (0.3, 0.1, 0.05, 0.01)
+# The published tables (CFM, CMDS-AD: calculate_au_pro(..., num_thresholds=99)).
+PUBLISHED_THRESHOLDS = 99
+DEFAULT_THRESHOLDS: tuple[int, ...] = (PUBLISHED_THRESHOLDS,)
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def aupro_key(limit: float) -> str:
-    """The result key of AUPRO at an FPR limit, e.g. ``aupro@0.3``."""
-    return f"aupro@{float(limit)}"
+def aupro_key(limit: float, thresholds: int | None = None) -> str:
+    """The result key of AUPRO at an FPR limit: ``aupro@0.3`` for the exact curve,
+    ``aupro@0.3_thr99`` for the approximation with 99 thresholds."""
+    key = f"aupro@{float(limit)}"
+    return key if thresholds is None else f"{key}_thr{int(thresholds)}"
+
+
+def threshold_counts(aupro_thresholds: Sequence[int] | None) -> tuple[int, ...]:
+    """The approximations' threshold counts, validated, duplicates dropped, order kept."""
+    if aupro_thresholds is None:
+        return ()
+    if isinstance(aupro_thresholds, (int, np.integer)) or isinstance(aupro_thresholds, str):
+        # the old single choice (the approximation *instead of* the exact value)
+        raise InputError(f"aupro_thresholds: expected a list of threshold counts, e.g. [99], "
+                         f"got {aupro_thresholds!r} (the exact AUPRO is always computed)")
+    counts: list[int] = []
+    for t in aupro_thresholds:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 2:
+            raise InputError(f"aupro_thresholds: every count must be an integer >= 2, got {t!r}")
+        if int(t) not in counts:
+            counts.append(int(t))
+    return tuple(counts)
 
 
 # --------------------------------------------------------------------------------------
@@ -299,21 +324,13 @@ class Evaluation:
 
     metrics: dict
     roc: tuple[np.ndarray, np.ndarray] | None  # image-level (fpr, tpr)
-    pro: ExactPro | None  # exact PRO curve (aupro_thresholds=None)
-    pro_points: tuple[np.ndarray, np.ndarray] | None  # approximate curve (fpr, pro)
+    pro: ExactPro | None  # the exact PRO curve (None where AUPRO is undefined)
+    pro_points: dict[int, tuple[np.ndarray, np.ndarray]]  # approximate curves (fpr, pro) by T
 
     def pro_plot(self, limit: float, max_points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-        """The PRO curve from FPR 0 to ``limit`` for a plot (at most ``max_points``)."""
+        """The exact PRO curve from FPR 0 to ``limit`` for a plot (at most ``max_points``)."""
         if self.pro is not None:
             return self.pro.sample(limit, max_points)
-        if self.pro_points is not None:
-            x, y = self.pro_points
-            end = int(np.searchsorted(x, limit, side="right"))
-            xs, ys = x[:end], y[:end]
-            if end < len(x) and (not len(xs) or xs[-1] < limit):
-                y_at = np.interp(limit, x, y)
-                xs, ys = np.append(xs, limit), np.append(ys, y_at)
-            return xs, ys
         return np.zeros(0), np.zeros(0)
 
 
@@ -323,7 +340,7 @@ def evaluate(
     labels: np.ndarray,
     scores: np.ndarray | None = None,
     limits: Sequence[float] = DEFAULT_LIMITS,
-    aupro_thresholds: int | None = None,
+    aupro_thresholds: Sequence[int] | None = DEFAULT_THRESHOLDS,
     roc_maps: np.ndarray | None = None,
 ) -> Evaluation:
     """All metrics and the image ROC / PRO curves; see :func:`evaluate_maps`.
@@ -335,8 +352,7 @@ def evaluate(
     limits = [float(x) for x in limits]
     if not limits or any(not 0 < x <= 1 for x in limits):
         raise InputError(f"limits: every FPR limit must be in (0, 1], got {limits}")
-    if aupro_thresholds is not None and int(aupro_thresholds) < 2:
-        raise InputError(f"aupro_thresholds: need at least 2, got {aupro_thresholds}")
+    counts = threshold_counts(aupro_thresholds)
     maps = _as_maps(anomaly_maps)
     gt, labels, image_scores = _validate(maps, gt, labels, scores)
     if roc_maps is not None:
@@ -369,21 +385,23 @@ def evaluate(
         result["p_auroc"] = None
         undefined["p_auroc"] = why
 
-    pro, pro_points = None, None
+    # The exact value and every approximation read the same sorted pixels (``stats``): an
+    # approximation adds one searchsorted of its T thresholds, not a sort.
+    pro, pro_points = None, {}
     if n_neg and n_pos:
-        if aupro_thresholds is None:
-            pro = ExactPro(stats)
-            for limit in limits:
-                result[aupro_key(limit)] = pro.area_to(limit) / limit
-        else:
-            pro_points = approx_pro_curve(stats, int(aupro_thresholds))
-            for limit in limits:
-                result[aupro_key(limit)] = trapezoid_to(*pro_points, limit) / limit
-    else:
-        for limit in limits:
-            result[aupro_key(limit)] = None
-            undefined[aupro_key(limit)] = why
-    result["aupro_thresholds"] = None if aupro_thresholds is None else int(aupro_thresholds)
+        pro = ExactPro(stats)
+        pro_points = {t: approx_pro_curve(stats, t) for t in counts}
+    for limit in limits:
+        for t in (None, *counts):
+            key = aupro_key(limit, t)
+            if pro is None:
+                result[key] = None
+                undefined[key] = why
+            elif t is None:
+                result[key] = pro.area_to(limit) / limit
+            else:
+                result[key] = trapezoid_to(*pro_points[t], limit) / limit
+    result["aupro_thresholds"] = list(counts)
     result["n_images"] = len(maps)
     result["n_defective"] = n_bad
     result["n_regions"] = stats.n_regions
@@ -397,15 +415,17 @@ def evaluate_maps(
     labels: np.ndarray,
     scores: np.ndarray | None = None,
     limits: Sequence[float] = DEFAULT_LIMITS,
-    aupro_thresholds: int | None = None,
+    aupro_thresholds: Sequence[int] | None = DEFAULT_THRESHOLDS,
 ) -> dict:
     """I-AUROC, P-AUROC and AUPRO at each FPR limit of a set of anomaly maps.
 
     ``anomaly_maps`` (N, H, W) float; ``gt`` (N, H, W), non-zero = defect; ``labels`` (N,)
     0 good / 1 defective; ``scores`` (N,) image scores, default the max of each map.
-    ``aupro_thresholds=None`` gives the exact PRO curve; an integer T the published
-    approximation with T thresholds. Keys: ``i_auroc``, ``p_auroc``, ``aupro@<limit>``,
-    plus ``aupro_thresholds``, ``n_images``, ``n_defective``, ``n_regions`` and
-    ``undefined`` (metric -> reason for every metric that is ``None``).
+    AUPRO is always computed on the exact PRO curve (``aupro@<limit>``) and, for every T in
+    ``aupro_thresholds`` (default ``(99,)``, the published tables), with the published
+    approximation of T thresholds (``aupro@<limit>_thr<T>``), from the same sort. Other keys:
+    ``i_auroc``, ``p_auroc``, ``aupro_thresholds`` (the list of T), ``n_images``,
+    ``n_defective``, ``n_regions`` and ``undefined`` (metric -> reason for every metric that
+    is ``None``).
     """
     return evaluate(anomaly_maps, gt, labels, scores, limits, aupro_thresholds).metrics

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ParamsError
 
@@ -267,8 +275,9 @@ class InferParams(Section):
 
     batch_size: int = Field(8, ge=1)
     # layerwise: 1 - cos over the concatenation of per-layer unit-normalised features (the mean
-    # of the per-layer cosine distances the mappers are trained on); concatenated: 1 - cos over
-    # the raw concatenation, whose result the untrained predicted layer norms dominate.
+    # of the per-layer cosine distances the mappers are trained on); concatenated: 1 - cos of
+    # the L2-normalised concatenated vectors (the published code, OFFICIAL item 1), whose
+    # result the untrained predicted layer norms dominate.
     distance: Literal["layerwise", "concatenated"] = "layerwise"
 
 
@@ -294,10 +303,18 @@ class ScoreParams(Section):
 
 
 class EvaluateParams(Section):
-    """``evaluate``: metrics, tables and pictures (DESIGN 1.7)."""
+    """``evaluate``: metrics, tables and pictures (DESIGN 1.7).
+
+    AUPRO is always computed exactly and, in the same pass, with the published approximation
+    for every threshold count in ``aupro_thresholds``; ``headline_aupro`` only chooses which
+    of them the report's tables show as *the* AUPRO.
+    """
 
     limits: list[float] = Field(default=[0.3, 0.1, 0.05, 0.01], min_length=1)
-    aupro_thresholds: int | None = Field(None, ge=2)
+    # threshold counts of the published approximation, each reported next to the exact value
+    aupro_thresholds: list[int] = Field(default=[99])
+    # exact | thr<T> (T in aupro_thresholds): the AUPRO the summary tables lead with
+    headline_aupro: str = Field("exact", pattern=r"^(exact|thr[0-9]+)$")
     heatmaps_per_class: int = Field(3, ge=0)
 
     @field_validator("limits")
@@ -306,6 +323,40 @@ class EvaluateParams(Section):
         if any(not 0 < x <= 1 for x in v):
             raise ValueError("every limit must be in (0, 1]")
         return v
+
+    @field_validator("aupro_thresholds", mode="before")
+    @classmethod
+    def _was_a_single_choice(cls, v: object) -> object:
+        # Before issue 14 this key chose ONE computation (null = exact, 99 = approximation).
+        if v is None or isinstance(v, (int, float, str)):
+            raise ValueError(
+                "now a list of threshold counts whose approximation is reported NEXT TO the "
+                "exact AUPRO, which is always computed (e.g. [99]); an old `null` becomes [99], "
+                "an old `99` becomes [99] plus `evaluate.headline_aupro: thr99`"
+            )
+        return v
+
+    @field_validator("aupro_thresholds")
+    @classmethod
+    def _counts(cls, v: list[int]) -> list[int]:
+        if any(t < 2 for t in v):
+            raise ValueError("every threshold count must be >= 2")
+        if len(set(v)) != len(v):
+            raise ValueError("threshold counts repeat")
+        return v
+
+    @field_validator("headline_aupro")
+    @classmethod
+    def _headline_is_computed(cls, v: str, info: ValidationInfo) -> str:
+        # aupro_thresholds is declared first, so it is validated by now (absent if invalid)
+        counts = info.data.get("aupro_thresholds")
+        if v != "exact" and counts is not None and int(v[3:]) not in counts:
+            raise ValueError(f"needs {int(v[3:])} in evaluate.aupro_thresholds (got {counts})")
+        return v
+
+    def headline_thresholds(self) -> int | None:
+        """The headline's threshold count, None for the exact AUPRO."""
+        return None if self.headline_aupro == "exact" else int(self.headline_aupro[3:])
 
 
 class Params(Section):

@@ -21,6 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.metrics import aupro_key
+
 CMAP = "jet"
 # zlib level 3 encodes these figures about four times faster than Pillow's default 6, for
 # files about 10% larger: every re-score writes a few PNGs per (category, k, seed).
@@ -155,16 +157,76 @@ def curve_csv(header: tuple[str, str], x: np.ndarray, y: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    key: str  # key in metrics.json, e.g. "aupro@0.3"
-    title: str  # table heading, e.g. "AUPRO@30%"
+    key: str  # key in metrics.json, e.g. "aupro@0.3" or "aupro@0.3_thr99"
+    title: str  # table heading, e.g. "AUPRO@30%" or "AUPRO@30% thr99"
 
 
-def metric_columns(limits: Sequence[float]) -> list[Column]:
-    """I-AUROC, P-AUROC, then AUPRO at each FPR limit (the paper reports 30% and 1%)."""
+def _computation(thresholds: int | None) -> str:
+    return "exact" if thresholds is None else f"thr{int(thresholds)}"
+
+
+def _aupro_column(limit: float, thresholds: int | None, headline: bool) -> Column:
+    title = f"AUPRO@{float(limit) * 100:g}%"
+    return Column(aupro_key(limit, thresholds),
+                  title if headline else f"{title} {_computation(thresholds)}")
+
+
+def _others(thresholds: Sequence[int], headline: int | None) -> list[int | None]:
+    """The AUPRO computations besides the headline: exact first, then the approximations."""
+    return [t for t in (None, *thresholds) if t != headline]
+
+
+def metric_columns(limits: Sequence[float], thresholds: Sequence[int] = (),
+                   headline: int | None = None) -> list[Column]:
+    """Every column: I-AUROC, P-AUROC, the headline AUPRO at each FPR limit (titled plainly,
+    ``AUPRO@30%``), then each other AUPRO computation at each limit (``AUPRO@30% thr99``,
+    ``AUPRO@30% exact``). ``headline`` is the headline's threshold count, None = exact."""
     cols = [Column("i_auroc", "I-AUROC"), Column("p_auroc", "P-AUROC")]
-    for limit in limits:
-        cols.append(Column(f"aupro@{float(limit)}", f"AUPRO@{float(limit) * 100:g}%"))
+    cols += [_aupro_column(limit, headline, True) for limit in limits]
+    for t in _others(thresholds, headline):
+        cols += [_aupro_column(limit, t, False) for limit in limits]
     return cols
+
+
+def table_columns(limits: Sequence[float], thresholds: Sequence[int] = (),
+                  headline: int | None = None) -> list[Column]:
+    """The columns a person reads (Markdown, terminal): the headline AUPRO at every limit,
+    the other computations only at the largest and the smallest limit (the paper reports
+    30% and 1%; the approximation departs most from the exact value at 1%)."""
+    cols = [Column("i_auroc", "I-AUROC"), Column("p_auroc", "P-AUROC")]
+    cols += [_aupro_column(limit, headline, True) for limit in limits]
+    ends = list(dict.fromkeys((max(limits), min(limits))))
+    for t in _others(thresholds, headline):
+        cols += [_aupro_column(limit, t, False) for limit in ends]
+    return cols
+
+
+def headline_note(thresholds: Sequence[int], headline: int | None) -> str:
+    """One sentence for a table's intro: what AUPRO@L% is and what the other columns are."""
+    def name(t: int | None) -> str:
+        if t is None:
+            return "the exact AUPRO, every score a threshold"
+        return f"the published code's {t}-threshold approximation"
+    text = f"AUPRO@L% is {name(headline)} (`evaluate.headline_aupro: {_computation(headline)}`)"
+    for t in _others(thresholds, headline):
+        text += f"; the `{_computation(t)}` columns are {name(t)}"
+    return text + "."
+
+
+def metrics_text(metrics: Mapping, limits: Sequence[float], thresholds: Sequence[int]) -> str:
+    """The metrics lines of a per-category figure, in %: the AUROCs and the exact AUPRO, then
+    one line per approximation."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    def aupro(t: int | None) -> str:
+        return f"AUPRO {_computation(t)} " + "  ".join(
+            f"@{float(limit) * 100:g}% {pct(metrics.get(aupro_key(limit, t)))}" for limit in limits)
+
+    lines = [f"I-AUROC {pct(metrics.get('i_auroc'))}   P-AUROC {pct(metrics.get('p_auroc'))}   "
+             f"{aupro(None)}  (%)"]
+    lines += [aupro(t) for t in thresholds]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -303,9 +365,10 @@ def rows_csv(rows: Sequence[Row], columns: Sequence[Column], first: str) -> str:
     return buf.getvalue()
 
 
-def summary_png(rows: Sequence[Row], columns: Sequence[Column], dataset: str) -> bytes:
+def summary_png(rows: Sequence[Row], columns: Sequence[Column], dataset: str,
+                headline: int | None = None) -> bytes:
     """Grouped bars: per category (and the mean), one bar per k, for I-AUROC and the first
-    AUPRO column; error bars are the std over seeds."""
+    AUPRO column (the headline at the largest limit); error bars are the std over seeds."""
     shown = [columns[0]] + [c for c in columns if c.key.startswith("aupro@")][:1]
     names = list(dict.fromkeys(r.name for r in rows))
     shots = sorted({r.shots for r in rows})
@@ -325,7 +388,9 @@ def summary_png(rows: Sequence[Row], columns: Sequence[Column], dataset: str) ->
         ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{col.title} (%)")
         ax.set_ylim(0, 105)
-        ax.set_title(f"{dataset}: {col.title}")
+        aupro = col.key.startswith("aupro@")
+        name = f"{col.title} ({_computation(headline)})" if aupro else col.title
+        ax.set_title(f"{dataset}: {name}")
         ax.legend(fontsize=8, ncols=len(shots))
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -73,14 +73,17 @@ def demo_data(
 def metrics(
     file: Annotated[Path, typer.Argument(help="NPZ with anomaly_maps, gt, labels [, scores].")],
     aupro_thresholds: Annotated[
-        Optional[int], typer.Option(help="Published approximation with N thresholds (99/100).")
+        Optional[list[int]],
+        typer.Option(help="Also the approximation with N thresholds (aupro@L_thrN; repeatable). "
+                          "The exact AUPRO and the published 99-threshold one are always given."),
     ] = None,
 ) -> None:
-    """Compute I-AUROC, P-AUROC and AUPRO of anomaly maps stored in an NPZ file; print JSON."""
+    """Compute I-AUROC, P-AUROC and AUPRO (exact and aupro@L_thr99) of anomaly maps stored in
+    an NPZ file; print JSON."""
     from stages.evaluate import metrics_command
 
     try:
-        metrics_command(file, aupro_thresholds)
+        metrics_command(file, aupro_thresholds or ())
     except CmdsAdError as err:
         _fail(str(err))
 

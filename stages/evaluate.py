@@ -6,11 +6,13 @@ Reads   artifacts/scores/<cat>/k<k>-s<seed>.zarr (map, map_pro, map_roc, image_s
         ablations), artifacts/prepare/<cat>/test.zarr (gt, rgb; attrs ids, labels)
 Writes  results/evaluate/<cat>/k<k>-s<seed>/ (atomically):
         metrics.json   flat dict for ``dvc metrics show``: i_auroc (from image_score),
-                       p_auroc (from map_roc), aupro@<limit> (from map_pro), category, shots,
-                       seed, n_test, ...; an undefined metric is null, with its reason under
+                       p_auroc (from map_roc), aupro@<limit> (exact) and, from the same
+                       sort, aupro@<limit>_thr<T> (the published approximation, for each T
+                       in ``evaluate.aupro_thresholds``) from map_pro, category, shots, seed,
+                       n_test, ...; an undefined metric is null, with its reason under
                        ``undefined``
         roc.csv        fpr,tpr (image level)              } DVC plots
-        pro.csv        fpr,pro up to the largest limit, at most 1000 points }
+        pro.csv        fpr,pro (exact curve) up to the largest limit, at most 1000 points }
         heatmaps/<id>.png  overlays of ``map`` (common colour scale [0, max over the test set])
                        on the RGB image with the gt contour in white, for
                        ``evaluate.heatmaps_per_class`` good and defective images each, chosen
@@ -18,9 +20,11 @@ Writes  results/evaluate/<cat>/k<k>-s<seed>/ (atomically):
                        (see :func:`pipeline.report.choose_examples`)
         overview.png   those overlays, the ROC and PRO curves and the score histograms
         ablations.json fusion variants recomputed from the stored stream maps (no model):
-                       {variant: metrics} for the variants in ``ABLATIONS``
+                       {variant: metrics} for the variants in ``ABLATIONS`` (the same keys,
+                       both AUPRO computations included)
 
-Also ``metrics_command`` behind ``cmds-ad metrics FILE.npz``.
+Also ``metrics_command`` behind ``cmds-ad metrics FILE.npz``. ``evaluate.headline_aupro`` is
+not read here (only the report chooses a headline), so changing it re-runs the report alone.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,8 +56,10 @@ ABLATION_WORKERS = min(2, os.cpu_count() or 1)
 # ------------------------------------------------------------------------ cmds-ad metrics
 
 
-def metrics_command(file: Path, aupro_thresholds: int | None) -> None:
-    """Print the metrics of the maps in an NPZ (anomaly_maps, gt, labels[, scores]) as JSON."""
+def metrics_command(file: Path, extra_thresholds: Sequence[int] = ()) -> None:
+    """Print the metrics of the maps in an NPZ (anomaly_maps, gt, labels[, scores]) as JSON:
+    the exact AUPRO, the published 99-threshold approximation and one more approximation for
+    each count in ``extra_thresholds``."""
     file = Path(file)
     if not file.is_file():
         raise InputError(f"{file}: file not found")
@@ -69,7 +76,8 @@ def metrics_command(file: Path, aupro_thresholds: int | None) -> None:
     try:
         result = M.evaluate_maps(
             arrays["anomaly_maps"], arrays["gt"], arrays["labels"],
-            scores=arrays.get("scores"), aupro_thresholds=aupro_thresholds,
+            scores=arrays.get("scores"),
+            aupro_thresholds=(M.PUBLISHED_THRESHOLDS, *extra_thresholds),
         )
     except InputError as err:
         raise InputError(f"{file}: {err}") from None
@@ -212,10 +220,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
             R.write_bytes(out / "heatmaps" / f"{R.safe_name(ids[i])}.png", R.png_bytes(image))
             kind = "good" if labels[i] == 0 else "defective"
             examples.append((image, f"{ids[i]} ({kind})\nscore {image_score[i]:.3g}"))
-        text = "   ".join(
-            f"{c.title} {'n/a' if ev.metrics[c.key] is None else f'{100 * ev.metrics[c.key]:.1f}'}"
-            for c in R.metric_columns(p.limits)
-        ) + "  (%)"
+        text = R.metrics_text(ev.metrics, p.limits, p.aupro_thresholds)
         title = f"{category}  k={shots}  seed={seed}  ({n} test images)"
         R.write_bytes(out / "overview.png", R.overview_png(
             title, examples, ev.roc, (pro_x, pro_y), pro_limit, image_score, labels, text))

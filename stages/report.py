@@ -8,14 +8,20 @@ Writes  results/summary/ (atomically):
                                   (the mean row: mean over categories per seed, then over seeds)
         ablations.md / .csv       fusion variants (and the configured model), mean over
                                   categories per k
-        summary.png               bars per category and k (I-AUROC, AUPRO at the first limit)
-and prints the summary table to the terminal. A metric undefined for any category (null in
-metrics.json) makes the mean ``n/a`` rather than a mean over fewer categories.
+        summary.png               bars per category and k (I-AUROC, headline AUPRO at the
+                                  first limit)
+and prints the summary table to the terminal. AUPRO: the columns titled ``AUPRO@L%`` are the
+headline computation (``evaluate.headline_aupro``: exact, or thr<T> = the published T-threshold
+approximation); the others follow, titled ``AUPRO@L% exact`` / ``AUPRO@L% thr99``. The CSVs
+hold every computation at every limit, the Markdown and terminal tables the others at the
+largest and the smallest limit only (readable width). A metric undefined for any category
+(null in metrics.json) makes the mean ``n/a`` rather than a mean over fewer categories.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -51,12 +57,21 @@ def _print_table(rows: list[R.Row], columns: list[R.Column]) -> None:
     Console(width=160).print(table)
 
 
+def _only(rows: list[R.Row], columns: list[R.Column], shown: list[R.Column]) -> list[R.Row]:
+    """The rows with only the cells of the ``shown`` columns (a subset of ``columns``)."""
+    index = [columns.index(c) for c in shown]
+    return [replace(r, cells=tuple(r.cells[i] for i in index)) for r in rows]
+
+
 def run(params: Params) -> None:
     dataset = params.data.dataset
     categories = list(params.data.categories)
     shots = list(params.fewshot.shots)
     seeds = list(params.fewshot.seeds)
-    columns = R.metric_columns(params.evaluate.limits)
+    p = params.evaluate
+    headline = p.headline_thresholds()
+    columns = R.metric_columns(p.limits, p.aupro_thresholds, headline)
+    shown = R.table_columns(p.limits, p.aupro_thresholds, headline)
 
     metrics: dict[tuple[str, int, int], dict] = {}
     ablations: dict[tuple[str, int, int], dict] = {}
@@ -70,7 +85,8 @@ def run(params: Params) -> None:
                 if missing:
                     raise InputError(
                         f"{folder / 'metrics.json'}: no value for {', '.join(missing)} "
-                        "(evaluate.limits changed? re-run the evaluate stage)"
+                        "(evaluate.limits or evaluate.aupro_thresholds changed? re-run the "
+                        "evaluate stage)"
                     )
 
     rows = R.summary_rows(metrics, dataset, categories, shots, seeds, columns)
@@ -82,6 +98,7 @@ def run(params: Params) -> None:
         f"# CMDS-AD results: {dataset}\n\n"
         f"Values in %, categories: {', '.join(categories)}; seeds: {seeds_text}"
         + (" (mean ± sample std over seeds)." if len(seeds) > 1 else ".")
+        + " " + R.headline_note(p.aupro_thresholds, headline)
     )
     abl_intro = (
         f"# Fusion ablations: {dataset}\n\n"
@@ -90,13 +107,16 @@ def run(params: Params) -> None:
         + "; ".join(
             f"`{v}`: " + ", ".join(f"{k}={val}" for k, val in ABLATIONS[v].items())
             for v in variants
-        ) + "."
+        ) + ". " + R.headline_note(p.aupro_thresholds, headline)
     )
     with atomic_dir(layout.summary()) as out:
-        R.write_bytes(out / "summary.md", R.rows_markdown(rows, columns, "category", intro).encode())
+        R.write_bytes(out / "summary.md",
+                      R.rows_markdown(_only(rows, columns, shown), shown, "category",
+                                      intro).encode())
         R.write_bytes(out / "summary.csv", R.rows_csv(rows, columns, "category").encode())
         R.write_bytes(out / "ablations.md",
-                      R.rows_markdown(abl_rows, columns, "variant", abl_intro).encode())
+                      R.rows_markdown(_only(abl_rows, columns, shown), shown, "variant",
+                                      abl_intro).encode())
         R.write_bytes(out / "ablations.csv", R.rows_csv(abl_rows, columns, "variant").encode())
-        R.write_bytes(out / "summary.png", R.summary_png(rows, columns, dataset))
-    _print_table(rows, columns)
+        R.write_bytes(out / "summary.png", R.summary_png(rows, columns, dataset, headline))
+    _print_table(_only(rows, columns, shown), shown)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.artifacts import StoreWriter
-from pipeline.errors import InputError
+from pipeline.errors import InputError, ParamsError
 from pipeline.metrics import aupro_key, evaluate
 from pipeline.params import Params, parse_params
 from pipeline.scoring import STREAM_NAMES, finish_maps
@@ -19,6 +19,8 @@ from stages import layout
 
 S, N, CAT = 32, 8, "bagel"
 LIMITS = (0.3, 0.1, 0.05, 0.01)
+# every AUPRO key of a default run: exact and the published 99-threshold approximation
+AUPRO_KEYS = tuple(aupro_key(x, t) for x in LIMITS for t in (None, 99))
 
 
 def make_params(**evaluate_section) -> Params:
@@ -89,8 +91,10 @@ def test_evaluate_stage_outputs(tmp_path: Path, monkeypatch) -> None:
                         roc_maps=sc.map_roc).metrics
     assert metrics["category"] == CAT and metrics["shots"] == 1 and metrics["seed"] == 0
     assert metrics["n_test"] == N
-    for key in ("i_auroc", "p_auroc", *map(aupro_key, LIMITS)):
+    assert metrics["aupro_thresholds"] == [99]
+    for key in ("i_auroc", "p_auroc", *AUPRO_KEYS):
         assert metrics[key] == pytest.approx(expected[key], abs=1e-12)
+    assert metrics["aupro@0.01"] != metrics["aupro@0.01_thr99"]
     # P-AUROC really comes from map_roc, not map_pro
     from_pro = evaluate(sc.map_pro, data["gt"], data["labels"]).metrics["p_auroc"]
     assert from_pro != pytest.approx(metrics["p_auroc"], abs=1e-9)
@@ -98,7 +102,7 @@ def test_evaluate_stage_outputs(tmp_path: Path, monkeypatch) -> None:
 
     ablations = json.loads((out / "ablations.json").read_text())
     assert set(ablations) == set(stage.ABLATIONS)
-    for key in ("i_auroc", "p_auroc", *map(aupro_key, LIMITS)):
+    for key in ("i_auroc", "p_auroc", *AUPRO_KEYS):
         # the configured fusion is the product of both streams and modalities
         assert ablations["product"][key] == pytest.approx(metrics[key], abs=1e-6)
     assert ablations["2d_only"]["i_auroc"] == 1.0
@@ -110,7 +114,7 @@ def test_evaluate_stage_outputs(tmp_path: Path, monkeypatch) -> None:
                         params.score.model_copy(update=stage.ABLATIONS[variant]))
         again = evaluate(v.map_pro, data["gt"], data["labels"], scores=v.image_score,
                          roc_maps=v.map_roc).metrics
-        for key in ("i_auroc", "p_auroc", *map(aupro_key, LIMITS)):
+        for key in ("i_auroc", "p_auroc", *AUPRO_KEYS):
             assert ablations[variant][key] == pytest.approx(again[key], abs=1e-9), variant
     assert ablations["sum"]["i_auroc"] != ablations["product"]["i_auroc"] or \
         ablations["sum"]["aupro@0.01"] != ablations["product"]["aupro@0.01"]
@@ -154,17 +158,40 @@ def test_evaluate_is_deterministic(tmp_path: Path, monkeypatch) -> None:
     assert all(first[k] == second[k] for k in first)
 
 
-def test_approximate_aupro_option(tmp_path: Path, monkeypatch) -> None:
+def test_more_approximations_in_the_same_run(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    params = make_params(aupro_thresholds=100, limits=[0.3, 0.01])
+    params = make_params(aupro_thresholds=[99, 100], limits=[0.3, 0.01])
     data = write_inputs(params)
     stage.run(params, CAT, 1, 0)
-    metrics = json.loads((layout.evaluation(CAT, 1, 0) / "metrics.json").read_text())
+    out = layout.evaluation(CAT, 1, 0)
+    metrics = json.loads((out / "metrics.json").read_text())
     sc = data["scored"]
-    expected = evaluate(sc.map_pro, data["gt"], data["labels"], scores=sc.image_score,
-                        limits=[0.3, 0.01], aupro_thresholds=100).metrics
-    assert metrics["aupro_thresholds"] == 100 and "aupro@0.1" not in metrics
-    assert metrics["aupro@0.01"] == pytest.approx(expected["aupro@0.01"], abs=1e-12)
+    keys = [aupro_key(x, t) for x in (0.3, 0.01) for t in (None, 99, 100)]
+    assert metrics["aupro_thresholds"] == [99, 100] and "aupro@0.1" not in metrics
+    assert sorted(k for k in metrics if k.startswith("aupro@")) == sorted(keys)
+    for t in (None, 99, 100):  # each equals a call that computes only that approximation
+        alone = evaluate(sc.map_pro, data["gt"], data["labels"], scores=sc.image_score,
+                         limits=[0.3, 0.01], aupro_thresholds=[] if t is None else [t]).metrics
+        for x in (0.3, 0.01):
+            assert metrics[aupro_key(x, t)] == pytest.approx(alone[aupro_key(x, t)], abs=1e-12)
+    ablations = json.loads((out / "ablations.json").read_text())
+    assert all(set(keys) <= set(v) for v in ablations.values())
+
+
+def test_old_aupro_thresholds_values_fail_with_a_migration_message() -> None:
+    for old in (None, 99):
+        with pytest.raises(ParamsError) as err:
+            make_params(aupro_thresholds=old)
+        msg = str(err.value)
+        assert "evaluate.aupro_thresholds" in msg and "[99]" in msg
+        assert "headline_aupro" in msg
+    with pytest.raises(ParamsError,
+                       match=r"evaluate.headline_aupro: .*needs 100 in evaluate.aupro_thresholds"):
+        make_params(headline_aupro="thr100")
+    with pytest.raises(ParamsError, match="evaluate.headline_aupro"):
+        make_params(headline_aupro="approx")
+    assert make_params(aupro_thresholds=[99, 100], headline_aupro="thr100") \
+        .evaluate.headline_thresholds() == 100
 
 
 def test_mismatched_ids_fail_naming_both_files(tmp_path: Path, monkeypatch) -> None:
@@ -223,3 +250,19 @@ def test_stream_store_of_other_test_set_fails(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(InputError, match=r"streams/bagel/k1-s0.zarr: sample ids do not match"):
         stage.run(params, CAT, 1, 0)
     assert not (tmp_path / "results").exists()
+
+
+def test_headline_is_read_by_the_report_alone() -> None:
+    """dvc.yaml: evaluate lists every evaluate key but the headline (both AUPROs are in
+    metrics.json already), so changing the headline re-runs only the report, which lists it."""
+    import yaml
+
+    from pipeline.params import EvaluateParams
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    stages = stages["stages"]
+    listed = {k for k in stages["evaluate"]["params"] if isinstance(k, str)}
+    assert listed == {f"evaluate.{f}" for f in EvaluateParams.model_fields
+                      if f != "headline_aupro"} | {"score"}
+    assert {"evaluate.limits", "evaluate.aupro_thresholds", "evaluate.headline_aupro"} <= \
+        set(stages["report"]["params"])

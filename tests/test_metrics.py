@@ -69,28 +69,61 @@ def brute_force_aupro(maps, gt, limit):
 # ----------------------------------------------------------------------- official values
 
 
+FIXTURE_SUFFIX = {"": None, "_thresholds99": 99, "_thresholds100": 100}
+
+
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_fixtures_match_official_values(metric_fixtures: Path, name: str) -> None:
+    """One call gives the exact AUPRO and both approximations, each matching the official
+    value (fixture key ``aupro@L_thresholdsT`` is our ``aupro@L_thrT``)."""
     data = np.load(metric_fixtures / f"{name}.npz")
     expected = json.loads((metric_fixtures / f"{name}.json").read_text())
+    got = evaluate_maps(data["anomaly_maps"], data["gt"], data["labels"],
+                        aupro_thresholds=(99, 100))
+    assert got["undefined"] == {} and got["aupro_thresholds"] == [99, 100]
     checked = 0
-    for thresholds, suffix in ((None, ""), (100, "_thresholds100"), (99, "_thresholds99")):
-        got = evaluate_maps(data["anomaly_maps"], data["gt"], data["labels"],
-                            aupro_thresholds=thresholds)
-        assert got["undefined"] == {}
-        for key, value in expected.items():
-            if not isinstance(value, float) and not isinstance(value, int) or key == "shape":
-                continue
-            if key.startswith("aupro@"):
-                limit, _, variant = key[len("aupro@"):].partition("_")
-                if (f"_{variant}" if variant else "") != suffix:
-                    continue
-                ours = got[aupro_key(float(limit))]
-            else:  # i_auroc, i_auroc_sklearn, p_auroc
-                ours = got[key.removesuffix("_sklearn")]
-            assert ours == pytest.approx(value, abs=1e-4), f"{name} {key}"
-            checked += 1
-    assert checked == 3 * 3 + 3 * len(LIMITS)  # AUROCs under each variant, AUPRO once
+    for key, value in expected.items():
+        if not isinstance(value, (float, int)) or key == "shape":
+            continue
+        if key.startswith("aupro@"):
+            limit, _, variant = key[len("aupro@"):].partition("_")
+            ours = got[aupro_key(float(limit), FIXTURE_SUFFIX[f"_{variant}" if variant else ""])]
+        else:  # i_auroc, i_auroc_sklearn, p_auroc
+            ours = got[key.removesuffix("_sklearn")]
+        assert ours == pytest.approx(value, abs=1e-4), f"{name} {key}"
+        checked += 1
+    assert checked == 3 + 3 * len(LIMITS)  # the AUROCs, AUPRO exact / thr99 / thr100
+    # nothing more than asked for: exact plus the two approximations at each limit
+    assert sorted(k for k in got if k.startswith("aupro@")) == sorted(
+        aupro_key(x, t) for x in LIMITS for t in (None, 99, 100))
+
+
+def test_default_is_exact_and_published_approximation(metric_fixtures: Path) -> None:
+    data = np.load(metric_fixtures / "blobs_64_seed0.npz")
+    expected = json.loads((metric_fixtures / "blobs_64_seed0.json").read_text())
+    got = evaluate_maps(data["anomaly_maps"], data["gt"], data["labels"])
+    assert got["aupro_thresholds"] == [99]
+    for limit in LIMITS:
+        assert got[aupro_key(limit)] == pytest.approx(expected[f"aupro@{limit}"], abs=1e-4)
+        assert got[aupro_key(limit, 99)] == pytest.approx(
+            expected[f"aupro@{limit}_thresholds99"], abs=1e-4)
+        assert aupro_key(limit, 100) not in got
+    # the two differ where the fixture says they do (1%: 0.259 exact, 0.179 approximated)
+    assert got["aupro@0.01"] - got["aupro@0.01_thr99"] > 0.05
+    exact_only = evaluate_maps(data["anomaly_maps"], data["gt"], data["labels"],
+                               aupro_thresholds=())
+    assert exact_only["aupro_thresholds"] == [] and "aupro@0.3_thr99" not in exact_only
+    assert exact_only["aupro@0.3"] == got["aupro@0.3"]
+
+
+def test_threshold_counts_are_validated() -> None:
+    maps, gt, labels = blobs(n=4, size=8)
+    with pytest.raises(InputError, match="list of threshold counts"):
+        evaluate_maps(maps, gt, labels, aupro_thresholds=99)  # the old single choice
+    with pytest.raises(InputError, match="integer >= 2"):
+        evaluate_maps(maps, gt, labels, aupro_thresholds=(99, 1))
+    got = evaluate_maps(maps, gt, labels, aupro_thresholds=(100, 99, 100))
+    assert got["aupro_thresholds"] == [100, 99]
 
 
 def test_every_fixture_is_tested(metric_fixtures: Path) -> None:
@@ -137,14 +170,14 @@ def test_approximation_matches_its_definition() -> None:
         y = np.append(pro, 1.0)
         order = np.argsort(x, kind="stable")
         x, y = x[order], y[order]
-        got = evaluate_maps(maps, gt, labels, aupro_thresholds=t)
+        got = evaluate_maps(maps, gt, labels, aupro_thresholds=[t])
         for limit in LIMITS:
             ins = int(np.searchsorted(x, limit, side="right"))
             m = x <= limit
             area = np.sum(0.5 * (y[m][1:] + y[m][:-1]) * np.diff(x[m]))
             y_at = y[ins - 1] + (y[ins] - y[ins - 1]) * (limit - x[ins - 1]) / (x[ins] - x[ins - 1])
             area += 0.5 * (y[ins - 1] + y_at) * (limit - x[ins - 1])
-            assert got[aupro_key(limit)] == pytest.approx(area / limit, abs=1e-12)
+            assert got[aupro_key(limit, t)] == pytest.approx(area / limit, abs=1e-12)
 
 
 def test_perfect_and_inverted_maps() -> None:
@@ -162,11 +195,10 @@ def test_perfect_and_inverted_maps() -> None:
 def test_permuting_images_changes_nothing() -> None:
     maps, gt, labels = blobs(n=10, size=20, seed=2, quantise=0.1)
     perm = np.random.default_rng(0).permutation(10)
-    for t in (None, 100):
-        a = evaluate_maps(maps, gt, labels, aupro_thresholds=t)
-        b = evaluate_maps(maps[perm], gt[perm], labels[perm], aupro_thresholds=t)
-        for key in ("i_auroc", "p_auroc", *map(aupro_key, LIMITS)):
-            assert a[key] == pytest.approx(b[key], abs=1e-12)
+    a = evaluate_maps(maps, gt, labels, aupro_thresholds=[100])
+    b = evaluate_maps(maps[perm], gt[perm], labels[perm], aupro_thresholds=[100])
+    for key in ("i_auroc", "p_auroc", *(aupro_key(x, t) for x in LIMITS for t in (None, 100))):
+        assert a[key] == pytest.approx(b[key], abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -243,8 +275,9 @@ def test_undefined_metrics_are_none_with_reasons() -> None:
     res = evaluate_maps(maps[good], gt[good], labels[good])
     assert res["i_auroc"] is None and "defective" in res["undefined"]["i_auroc"]
     assert res["p_auroc"] is None and "defect pixel" in res["undefined"]["p_auroc"]
-    assert all(res[aupro_key(x)] is None for x in LIMITS)
-    assert set(res["undefined"]) == {"i_auroc", "p_auroc", *map(aupro_key, LIMITS)}
+    assert all(res[aupro_key(x, t)] is None for x in LIMITS for t in (None, 99))
+    assert set(res["undefined"]) == {"i_auroc", "p_auroc",
+                                     *(aupro_key(x, t) for x in LIMITS for t in (None, 99))}
     bad = ~good
     res = evaluate_maps(maps[bad], gt[bad], labels[bad])
     assert res["i_auroc"] is None and "good" in res["undefined"]["i_auroc"]
@@ -262,12 +295,22 @@ def test_metrics_command(tmp_path: Path, metric_fixtures: Path) -> None:
     out = runner.invoke(app, ["metrics", str(src)])
     assert out.exit_code == 0, out.output
     got = json.loads(out.stdout)
+    # exact and the published approximation side by side, without asking
     assert got["aupro@0.3"] == pytest.approx(expected["aupro@0.3"], abs=1e-4)
+    assert got["aupro@0.3_thr99"] == pytest.approx(expected["aupro@0.3_thresholds99"], abs=1e-4)
     assert got["p_auroc"] == pytest.approx(expected["p_auroc"], abs=1e-4)
+    assert got["aupro_thresholds"] == [99] and "aupro@0.01_thr100" not in got
     out = runner.invoke(app, ["metrics", str(src), "--aupro-thresholds", "100"])
     got = json.loads(out.stdout)
-    assert got["aupro@0.01"] == pytest.approx(expected["aupro@0.01_thresholds100"], abs=1e-4)
-    assert got["aupro_thresholds"] == 100
+    for limit in LIMITS:
+        assert got[f"aupro@{limit}_thr100"] == pytest.approx(
+            expected[f"aupro@{limit}_thresholds100"], abs=1e-4)
+        assert got[f"aupro@{limit}_thr99"] == pytest.approx(
+            expected[f"aupro@{limit}_thresholds99"], abs=1e-4)
+        assert got[f"aupro@{limit}"] == pytest.approx(expected[f"aupro@{limit}"], abs=1e-4)
+    assert got["aupro_thresholds"] == [99, 100]
+    out = runner.invoke(app, ["metrics", str(src), "--aupro-thresholds", "1"])
+    assert out.exit_code == 1 and "aupro_thresholds" in out.output
 
     # explicit image scores are used when present
     d = dict(np.load(src))

@@ -17,13 +17,16 @@ from stages import layout
 from stages import report as stage
 
 CATS = ("bagel", "carrot", "tire")
-KEYS = ("i_auroc", "p_auroc", "aupro@0.3", "aupro@0.1", "aupro@0.05", "aupro@0.01")
+LIMITS = (0.3, 0.1, 0.05, 0.01)
+# what evaluate writes by default: the exact AUPRO and the 99-threshold approximation
+KEYS = ("i_auroc", "p_auroc", *(f"aupro@{x}{t}" for t in ("", "_thr99") for x in LIMITS))
 
 
-def make_params(seeds=(0, 1)):
+def make_params(seeds=(0, 1), **evaluate_section):
     return parse_params({
         "data": {"categories": list(CATS)},
         "fewshot": {"shots": [1, 4], "seeds": list(seeds)},
+        "evaluate": evaluate_section,
     })
 
 
@@ -78,7 +81,13 @@ def test_report_tables(tmp_path: Path, monkeypatch, capsys) -> None:
 
     md = (out / "summary.md").read_text()
     assert "## mvtec3d k=1" in md and "## mvtec3d k=4" in md and "±" in md
-    assert "| category | I-AUROC | P-AUROC | AUPRO@30% |" in md
+    # headline (exact by default) at every limit, the approximation at 30% and 1% only
+    assert ("| category | I-AUROC | P-AUROC | AUPRO@30% | AUPRO@10% | AUPRO@5% | AUPRO@1% "
+            "| AUPRO@30% thr99 | AUPRO@1% thr99 |") in md
+    assert "`evaluate.headline_aupro: exact`" in md and "the `thr99` columns are" in md
+    # the CSV holds every computation at every limit
+    assert float(cat["AUPRO@5% thr99"]) == pytest.approx(
+        np.mean([values[("carrot", 1, s)]["aupro@0.05_thr99"] * 100 for s in (0, 1)]), abs=1e-4)
     assert f"{np.mean(per_seed):.1f} ± {np.std(per_seed, ddof=1):.1f}" in md
 
     abl = rows_by_name((out / "ablations.csv").read_text())
@@ -92,6 +101,40 @@ def test_report_tables(tmp_path: Path, monkeypatch, capsys) -> None:
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "CMDS-AD summary" in printed and "carrot" in printed and "mean" in printed
+    assert "AUPRO@30% thr99" in printed and "AUPRO@5% thr99" not in printed
+
+
+def test_published_headline_leads_the_tables(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    values = write_results()
+    stage.run(make_params(headline_aupro="thr99"))
+    out = layout.summary()
+    rows = rows_by_name((out / "summary.csv").read_text())
+    cat = rows[("4", "bagel")]
+    for limit, title in zip(LIMITS, ("30%", "10%", "5%", "1%")):
+        thr99 = np.mean([values[("bagel", 4, s)][f"aupro@{limit}_thr99"] * 100 for s in (0, 1)])
+        exact = np.mean([values[("bagel", 4, s)][f"aupro@{limit}"] * 100 for s in (0, 1)])
+        assert float(cat[f"AUPRO@{title}"]) == pytest.approx(thr99, abs=1e-4)
+        assert float(cat[f"AUPRO@{title} exact"]) == pytest.approx(exact, abs=1e-4)
+    md = (out / "summary.md").read_text()
+    assert "| AUPRO@1% | AUPRO@30% exact | AUPRO@1% exact |" in md
+    assert "the `exact` columns are the exact AUPRO" in md
+    assert "`evaluate.headline_aupro: thr99`" in md
+    abl = (out / "ablations.md").read_text()
+    assert "| AUPRO@30% exact |" in abl
+    abl_rows = rows_by_name((out / "ablations.csv").read_text())
+    per_seed = [np.mean([values[(c, 1, s, "abl")]["max"]["aupro@0.01_thr99"] for c in CATS]) * 100
+                for s in (0, 1)]
+    assert float(abl_rows[("1", "max")]["AUPRO@1%"]) == pytest.approx(np.mean(per_seed), abs=1e-4)
+    assert "AUPRO@30% exact" in capsys.readouterr().out
+
+
+def test_report_without_the_asked_approximation_fails(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_results()
+    with pytest.raises(InputError, match=r"no value for aupro@0.3_thr100.*aupro_thresholds"):
+        stage.run(make_params(aupro_thresholds=[99, 100]))
+    assert not layout.summary().exists()
 
 
 def test_report_single_seed_and_undefined(tmp_path: Path, monkeypatch) -> None:
