@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CUDA build that lies on this machine's disk (see README)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# open3d (the normals tests' reference) loads libusb-1.0, which slim Debian images lack
+	$(BIN)/python -c 'import open3d' 2>/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && apt-get install -y -qq libusb-1.0-0 >/dev/null; } \
+	  || echo 'open3d needs libusb-1.0 (apt-get install libusb-1.0-0); the Open3D reference tests will skip'
 	touch $(STAMP)
 
 install: $(STAMP)
