@@ -90,3 +90,32 @@ def test_tokenizer_has_clip_size_and_special_ids(tmp_path):
     assert tok.bos_token_id == 49406 and tok.eos_token_id == 49407 and tok.pad_token_id == 49407
     ids = tok("a photo of sks bagel", padding="max_length", max_length=tok.model_max_length).input_ids
     assert len(ids) == 77 and ids[0] == 49406 and max(ids) < 49408
+
+
+def _paper_smoke():
+    import importlib.util
+
+    from stages.paper_models import REPO
+
+    spec = importlib.util.spec_from_file_location("paper_smoke", REPO / "benchmarks" / "paper_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", ["paper.yaml", "strict.yaml"])
+def test_smoke_overrides_cut_only_budgets_and_validate(preset):
+    import yaml
+
+    from pipeline.params import parse_params
+    from stages.paper_models import REPO
+    from stages.scratch_project import deep_update
+
+    raw = yaml.safe_load((REPO / "presets" / preset).read_text())
+    overrides = _paper_smoke().budget_overrides(raw)
+    # img2img runs int(inference_steps * strength) steps: exactly one
+    assert int(overrides["augment.inference_steps"] * raw["augment"]["strength"]) == 1
+    assert overrides["estimate_normals.ensemble"] == 1 and overrides["fewshot.shots"] == [1]
+    assert all(not k.startswith(("models.", "infer.", "score.")) for k in overrides)
+    params = parse_params(deep_update(raw, overrides))
+    assert params.fit_mapper.steps_for(1) == 3
