@@ -1,0 +1,207 @@
+"""The paper preset, every stage through DVC, on the published architectures with random weights.
+
+    python benchmarks/paper_smoke.py --smoke            # one category, k = 1, smallest budgets
+    python benchmarks/paper_smoke.py --smoke --keep DIR # keep the scratch project in DIR
+    python benchmarks/paper_smoke.py --smoke --set augment.steps=2 --set fit_mapper.lr=3e-4
+
+What it checks: that ``presets/paper.yaml`` (or ``--preset``) runs from ``prepare`` to
+``report`` without a shape, dtype or config error on models built from the published configs
+(``tests/fixtures/paper_models/``, written once by ``stages/paper_models.py`` under
+``~/.cache/cmds-ad-paper-models``: ~7 GB, a few minutes the first time). Only the budgets are
+cut (one LoRA step, one denoising step, ensemble 1, a few mapper steps, k = 1, one image per
+shot); every protocol setting stays the preset's. The data are a tiny demo dataset in the MVTec
+3D-AD layout (2 train, 1 validation, 3 test samples) under an official category name.
+
+It prints the wall time of each stage instance and of the whole ``dvc repro`` and exits
+non-zero, with the failing stage's output, on any error. The numbers it produces mean nothing
+(random weights); the run is about shapes, dtypes and configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.paper_models import ensure_paper_models  # noqa: E402
+from stages.scratch_project import (  # noqa: E402
+    PROJECT_DIRS,
+    PROJECT_FILES,
+    deep_update,
+    project_env,
+    sh,
+)
+
+CATEGORY = {"mvtec3d": "bagel", "eyecandies": "CandyCane"}
+DEMO_SOURCE = "disc"  # the demo object rendered under the official name
+DATA_DIR = "data/smoke"
+
+
+def budget_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """The smallest budgets, for the keys the preset has (a key it lacks is skipped)."""
+    strength = float(params.get("augment", {}).get("strength", 1.0))
+    wanted: dict[str, Any] = {
+        "fewshot.shots": [1],
+        "fewshot.seeds": [0],
+        "augment.steps": 1,
+        # textual-inversion / warm-up budgets of the pivotal-tuning recipe, where present
+        "augment.ti_steps": 1,
+        "augment.textual_inversion_steps": 1,
+        "augment.n_per_shot": 1,
+        # img2img runs int(steps * strength) denoising steps: the fewest that give one
+        "augment.inference_steps": max(1, math.ceil(1 / strength - 1e-9)),
+        "estimate_normals.steps": 1,
+        "estimate_normals.ensemble": 1,
+        "extract_features.noisy_copies": 1,
+        "fit_mapper.steps": {1: 3},
+        "evaluate.heatmaps_per_class": 1,
+    }
+    present = {}
+    for dotted, value in wanted.items():
+        node: Any = params
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and leaf in node:
+            present[dotted] = value
+    return present
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def make_paper_project(dest: Path, preset: Path, models: dict[str, str],
+                       extra: dict[str, Any]) -> dict[str, Any]:
+    """A git + DVC copy of the project with the preset as params.yaml and a tiny dataset."""
+    from pipeline.data.demo import write_demo_dataset
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, dest / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / ".gitignore").write_text("__pycache__/\n/.cache/\n/artifacts/\n")
+    params = yaml.safe_load(preset.read_text())
+    dataset = params["data"]["dataset"]
+    if dataset != "mvtec3d":
+        raise SystemExit(f"{preset}: data.dataset {dataset!r}: only the MVTec 3D-AD layout is "
+                         "generated here")
+    category = CATEGORY[dataset]
+    write_demo_dataset(dest / DATA_DIR, seed=0, categories=[DEMO_SOURCE],
+                       n_train=2, n_test=3, n_validation=1)
+    (dest / DATA_DIR / DEMO_SOURCE).rename(dest / DATA_DIR / category)
+    overrides = {
+        "data.root": DATA_DIR, "data.categories": [category],
+        "models.diffusion": models["diffusion"], "models.normals": models["normals"],
+        "models.backbone": models["backbone"],
+        **budget_overrides(params), **extra,
+    }
+    deep_update(params, overrides)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q", "-b", "main"], dest)
+    sh(["dvc", "init", "-q"], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "commit", "-q", "-m", "paper smoke project"], dest)
+    return overrides
+
+
+def timed_repro(project: Path) -> tuple[int, list[tuple[str, float]], float, str]:
+    """`dvc repro`, streaming: the wall time of each stage instance (until the next starts)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=project_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    stages: list[tuple[str, float]] = []
+    current, since = None, start
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Running stage '"):
+            now = time.perf_counter()
+            if current is not None:
+                stages.append((current, now - since))
+                print(f"  {stages[-1][1]:8.1f} s  {current}", flush=True)
+            current, since = line.split("'")[1], now
+    rc = proc.wait()
+    end = time.perf_counter()
+    if current is not None:
+        stages.append((current, end - since))
+        print(f"  {stages[-1][1]:8.1f} s  {current}{'' if rc == 0 else '  (FAILED)'}", flush=True)
+    return rc, stages, end - start, "".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="smallest budgets (the only mode)")
+    parser.add_argument("--preset", type=Path, default=REPO / "presets" / "paper.yaml")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="cache of the random-weight models (default ~/.cache/cmds-ad-paper-models)")
+    parser.add_argument("--keep", type=Path, default=None, help="build the scratch project here and keep it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more params override (YAML value), e.g. augment.steps=2")
+    args = parser.parse_args()
+    if not args.smoke:
+        parser.error("only --smoke is implemented: the paper budgets need a GPU (use dvc repro)")
+
+    t0 = time.perf_counter()
+    models = ensure_paper_models(args.models)
+    build_s = time.perf_counter() - t0
+    tmp = None
+    if args.keep is None:
+        tmp = tempfile.TemporaryDirectory(prefix="paper-smoke-")
+        project = Path(tmp.name) / "project"
+    else:
+        project = args.keep.resolve()
+        if project.exists():
+            raise SystemExit(f"--keep {project}: exists; give a new folder")
+    try:
+        overrides = make_paper_project(project, args.preset, models, parse_set(args.set))
+        print(f"preset: {args.preset.relative_to(REPO) if args.preset.is_relative_to(REPO) else args.preset}")
+        print(f"models (random weights, published architectures; ready in {build_s:.1f} s):")
+        for key in ("diffusion", "normals", "backbone"):
+            print(f"  models.{key}: {models[key]}")
+        print("overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()
+                                        if not k.startswith("models.")))
+        print(f"project: {project}")
+        print("dvc repro, wall time per stage instance:")
+        rc, stages, total, output = timed_repro(project)
+        if rc != 0:
+            print(output[-12000:], file=sys.stderr)
+            print(f"FAILED: dvc repro exited {rc} after {total:.1f} s", file=sys.stderr)
+            return 1
+        by_stage: dict[str, float] = {}
+        for name, seconds in stages:
+            key = name.split("@")[0].split(":")[-1]
+            by_stage[key] = by_stage.get(key, 0.0) + seconds
+        print("per stage:")
+        for key, seconds in by_stage.items():
+            print(f"  {seconds:8.1f} s  {key}")
+        print(f"total dvc repro: {total:.1f} s ({len(stages)} stage instances)")
+        return 0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The published model configs (tests/fixtures/paper_models/) build the published architectures.
+
+Built on the meta device (no memory, no weights), so this takes seconds; the parameter counts
+are the published ones (sources in each fixture's ``params_source``). A config that drifts,
+or a diffusers/transformers/timm release that builds it differently, fails here rather than
+after an hour of GPU time in benchmarks/paper_smoke.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.paper_models import (
+    build_component,
+    build_dino,
+    build_scheduler,
+    build_tokenizer,
+    count_params,
+    load_fixture,
+)
+
+SD = load_fixture("sd21_base")
+MARIGOLD = load_fixture("marigold_normals_v1_1")
+DINO = load_fixture("dino_vitb8")
+
+# The published counts, written here a second time on purpose: a fixture edit must not be
+# able to move the expectation with it.
+PUBLISHED = {
+    ("sd21_base", "unet"): 865_910_724,
+    ("sd21_base", "vae"): 83_653_863,
+    ("sd21_base", "text_encoder"): 340_387_840,
+    ("marigold_normals_v1_1", "unet"): 865_922_244,
+}
+
+
+@pytest.mark.parametrize(("fixture", "component"), sorted(PUBLISHED))
+def test_component_has_the_published_parameter_count(fixture, component):
+    spec = load_fixture(fixture)["components"][component]
+    model = build_component(spec, meta=True)
+    assert next(model.parameters()).device.type == "meta"
+    assert count_params(model) == spec["params"] == PUBLISHED[(fixture, component)]
+
+
+def test_sd_unet_shapes():
+    unet = build_component(SD["components"]["unet"], meta=True)
+    assert unet.conv_in.weight.shape == (320, 4, 3, 3)
+    # the cross-attention reads the OpenCLIP-H text encoder's hidden states
+    attn2 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    assert attn2.to_k.weight.shape == (320, 1024)
+    assert attn2.heads == 5  # attention_head_dim [5, ...] is the head count in diffusers' SD 2
+    assert SD["components"]["text_encoder"]["config"]["hidden_size"] == 1024
+
+
+def test_marigold_unet_takes_image_and_normals_latents():
+    unet = build_component(MARIGOLD["components"]["unet"], meta=True)
+    assert unet.conv_in.weight.shape == (320, 8, 3, 3)
+    assert unet.conv_out.weight.shape == (4, 320, 3, 3)
+    index = MARIGOLD["model_index"]
+    assert index["_class_name"] == "MarigoldNormalsPipeline"
+    assert (index["default_denoising_steps"], index["default_processing_resolution"]) == (4, 768)
+    assert (index["prediction_type"], index["use_full_z_range"]) == ("normals", True)
+
+
+def test_schedulers():
+    sd = build_scheduler(SD["components"]["scheduler"])
+    assert type(sd).__name__ == "PNDMScheduler" and sd.config.prediction_type == "epsilon"
+    mg = build_scheduler(MARIGOLD["components"]["scheduler"])
+    assert type(mg).__name__ == "DDIMScheduler"
+    assert mg.config.prediction_type == "v_prediction"
+    assert mg.config.timestep_spacing == "trailing" and mg.config.rescale_betas_zero_snr
+    mg.set_timesteps(1)
+    assert int(mg.timesteps[0]) == 999  # trailing: one step starts from the last timestep
+
+
+def test_dino_vitb8_architecture():
+    model = build_dino(DINO, meta=True)
+    arch = DINO["architecture"]
+    assert tuple(model.patch_embed.patch_size) == (arch["patch_size"],) * 2
+    assert tuple(model.patch_embed.img_size) == (arch["img_size"],) * 2
+    assert model.embed_dim == arch["embed_dim"] and len(model.blocks) == arch["depth"]
+    assert model.blocks[0].attn.num_heads == arch["num_heads"]
+    assert model.pos_embed.shape == (1, (224 // 8) ** 2 + 1, 768)
+    assert count_params(model) == DINO["params"] == 85_807_872
+
+
+def test_tokenizer_has_clip_size_and_special_ids(tmp_path):
+    spec = SD["components"]["tokenizer"]
+    tok = build_tokenizer(spec, tmp_path)
+    assert len(tok) == spec["vocab_size"] == SD["components"]["text_encoder"]["config"]["vocab_size"]
+    assert tok.bos_token_id == 49406 and tok.eos_token_id == 49407 and tok.pad_token_id == 49407
+    ids = tok("a photo of sks bagel", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert len(ids) == 77 and ids[0] == 49406 and max(ids) < 49408
+
+
+def _paper_smoke():
+    import importlib.util
+
+    from stages.paper_models import REPO
+
+    spec = importlib.util.spec_from_file_location("paper_smoke", REPO / "benchmarks" / "paper_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", ["paper.yaml", "strict.yaml"])
+def test_smoke_overrides_cut_only_budgets_and_validate(preset):
+    import yaml
+
+    from pipeline.params import parse_params
+    from stages.paper_models import REPO
+    from stages.scratch_project import deep_update
+
+    raw = yaml.safe_load((REPO / "presets" / preset).read_text())
+    overrides = _paper_smoke().budget_overrides(raw)
+    # img2img runs int(inference_steps * strength) steps: exactly one
+    assert int(overrides["augment.inference_steps"] * raw["augment"]["strength"]) == 1
+    assert overrides["estimate_normals.ensemble"] == 1 and overrides["fewshot.shots"] == [1]
+    assert all(not k.startswith(("models.", "infer.", "score.")) for k in overrides)
+    params = parse_params(deep_update(raw, overrides))
+    assert params.fit_mapper.steps_for(1) == 3
