@@ -10,6 +10,7 @@ when complete: an interrupted write leaves nothing that looks finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -287,3 +288,9 @@ def require_same_ids(path: Path | str, ids: list[str], other_path: Path | str,
         f"{ids[diff] if diff < len(ids) else None!r} vs "
         f"{other_ids[diff] if diff < len(other_ids) else None!r})"
     )
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, for provenance of weight files."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

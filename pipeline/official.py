@@ -20,7 +20,6 @@ dict of tensors with exactly the expected keys and shapes.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pipeline.artifacts import atomic_dir, atomic_write_json
+from pipeline.artifacts import atomic_dir, atomic_write_json, file_sha256
 from pipeline.errors import InputError, ModelError
 from pipeline.models.mapper import CAHFM
 from pipeline.params import OFFICIAL_SETUP
@@ -163,13 +162,6 @@ def convert_state(state: Mapping[str, torch.Tensor], path: Path
     return renamed, in_channels, out_channels
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def import_official(root: str | Path, dataset: str, category: str, shots: int, out: str | Path,
                     *, features: Mapping[str, Any] | None = None, seed: int | None = None,
@@ -192,7 +184,7 @@ def import_official(root: str | Path, dataset: str, category: str, shots: int, o
         source, target = MODALITIES[name]
         specs[name] = {"file": f"{name}.safetensors", "source": source, "target": target,
                        "in_channels": c_in, "out_channels": c_out, "width": c_out[0]}
-        sources[name] = {"file": f"{dirs[tag].name}/{filename}", "sha256": _sha256(path)}
+        sources[name] = {"file": f"{dirs[tag].name}/{filename}", "sha256": file_sha256(path)}
     widths = {tuple(s["in_channels"] + s["out_channels"]) for s in specs.values()}
     if len(widths) != 1:
         raise ModelError(f"{root}: the four checkpoints of {category} k={shots} have different "

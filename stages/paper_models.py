@@ -120,15 +120,11 @@ def write_clip_like_vocab(folder: Path, vocab_size: int) -> None:
     49407 for CLIP's 49408). The real merges are not shipped; these pair lowercase letters
     first, so ordinary prompt words tokenize into a few pieces as they would in CLIP.
     """
-    from pipeline.models.diffusion import _byte_alphabet
+    from pipeline.models.diffusion import _byte_alphabet, byte_vocab
 
     folder.mkdir(parents=True, exist_ok=True)
     alphabet = _byte_alphabet()
-    vocab: dict[str, int] = {}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
+    vocab = byte_vocab()
     n_merges = vocab_size - len(vocab) - 2
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     ordered = letters + [ch for ch in alphabet if ch not in letters]

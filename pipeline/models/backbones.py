@@ -39,7 +39,6 @@ further still, so the three layers and the anomaly maps were misaligned with the
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.artifacts import file_sha256
 from pipeline.errors import InputError, ModelError, ParamsError
 
 DEMO_BACKBONE = "efficientnet_lite0"
@@ -230,13 +230,6 @@ def _create(arch: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         raise
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 # --- constructors ---------------------------------------------------------------------------
 
@@ -276,7 +269,7 @@ def efficientnet_lite0(layers: Sequence[int] = (2, 3, 4), weights: str | Path | 
     if tf_port:
         state = rename_lukemelas_efficientnet(state, model)
     _load_strict(model, state, str(path))
-    source: dict[str, Any] = {"architecture": "efficientnet_lite0", "file": path.name, "sha256": _file_digest(path)}
+    source: dict[str, Any] = {"architecture": "efficientnet_lite0", "file": path.name, "sha256": file_sha256(path)}
     if tf_port:
         source["tf_port"] = dict(TF_PORT_KWARGS)
     if weights is None:
@@ -317,7 +310,7 @@ def from_file(arch: str, path: Path, layers: Sequence[int]) -> Backbone:
     head = _classifier_prefixes(model)
     state = {k: v for k, v in state.items() if not k.startswith(head)}
     _load_strict(model, state, f"backbone {arch}@{path}")
-    source: dict[str, Any] = {"architecture": arch, "file": path.name, "sha256": _file_digest(path)}
+    source: dict[str, Any] = {"architecture": arch, "file": path.name, "sha256": file_sha256(path)}
     if tf_port:
         source["tf_port"] = dict(TF_PORT_KWARGS)
     return _finish(model, layers, f"{arch}@{path}", source)

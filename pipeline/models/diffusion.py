@@ -235,15 +235,17 @@ def _byte_alphabet() -> list[str]:
     return out
 
 
+def byte_vocab() -> dict[str, int]:
+    """The first 512 entries of a CLIP BPE vocabulary: the 256 byte symbols, then each with
+    CLIP's end-of-word marker ``</w>``."""
+    alphabet = _byte_alphabet()
+    return {sym: i for i, sym in enumerate(alphabet + [ch + "</w>" for ch in alphabet])}
+
+
 def write_tiny_tokenizer_files(folder: Path) -> None:
     """A CLIP BPE vocabulary of single bytes plus whole-word placeholder tokens."""
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
-    vocab: dict[str, int] = {}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
+    vocab = byte_vocab()
     merges: list[str] = []
     for word in DEMO_PLACEHOLDER_WORDS:
         # Merge left to right so the placeholder becomes one token, as in CLIP's real vocabulary.
