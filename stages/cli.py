@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import CmdsAdError
+from pipeline.errors import CmdsAdError, InputError
 
 app = typer.Typer(
     name="cmds-ad",
@@ -31,6 +31,32 @@ MaybeShotsOpt = Annotated[
     Optional[int], typer.Option("--shots", "-k", help="Generated images of this k (else real).")
 ]
 MaybeSeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Few-shot seed.")]
+
+
+def _exit_with_parent() -> None:
+    """Linux: die with the parent (the ``dvc`` running this stage), so no orphan keeps writing.
+
+    What a killed stage leaves is a dot-named temporary that DVC ignores and the next run of the
+    stage removes. Elsewhere (macOS, Windows) this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call: nothing would signal us
+        os._exit(1)
+
+
+@app.callback()
+def _start() -> None:
+    _exit_with_parent()
 
 
 def _fail(message: str) -> None:
@@ -69,6 +95,19 @@ def demo_data(
         _fail(str(err))
 
 
+def _require_npz(file: Path) -> None:
+    """An NPZ is a zip archive; anything else would reach numpy's misleading "pickled data"."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return  # metrics_command names a missing or unreadable file
+    if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        what = "a single .npy array" if head == b"\x93NUMPY" else "not a zip archive"
+        raise InputError(f"{file}: not an NPZ file ({what}); write one with numpy.savez("
+                         f"file, anomaly_maps=..., gt=..., labels=...)")
+
+
 @app.command("metrics")
 def metrics(
     file: Annotated[Path, typer.Argument(help="NPZ with anomaly_maps, gt, labels [, scores].")],
@@ -80,6 +119,7 @@ def metrics(
     from stages.evaluate import metrics_command
 
     try:
+        _require_npz(file)
         metrics_command(file, aupro_thresholds)
     except CmdsAdError as err:
         _fail(str(err))
@@ -176,6 +216,12 @@ def sweep_lambda(
         run_sweep(weights, params, out)
     except CmdsAdError as err:
         _fail(str(err))
+
+
+@app.command("validate-params")
+def validate_params(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Stage: validate the whole parameter file (every section and key) before any work."""
+    _run_stage("validate_params", params)
 
 
 def main() -> None:  # pragma: no cover - console entry
