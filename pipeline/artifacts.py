@@ -46,6 +46,15 @@ def provenance(stage: str, params: Mapping[str, Any], **extra: Any) -> dict[str,
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask(0) would let
+    another thread create a file world-writable in between)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -54,6 +63,17 @@ def _umask() -> int:
 def _public(path: Path, directory: bool) -> None:
     """Give a private temporary (mkdtemp 0700, mkstemp 0600) the modes the umask asks for."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _public_tree(root: Path) -> None:
+    """Umask modes for everything inside a finished output folder: some writers (safetensors'
+    save_file, anything using mkstemp) create private 0600 files whatever the umask."""
+    mask = _umask()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def _make_parents(path: Path) -> list[Path]:
@@ -126,6 +146,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp, created = _temp_sibling(path)
     try:
         yield tmp
+        _public_tree(tmp)
     except BaseException:
         _discard(tmp, created)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -193,12 +194,15 @@ def test_written_files_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
     try:
         with atomic_dir(tmp_path / "out") as tmp:
             atomic_write_json(tmp / "m.json", {"a": 1})
+            fd, private = tempfile.mkstemp(dir=tmp)  # 0600, as safetensors' save_file writes
+            os.close(fd)
         atomic_write_json(tmp_path / "top.json", {})
         _small_store(tmp_path / "s.zarr")
     finally:
         os.umask(old)
     assert _mode(tmp_path / "out") == dir_mode and _mode(tmp_path / "s.zarr") == dir_mode
     assert _mode(tmp_path / "out/m.json") == file_mode
+    assert _mode(tmp_path / "out" / Path(private).name) == file_mode
     assert _mode(tmp_path / "top.json") == file_mode
     assert _mode(tmp_path / "s.zarr/x/c/0/0/0") == file_mode
 
