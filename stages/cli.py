@@ -33,25 +33,71 @@ MaybeShotsOpt = Annotated[
 MaybeSeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Few-shot seed.")]
 
 
-def _exit_with_parent() -> None:
-    """Linux: die with the parent (the ``dvc`` running this stage), so no orphan keeps writing.
+_PARENT = os.getppid()  # read at import, the earliest point: the parent may die before the call
 
-    What a killed stage leaves is a dot-named temporary that DVC ignores and the next run of the
-    stage removes. Elsewhere (macOS, Windows) this does nothing.
+
+def _is_dvc(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "dvc" for arg in argv)
+
+
+def _parent_of(pid: int) -> int:
+    try:  # field 4 of /proc/<pid>/stat, after the parenthesised command name
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _orphaned(reason: str) -> None:
+    sys.stderr.write(f"error: {reason}; stopping this stage\n")
+    os._exit(1)
+
+
+def _watch(pid: int) -> None:
+    import time
+
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(0.5)
+    _orphaned(f"the dvc process {pid} that started it has exited")
+
+
+def _exit_with_parent() -> None:
+    """Linux: die with the ``dvc`` running this stage, so no orphan keeps writing.
+
+    The parent-death signal covers a direct parent (DVC runs ``$SHELL -c cmd``, which bash
+    replaces by the command); a shell that stays in between is covered by a thread watching the
+    dvc process. What a killed stage leaves is a dot-named temporary that DVC ignores and the
+    next run of the stage removes. Elsewhere (macOS, Windows) this does nothing.
     """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the parent died before the call: nothing would signal us
-        os._exit(1)
+    if os.getppid() != _PARENT:  # the parent died before the call: nothing would signal us
+        _orphaned("the process that started it has exited")
+    if "DVC_STAGE" not in os.environ:  # run by hand, not by dvc
+        return
+    pid = os.getppid()
+    for _ in range(3):  # the dvc process: the parent, or above a shell or two
+        if _is_dvc(pid):
+            break
+        pid = _parent_of(pid)
+    else:
+        # dvc died before this process got here (it was re-parented) or is not an ancestor
+        _orphaned("the dvc process that started it is gone")
+    if pid != os.getppid():
+        import threading
+
+        threading.Thread(target=_watch, args=(pid,), daemon=True).start()
 
 
 @app.callback()
