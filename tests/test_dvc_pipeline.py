@@ -37,7 +37,7 @@ KEY = "disc-1-0"
 # the model stages live in upstream/dvc.yaml; DVC names them by that file from the root
 UPSTREAM = "upstream/dvc.yaml:"
 # re-runs (cheaply, writing the same bytes) after every edit of params.yaml, whatever changed
-VALIDATE = f"{UPSTREAM}validate_params"
+VALIDATE = "validate_params"
 
 
 @pytest.fixture(scope="module")
