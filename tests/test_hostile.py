@@ -46,9 +46,15 @@ FEATURES = "artifacts/features/disc/test.zarr"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("hostile") / "project", REDUCED,
+def scratch(tmp_path_factory) -> Path:
+    """The project before its first run (what the data-file cases copy from)."""
+    return make_project(tmp_path_factory.mktemp("hostile") / "project", REDUCED,
                         n_train=3, n_test=6)
+
+
+@pytest.fixture(scope="module")
+def project(scratch) -> Path:
+    root = scratch
     sh(["dvc", "repro"], root)
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-q", "-m", "first run"], root)
@@ -210,11 +216,12 @@ def _write_tiff(path: Path, xyz: np.ndarray) -> None:
     tifffile.imwrite(path, xyz)
 
 
-def _grey(path: Path) -> None:
+def _sixteen_bit(path: Path) -> None:
     from PIL import Image
 
     with Image.open(path) as img:
-        img.convert("L").save(path)
+        size = img.size
+    Image.fromarray(np.full(size[::-1], 1000, np.uint16)).save(path)  # a depth map, not RGB
 
 
 def _flat_cloud(path: Path) -> None:
@@ -230,7 +237,7 @@ DATA_CASES = {
                     f"{SAMPLE}/rgb/000.png"),
     "truncated png": (lambda d: (d / SAMPLE / "rgb/000.png").write_bytes(
         (d / SAMPLE / "rgb/000.png").read_bytes()[:100]), f"{SAMPLE}/rgb/000.png"),
-    "grey png": (lambda d: _grey(d / SAMPLE / "rgb/000.png"), f"{SAMPLE}/rgb/000.png"),
+    "16-bit png": (lambda d: _sixteen_bit(d / SAMPLE / "rgb/000.png"), f"{SAMPLE}/rgb/000.png"),
     "text as tiff": (lambda d: (d / SAMPLE / "xyz/000.tiff").write_text("nope"),
                      f"{SAMPLE}/xyz/000.tiff"),
     "nan cloud": (lambda d: _write_tiff(d / SAMPLE / "xyz/000.tiff",
@@ -252,12 +259,12 @@ DATA_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
-def test_bad_data_file_is_named_and_prepare_leaves_nothing(project, tmp_path, case):
+def test_bad_data_file_is_named_and_prepare_leaves_nothing(scratch, tmp_path, case):
     damage, name = DATA_CASES[case]
     work = tmp_path / "work"
     (work / "data/demo").mkdir(parents=True)
-    shutil.copytree(project / "data/demo/disc", work / "data/demo/disc")
-    shutil.copy(project / "params.yaml", work / "params.yaml")
+    shutil.copytree(scratch / "data/demo/disc", work / "data/demo/disc")
+    shutil.copy(scratch / "params.yaml", work / "params.yaml")
     damage(work)
     result = run(["cmds-ad", "prepare", "disc"], work)
     assert_clean_failure(result, name)
