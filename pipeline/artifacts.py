@@ -6,6 +6,12 @@ buffered until a shard is full, so a writer holds at most one shard per array in
 Attributes carry provenance and never timestamps or host names, so identical inputs give
 byte-identical stores. Stores are built in a temporary sibling and renamed into place only
 when complete: an interrupted write leaves nothing that looks finished.
+
+Integrity: every chunk carries a crc32c checksum (zarr's codec; shard indexes have one by
+default), every shard is written even when all its values are the fill value, and the group
+records its array names. So a reader can tell a deleted or truncated shard, a flipped byte or a
+missing array from valid data; :class:`Store` checks presence when it opens a store and turns any
+read failure into one :class:`InputError` naming the store, the array, the samples and the fix.
 """
 
 from __future__ import annotations
@@ -22,13 +28,17 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import __version__
 from pipeline.errors import InputError
 
 SHARD_BYTES = 32 * 2**20  # target uncompressed size of one shard
 ZSTD_LEVEL = 3
+ARRAYS_ATTR = "_arrays"  # the array names a writer created, checked by Store (hidden from attrs)
+# Write every shard, even one that is all fill value: a missing shard file is then damage,
+# never "empty" (zarr would otherwise read it back as zeros without a word).
+_ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def provenance(stage: str, params: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
@@ -36,16 +46,79 @@ def provenance(stage: str, params: Mapping[str, Any], **extra: Any) -> dict[str,
     return {"stage": stage, "params": dict(params), "package_version": __version__, **extra}
 
 
-def _temp_sibling(path: Path) -> Path:
-    """A fresh temporary directory beside ``path``; leftovers of killed runs are removed.
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask(0) would let
+    another thread create a file world-writable in between)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    Only one writer per output exists at a time (DVC locks the repository), so any older
-    ``.<name>.tmp-*`` sibling belongs to a run that died.
-    """
+
+def _public(path: Path, directory: bool) -> None:
+    """Give a private temporary (mkdtemp 0700, mkstemp 0600) the modes the umask asks for."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _public_tree(root: Path) -> None:
+    """Umask modes for everything inside a finished output folder: some writers (safetensors'
+    save_file, anything using mkstemp) create private 0600 files whatever the umask."""
+    mask = _umask()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing parent folders of ``path``; return those created, deepest first."""
+    created = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo :func:`_make_parents` after a failure, keeping any folder that got content."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what killed runs left beside ``path``.
+
+    Only one writer per output exists at a time (DVC locks the repository), so any
+    ``.<name>.tmp-*`` (a half-written output) or ``.<name>.old-*`` (the previous output of a
+    replace interrupted between its two renames) sibling belongs to a run that died.
+    """
+    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
+        for stale in path.parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _temp_sibling(path: Path) -> tuple[Path, list[Path]]:
+    """A fresh temporary directory beside ``path`` and the parent folders made for it."""
+    created = _make_parents(path)
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _public(tmp, directory=True)
+    return tmp, created
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -62,29 +135,38 @@ def _replace(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def _discard(tmp: Path, created: list[Path]) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_empty(created)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` only if the block succeeds."""
     path = Path(path)
-    tmp = _temp_sibling(path)
+    tmp, created = _temp_sibling(path)
     try:
         yield tmp
+        _public_tree(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, created)
         raise
     _replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _public(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_empty(created)
         raise
 
 
@@ -164,10 +246,11 @@ class StoreWriter:
         self.attrs = dict(attrs or {})
         self._arrays: dict[str, _ArrayAppender] = {}
         self._tmp: Path | None = None
+        self._created: list[Path] = []
         self._group: zarr.Group | None = None
 
     def __enter__(self) -> StoreWriter:
-        self._tmp = _temp_sibling(self.path)
+        self._tmp, self._created = _temp_sibling(self.path)
         self._group = zarr.open_group(zarr.storage.LocalStore(self._tmp), mode="w", zarr_format=3)
         return self
 
@@ -181,8 +264,9 @@ class StoreWriter:
             dtype=dtype,
             chunks=(1, *sample_shape),
             shards=(shard_len, *sample_shape),
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
             fill_value=0,
+            config=_ARRAY_CONFIG,
         )
         self._arrays[name] = _ArrayAppender(array, shard_len)
 
@@ -201,13 +285,14 @@ class StoreWriter:
             try:
                 for appender in self._arrays.values():
                     appender.close()
-                self._group.attrs.update(_jsonable(self.attrs))
+                attrs = {**_jsonable(self.attrs), ARRAYS_ATTR: sorted(self._arrays)}
+                self._group.attrs.update(attrs)
             except BaseException:
-                shutil.rmtree(self._tmp, ignore_errors=True)
+                _discard(self._tmp, self._created)
                 raise
             _replace(self._tmp, self.path)
         else:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            _discard(self._tmp, self._created)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -225,8 +310,84 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+_FIX = ("re-run the stage that writes it (`dvc repro --force` on that stage) or restore the "
+        "cached copy with `dvc checkout --force`")
+
+
+class StoredArray:
+    """A read-only array of a :class:`Store`: a failed read names the store, array and samples.
+
+    Everything but indexing is the zarr array's (shape, dtype, shards, ...).
+    """
+
+    def __init__(self, store: Store, name: str, array: zarr.Array) -> None:
+        self._store = store
+        self._name = name
+        self._array = array
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._array, attr)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._array.ndim
+
+    def __len__(self) -> int:
+        return self._array.shape[0]
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self._array[key]
+        except Exception as err:  # decode, checksum or I/O failure inside zarr
+            rows = self._narrow(_rows(key, self.shape[0]))
+            raise self._store.damaged(self._name, err, rows) from None
+
+    def _narrow(self, rows: list[int] | None) -> list[int] | None:
+        """The samples of the first shard among ``rows`` that fails to read (error path only)."""
+        if not rows or self.shards is None:
+            return rows
+        per = self.shards[0]
+        for first in sorted({r // per * per for r in rows}):
+            try:
+                self._array[first:min(first + per, self.shape[0])]
+            except Exception:
+                return [r for r in rows if first <= r < first + per]
+        return rows
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[...], dtype=dtype)
+
+
+def _rows(key: Any, n: int) -> list[int] | None:
+    """The sample indices (axis 0) an index expression reads, where simple to tell."""
+    first = key[0] if isinstance(key, tuple) and key else key
+    if first is Ellipsis or (isinstance(key, tuple) and not key):
+        return list(range(n))
+    if isinstance(first, slice):
+        return list(range(*first.indices(n)))
+    if isinstance(first, (int, np.integer)):
+        return [int(first) % n] if n else None
+    try:
+        return [int(i) for i in np.asarray(first).ravel()]
+    except (TypeError, ValueError):
+        return None
+
+
 class Store:
-    """A read-only, lazy view of a finished store: arrays are read one slice at a time."""
+    """A read-only, lazy view of a finished store: arrays are read one slice at a time.
+
+    Opening checks what is cheap to check (the metadata parses, every array the writer recorded
+    is there, every shard file exists and holds at least its index); reading checks each chunk's
+    checksum. Any failure is one :class:`InputError` (see :meth:`damaged`).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -239,22 +400,70 @@ class Store:
             self.group = zarr.open_group(
                 zarr.storage.LocalStore(self.path, read_only=True), mode="r", zarr_format=3
             )
+            attrs = dict(self.group.attrs)
         except Exception as err:  # zarr raises many types for a damaged store
-            raise InputError(f"{self.path}: cannot open artifact store: {err}") from None
-        self.attrs: dict[str, Any] = dict(self.group.attrs)
+            raise self.damaged(None, err) from None
+        recorded = attrs.pop(ARRAYS_ATTR, None)
+        self.attrs: dict[str, Any] = attrs
+        self._arrays: dict[str, zarr.Array] = {}
+        try:
+            for name, array in self.group.arrays():
+                self._arrays[name] = array  # type: ignore[assignment]
+        except Exception as err:  # an array's zarr.json that does not parse
+            raise self.damaged(None, err) from None
+        for name in recorded or ():
+            if name not in self._arrays:
+                raise self.damaged(name, f"{self.path / name / 'zarr.json'} is missing")
+        for name, array in self._arrays.items():
+            self._check_shards(name, array)
+
+    def damaged(self, name: str | None, err: Exception | str,
+                rows: list[int] | None = None) -> InputError:
+        """The one error for a store that cannot be read: store, array, samples and the fix."""
+        what = f"{self.path}" if name is None else f"{self.path}: array {name!r}"
+        reason = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+        samples = ""
+        if rows:
+            ids = self.attrs.get("ids") if hasattr(self, "attrs") else None
+            named = [str(ids[i]) if isinstance(ids, list) and 0 <= i < len(ids) else str(i)
+                     for i in rows[:3]]
+            more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+            samples = f" (samples {', '.join(named)}{more})"
+        stage = getattr(self, "attrs", {}).get("stage")
+        fix = _FIX.replace("the stage", f"the `{stage}` stage") if stage else _FIX
+        return InputError(f"{what} is damaged or incomplete{samples}: {reason}; {fix}")
+
+    def _check_shards(self, name: str, array: zarr.Array) -> None:
+        """Every shard file must exist and be at least as long as its index."""
+        shards = array.shards or array.chunks
+        grid = [-(-n // s) for n, s in zip(array.shape, shards)]
+        per_shard = int(np.prod([s // c for s, c in zip(shards, array.chunks)], dtype=np.int64))
+        index_bytes = 16 * per_shard + 4 if array.shards else 1
+        for coords in np.ndindex(*grid):
+            key = array.metadata.encode_chunk_key(coords)
+            file = self.path / name / key
+            try:
+                size = file.stat().st_size
+            except OSError:
+                size = -1
+            if size < index_bytes:
+                first = coords[0] * shards[0] if coords else 0
+                rows = list(range(first, min(first + shards[0], array.shape[0]))) if coords else None
+                problem = "missing" if size < 0 else f"truncated ({size} bytes)"
+                raise self.damaged(name, f"shard file {file} is {problem}", rows)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.group
+        return name in self._arrays
 
-    def __getitem__(self, name: str) -> zarr.Array:
-        if name not in self.group:
+    def __getitem__(self, name: str) -> StoredArray:
+        if name not in self._arrays:
             raise InputError(
                 f"{self.path}: no array {name!r} (has: {', '.join(sorted(self.names()))})"
             )
-        return self.group[name]  # type: ignore[return-value]
+        return StoredArray(self, name, self._arrays[name])
 
     def names(self) -> list[str]:
-        return [name for name, _ in self.group.arrays()]
+        return list(self._arrays)
 
     def __len__(self) -> int:
         ids = self.attrs.get("ids")

@@ -33,7 +33,20 @@ EYECANDIES_CATEGORIES = (
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity pass ``ge``/``gt`` bounds in odd ways; no parameter needs them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Lists that are sets: a repeated entry would run the same work twice and count it twice
+# (double rows in the summary and its mean). Checked across sections by Params.
+SET_KEYS = (
+    "data.categories",
+    "fewshot.shots",
+    "fewshot.seeds",
+    "evaluate.limits",
+    "augment.lora_targets",
+    "score.large_box_categories",
+)
 
 
 class DataParams(Section):
@@ -373,6 +386,9 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
+        problems = [*self._duplicates(), *self._step_problems()]
+        if problems:
+            raise ValueError("\n".join(problems))
         known = MVTEC3D_CATEGORIES if self.data.dataset == "mvtec3d" else EYECANDIES_CATEGORIES
         root = Path(self.data.root)
         for category in self.data.categories:
@@ -385,13 +401,45 @@ class Params(Section):
                     f"(allowed for {self.data.dataset}: {', '.join(known)}, "
                     f"or a folder under {root})"
                 )
-        for k in self.fewshot.shots:
-            self.fit_mapper.steps_for(k)
-        issues = official_setup_issues(self)  # [mapper] released checkpoints need their setup
+        issues = official_setup_issues(self)  # released checkpoints need their setup
         if issues:
             raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "
                              "published feature setup; inconsistent: " + "; ".join(issues))
         return self
+
+    def _duplicates(self) -> list[str]:
+        problems = []
+        for dotted in SET_KEYS:
+            section, key = dotted.split(".")
+            values = getattr(getattr(self, section, None), key, None)
+            if values is None:
+                continue
+            seen: set = set()
+            repeated = [v for v in values if v in seen or seen.add(v)]  # type: ignore[func-returns-value]
+            if repeated:
+                problems.append(
+                    f"{dotted}: {', '.join(map(repr, dict.fromkeys(repeated)))} listed more than "
+                    f"once (list each value once: {list(dict.fromkeys(values))})"
+                )
+        return problems
+
+    def _step_problems(self) -> list[str]:
+        steps = self.fit_mapper.steps
+        problems = [
+            f"fit_mapper.steps: k={k} must be >= 1 (got {k})" for k in steps if k < 1
+        ] + [
+            f"fit_mapper.steps: the step count for k={k} must be >= 1 (got {n}); "
+            "an untrained mapper would be evaluated"
+            for k, n in steps.items() if n < 1
+        ]
+        missing = [k for k in self.fewshot.shots if k not in steps]
+        if missing:
+            problems.append(
+                f"fit_mapper.steps: no step count for k={', '.join(map(str, missing))} "
+                f"(given for k in {sorted(steps)}; fewshot.shots is {self.fewshot.shots}: "
+                "give one positive count for each)"
+            )
+        return problems
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -400,7 +448,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if not key:  # a cross-section check: its message already names the keys
-            lines.append(f"{source}: {msg.removeprefix('Value error, ')}")
+            lines.extend(f"{source}: {line}"
+                         for line in msg.removeprefix("Value error, ").splitlines())
             continue
         if e["type"] == "extra_forbidden":
             parent = e["loc"][:-1]
@@ -425,12 +474,33 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: {err}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (plain YAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)  # type: ignore[arg-type]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given more than once", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: parameter file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import CmdsAdError
+from pipeline.errors import CmdsAdError, InputError
 
 app = typer.Typer(
     name="cmds-ad",
@@ -31,6 +31,78 @@ MaybeShotsOpt = Annotated[
     Optional[int], typer.Option("--shots", "-k", help="Generated images of this k (else real).")
 ]
 MaybeSeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Few-shot seed.")]
+
+
+_PARENT = os.getppid()  # read at import, the earliest point: the parent may die before the call
+
+
+def _is_dvc(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "dvc" for arg in argv)
+
+
+def _parent_of(pid: int) -> int:
+    try:  # field 4 of /proc/<pid>/stat, after the parenthesised command name
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _orphaned(reason: str) -> None:
+    sys.stderr.write(f"error: {reason}; stopping this stage\n")
+    os._exit(1)
+
+
+def _watch(pid: int) -> None:
+    import time
+
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(0.5)
+    _orphaned(f"the dvc process {pid} that started it has exited")
+
+
+def _exit_with_parent() -> None:
+    """Linux: die with the ``dvc`` running this stage, so no orphan keeps writing.
+
+    The parent-death signal covers a direct parent (DVC runs ``$SHELL -c cmd``, which bash
+    replaces by the command); a shell that stays in between is covered by a thread watching the
+    dvc process. What a killed stage leaves is a dot-named temporary that DVC ignores and the
+    next run of the stage removes. Elsewhere (macOS, Windows) this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _PARENT:  # the parent died before the call: nothing would signal us
+        _orphaned("the process that started it has exited")
+    if "DVC_STAGE" not in os.environ:  # run by hand, not by dvc
+        return
+    pid = os.getppid()
+    for _ in range(3):  # the dvc process: the parent, or above a shell or two
+        if _is_dvc(pid):
+            break
+        pid = _parent_of(pid)
+    else:
+        # dvc died before this process got here (it was re-parented) or is not an ancestor
+        _orphaned("the dvc process that started it is gone")
+    if pid != os.getppid():
+        import threading
+
+        threading.Thread(target=_watch, args=(pid,), daemon=True).start()
+
+
+@app.callback()
+def _start() -> None:
+    _exit_with_parent()
 
 
 def _fail(message: str) -> None:
@@ -69,6 +141,19 @@ def demo_data(
         _fail(str(err))
 
 
+def _require_npz(file: Path) -> None:
+    """An NPZ is a zip archive; anything else would reach numpy's misleading "pickled data"."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return  # metrics_command names a missing or unreadable file
+    if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        what = "a single .npy array" if head == b"\x93NUMPY" else "not a zip archive"
+        raise InputError(f"{file}: not an NPZ file ({what}); write one with numpy.savez("
+                         f"file, anomaly_maps=..., gt=..., labels=...)")
+
+
 @app.command("metrics")
 def metrics(
     file: Annotated[Path, typer.Argument(help="NPZ with anomaly_maps, gt, labels [, scores].")],
@@ -83,6 +168,7 @@ def metrics(
     from stages.evaluate import metrics_command
 
     try:
+        _require_npz(file)
         metrics_command(file, aupro_thresholds or ())
     except CmdsAdError as err:
         _fail(str(err))
@@ -199,6 +285,12 @@ def import_official(
     except CmdsAdError as err:
         _fail(str(err))
     typer.echo(f"{out}: four mappers converted from {ckpt_root} ({category}, k={shots})")
+
+
+@app.command("validate-params")
+def validate_params(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Stage: validate the whole parameter file (every section and key) before any work."""
+    _run_stage("validate_params", params)
 
 
 def main() -> None:  # pragma: no cover - console entry

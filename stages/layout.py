@@ -18,6 +18,11 @@ def run_key(shots: int, seed: int) -> str:
     return f"k{shots}-s{seed}"
 
 
+def params_check() -> Path:
+    """Written by ``validate_params`` when params.yaml is valid; ``prepare`` depends on it."""
+    return ARTIFACTS / "params.valid"
+
+
 def prepared(category: str) -> Path:
     """Directory with train.zarr (the shot pool), test.zarr and shots.json."""
     return ARTIFACTS / "prepare" / category

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,125 @@ def test_missing_store_is_a_clear_error(tmp_path):
     _write(tmp_path / "s.zarr")
     with pytest.raises(InputError, match="no array 'depth'"):
         open_store(tmp_path / "s.zarr")["depth"]
+
+
+# ---- integrity: missing or damaged data is never read as valid data --------------------------
+
+def _small_store(path: Path, zeros: bool = False) -> None:
+    """Three shards of 4 samples (the last one short), ids good/000..good/009."""
+    data = np.zeros((10, 4, 4), np.float32) if zeros else np.arange(160, dtype=np.float32).reshape(10, 4, 4) + 1
+    with StoreWriter(path, attrs={"ids": [f"good/{i:03d}" for i in range(10)], "stage": "infer"},
+                     shard_bytes=4 * 4 * 4 * 4) as w:
+        w.write("x", data)
+
+
+def test_all_shards_are_written_even_when_empty(tmp_path):
+    _small_store(tmp_path / "s.zarr", zeros=True)
+    assert sorted(p.name for p in (tmp_path / "s.zarr/x/c").iterdir()) == ["0", "1", "2"]
+    assert float(open_store(tmp_path / "s.zarr")["x"][:].sum()) == 0.0
+
+
+def _damage(path: Path, how: str) -> None:
+    shard = path / "x/c/1/0/0"
+    if how == "delete_shard":
+        shard.unlink()
+    elif how == "empty_shard":
+        shard.write_bytes(b"")
+    elif how == "truncate_shard":
+        shard.write_bytes(shard.read_bytes()[:40])
+    elif how == "flip_byte":
+        data = bytearray(shard.read_bytes())
+        data[12] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif how == "flip_index":
+        data = bytearray(shard.read_bytes())
+        data[-9] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif how == "truncate_array_json":
+        meta = path / "x/zarr.json"
+        meta.write_text(meta.read_text()[:50])
+    elif how == "delete_array":
+        import shutil
+
+        shutil.rmtree(path / "x")
+    elif how == "truncate_group_json":
+        meta = path / "zarr.json"
+        meta.write_text(meta.read_text()[:30])
+
+
+@pytest.mark.parametrize("how", ["delete_shard", "empty_shard", "truncate_shard", "flip_byte",
+                                 "flip_index", "truncate_array_json", "delete_array",
+                                 "truncate_group_json"])
+def test_damaged_store_is_one_clear_error(tmp_path, how):
+    path = tmp_path / "s.zarr"
+    _small_store(path)
+    _damage(path, how)
+    with pytest.raises(InputError) as err:
+        open_store(path)["x"][:]
+    message = str(err.value)
+    assert str(path) in message and "damaged or incomplete" in message
+    assert "dvc checkout" in message and "re-run" in message
+    if how not in ("truncate_group_json", "truncate_array_json"):
+        assert "'x'" in message
+    if how in ("delete_shard", "empty_shard", "truncate_shard", "flip_byte", "flip_index"):
+        assert "good/004" in message  # the samples of shard 1
+        assert "`infer` stage" in message
+
+
+def test_read_of_an_undamaged_shard_still_works(tmp_path):
+    path = tmp_path / "s.zarr"
+    _small_store(path)
+    _damage(path, "flip_byte")
+    store = open_store(path)
+    assert float(store["x"][0, 0, 0]) == 1.0  # shard 0 is intact
+    assert float(store["x"][6, 0, 0]) == 97.0  # each chunk has its own checksum
+    with pytest.raises(InputError, match=r"samples good/004\)"):
+        store["x"][4]
+
+
+# ---- nothing private or stale is left behind ------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755),
+                                                             (0o077, 0o600, 0o700)])
+def test_written_files_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
+    old = os.umask(mask)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            atomic_write_json(tmp / "m.json", {"a": 1})
+            fd, private = tempfile.mkstemp(dir=tmp)  # 0600, as safetensors' save_file writes
+            os.close(fd)
+        atomic_write_json(tmp_path / "top.json", {})
+        _small_store(tmp_path / "s.zarr")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "out") == dir_mode and _mode(tmp_path / "s.zarr") == dir_mode
+    assert _mode(tmp_path / "out/m.json") == file_mode
+    assert _mode(tmp_path / "out" / Path(private).name) == file_mode
+    assert _mode(tmp_path / "top.json") == file_mode
+    assert _mode(tmp_path / "s.zarr/x/c/0/0/0") == file_mode
+
+
+def test_stale_old_and_tmp_siblings_are_removed_by_the_next_write(tmp_path):
+    (tmp_path / ".s.zarr.old-123").mkdir()
+    (tmp_path / ".s.zarr.tmp-dead").mkdir()
+    (tmp_path / ".m.json.tmp-dead").write_text("x")
+    _small_store(tmp_path / "s.zarr")
+    atomic_write_json(tmp_path / "m.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "s.zarr"]
+
+
+def test_failed_write_removes_the_parent_folders_it_created(tmp_path):
+    (tmp_path / "artifacts").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "artifacts/prepare/disc"):
+            raise RuntimeError("bad sample")
+    assert list((tmp_path / "artifacts").iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with StoreWriter(tmp_path / "artifacts/streams/disc/k1-s0.zarr") as w:
+            w.create("x", 2, (2,), np.float32)
+            raise RuntimeError("killed")
+    assert list((tmp_path / "artifacts").iterdir()) == []

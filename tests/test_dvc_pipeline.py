@@ -36,6 +36,8 @@ REDUCED = {
 KEY = "disc-1-0"
 # the model stages live in upstream/dvc.yaml; DVC names them by that file from the root
 UPSTREAM = "upstream/dvc.yaml:"
+# re-runs (cheaply, writing the same bytes) after every edit of params.yaml, whatever changed
+VALIDATE = "validate_params"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def project(tmp_path_factory) -> Path:
 
 def _changed_stages(project: Path) -> set[str]:
     status = json.loads(sh(["dvc", "status", "--json"], project).stdout or "{}")
-    return set(status)
+    return set(status) - {VALIDATE}
 
 
 def test_full_run_produces_metrics_and_noop_runs_nothing(project):
@@ -65,7 +67,7 @@ def test_fusion_weight_change_reruns_only_score_and_evaluate(project):
     upstream_lock = (project / "upstream/dvc.lock").read_bytes()
     write_params(project, {"score.lambda_1": 0.3})
     assert _changed_stages(project) == {f"score@{KEY}", f"evaluate@{KEY}"}
-    ran = stages_run(sh(["dvc", "repro"], project).stdout)
+    ran = stages_run(sh(["dvc", "repro"], project).stdout) - {VALIDATE}
     assert {f"score@{KEY}", f"evaluate@{KEY}"} <= ran <= {f"score@{KEY}", f"evaluate@{KEY}", "report"}
     # the point of the two-file split: re-scoring rewrites only the small root dvc.lock
     assert (project / "upstream/dvc.lock").read_bytes() == upstream_lock
@@ -75,7 +77,7 @@ def test_fusion_weight_change_reruns_only_score_and_evaluate(project):
 def test_mapper_change_reruns_fit_mapper_and_downstream_only(project):
     write_params(project, {"fit_mapper.lr": 3e-4})
     assert _changed_stages(project) == {f"{UPSTREAM}fit_mapper@{KEY}"}
-    ran = stages_run(sh(["dvc", "repro"], project).stdout)
+    ran = stages_run(sh(["dvc", "repro"], project).stdout) - {VALIDATE}
     assert f"{UPSTREAM}fit_mapper@{KEY}" in ran
     assert ran <= {f"{UPSTREAM}fit_mapper@{KEY}", f"{UPSTREAM}infer@{KEY}", f"score@{KEY}",
                    f"evaluate@{KEY}", "report"}

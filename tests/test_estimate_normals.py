@@ -189,11 +189,11 @@ def test_failure_mid_run_leaves_no_store(project: Path, cache: Path,
     params = make_params(cache, project, batch_size=2)
     with pytest.raises(RuntimeError, match=f"injected {where} failure"):
         stage.run(params, "bagel")
-    assert list((project / "artifacts" / "normals").iterdir()) == []
+    assert not (project / "artifacts" / "normals").exists()  # nor the parents it created
     calls["n"] = 0
     with pytest.raises(RuntimeError, match=f"injected {where} failure"):
         stage.run(params, "bagel", shots=2, seed=0)
-    assert list((project / "artifacts" / "normals_generated" / "bagel").iterdir()) == []
+    assert not (project / "artifacts" / "normals_generated").exists()
 
 
 def test_bad_inputs_fail_without_artifacts(project: Path, cache: Path) -> None:

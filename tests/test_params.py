@@ -89,3 +89,41 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ParamsError, match="bad.yaml: not valid YAML"):
         load_params(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("data.categories", ["disc", "dome", "disc"], "data.categories: 'disc' listed more than once"),
+        ("fewshot.shots", [1, 2, 2], "fewshot.shots: 2 listed more than once"),
+        ("fewshot.seeds", [0, 0], "fewshot.seeds: 0 listed more than once"),
+        ("evaluate.limits", [0.3, 0.3], "evaluate.limits: 0.3 listed more than once"),
+        ("fit_mapper.steps", {1: 0, 2: 200, 4: 200}, "fit_mapper.steps: the step count for k=1 must be >= 1 (got 0)"),
+        ("fit_mapper.steps", {1: -5, 2: 200, 4: 200}, "(got -5)"),
+        ("fit_mapper.steps", {1: 200, 2: 200}, "fit_mapper.steps: no step count for k=4"),
+        ("score.lambda_1", float("nan"), "score.lambda_1: Input should be a finite number"),
+    ],
+)
+def test_cross_section_checks_name_the_key(key, value, fragment):
+    raw = _demo_raw()
+    section, leaf = key.split(".")
+    raw[section][leaf] = value
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert fragment in str(err.value)
+
+
+def test_several_problems_are_reported_together():
+    raw = _demo_raw()
+    raw["fewshot"]["shots"] = [1, 1]
+    raw["fit_mapper"]["steps"] = {1: 0}
+    message = str(pytest.raises(ParamsError, parse_params, raw).value)
+    assert "fewshot.shots" in message and "fit_mapper.steps" in message
+    assert all(line.startswith("params.yaml: ") for line in message.splitlines())
+
+
+def test_key_given_twice_in_yaml_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text() + "\nscore:\n  lambda_1: 0.5\n")
+    with pytest.raises(ParamsError, match="key 'score' given more than once"):
+        load_params(path)
