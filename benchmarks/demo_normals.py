@@ -81,7 +81,8 @@ def main() -> None:
         # Baseline: every pixel facing the camera, (0, 0, 1) in the real-normal frame.
         errors = []
         for category, (ids, rgb, real, fg) in data.items():
-            errors.append(angular_error(np.broadcast_to(np.float32([0, 0, 1]), real.shape), real, fg))
+            facing = np.broadcast_to(np.float32([0, 0, 1]), real.shape)
+            errors.append(angular_error(facing, real, fg))
             print(f"{'constant (0, 0, 1)':32s} {category:6s} {len(ids):3d} test images: mean "
                   f"angular error on the object {errors[-1]:5.1f} deg")
         print(f"{'constant (0, 0, 1)':32s} mean over categories: {np.mean(errors):5.1f} deg")

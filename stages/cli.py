@@ -204,7 +204,7 @@ def import_official(
 @app.command("demo-models")
 def demo_models(
     out: Annotated[Path, typer.Argument(help="Output folder (vae/, unet/, training.json).")],
-    seed: Annotated[Optional[int], typer.Option(help="Training seed (default: the shipped one).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed (default: shipped).")] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Rendered training pairs.")] = None,
     vae_steps: Annotated[Optional[int], typer.Option(help="VAE training steps.")] = None,
     unet_steps: Annotated[Optional[int], typer.Option(help="UNet training steps.")] = None,

@@ -59,7 +59,8 @@ def test_demo_models_command_is_deterministic(tmp_path: Path, one_torch_thread) 
     for name in ("a", "b"):
         result = CliRunner().invoke(app, ["demo-models", str(tmp_path / name), *args])
         assert result.exit_code == 0, result.output
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
+                   if p.is_file())
     assert {str(f) for f in files} >= {"vae/diffusion_pytorch_model.safetensors",
                                        "unet/diffusion_pytorch_model.safetensors", "training.json"}
     for f in files:
@@ -124,7 +125,9 @@ def test_trained_vae_reconstructs_images_and_normal_maps(one_torch_thread) -> No
     pairs = dt.Pairs(HELD_OUT_SEED, 4)
     images, normals = pairs.batch(torch.arange(4))
     x = torch.cat([images, normals])
+    err = {}
     with torch.no_grad():
-        err = {name: float(torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x))
-               for name, vae in (("trained", trained), ("random", random))}
+        for name, vae in (("trained", trained), ("random", random)):
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+            err[name] = float(torch.nn.functional.mse_loss(recon, x))
     assert err["trained"] < 0.02 and err["trained"] < 0.1 * err["random"], err
