@@ -293,6 +293,39 @@ def validate_params(params: ParamsOpt = Path("params.yaml")) -> None:
     _run_stage("validate_params", params)
 
 
+@app.command("demo-models")
+def demo_models(
+    out: Annotated[Path, typer.Argument(help="Output folder (vae/, unet/, training.json).")],
+    seed: Annotated[Optional[int], typer.Option(help="Training seed (default: shipped).")] = None,
+    pairs: Annotated[Optional[int], typer.Option(help="Rendered training pairs.")] = None,
+    vae_steps: Annotated[Optional[int], typer.Option(help="VAE training steps.")] = None,
+    unet_steps: Annotated[Optional[int], typer.Option(help="UNet training steps.")] = None,
+) -> None:
+    """Train the demo normals model (demo:tiny-marigold) on renders of the demo generator.
+
+    With the defaults this reproduces pipeline/models/demo_weights/tiny-marigold (a few
+    minutes on one CPU core); the shortened options are for trying things out.
+    """
+    import dataclasses
+    import time
+
+    import torch
+
+    from pipeline.models.demo_training import TrainingConfig, train_demo_marigold
+
+    changes = {k: v for k, v in dict(seed=seed, pairs=pairs, vae_steps=vae_steps,
+                                     unet_steps=unet_steps).items() if v is not None}
+    for key, value in changes.items():
+        if key != "seed" and value < 1:
+            _fail(f"--{key.replace('_', '-')}: must be at least 1, got {value}")
+    cfg = dataclasses.replace(TrainingConfig(), **changes)
+    # One thread: the layers are tiny, and the run is then deterministic on this machine.
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    train_demo_marigold(out, cfg, log=typer.echo)
+    typer.echo(f"{out}: demo normals model trained in {time.perf_counter() - start:.0f} s")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

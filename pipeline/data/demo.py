@@ -488,3 +488,33 @@ def write_demo_eyecandies(
             if split == "test":
                 _save_png(data / f"{stem}_mask.png", (sample.gt * 255).astype(np.uint8))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pairs for the demo normals model (pipeline/models/demo_training.py).
+
+TRAINING_KINDS = ("disc", "dome", "slab", "GummyBear")
+# Defects dealt to training pairs: half plain, the rest each defect kind (relief to learn from).
+TRAINING_DEFECTS = (None, None, None, None, "bump", "dent", "stain", "contamination")
+
+
+def training_camera(kind: str) -> Camera:
+    """The demo camera of a category (the Eyecandies camera for GummyBear)."""
+    if kind in CATEGORIES:
+        return Camera(*CATEGORIES[kind]["shape"], CATEGORIES[kind]["focal"])
+    return Camera(256, 256, FOCAL_LENGTH)
+
+
+def render_training_pair(seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (H, W, 3) uint8 and its exact unit normals (H, W, 3) float64, camera facing, of
+    training pair ``index``.
+
+    The random stream is keyed by ``"demo-models"``, so no pair is a scene of the demo
+    dataset (``write_demo_dataset`` keys by category and split) or of ``write_demo_eyecandies``
+    (keyed by ``"eyecandies"``), whatever the seed. Each pair depends only on (seed, index).
+    """
+    kind = TRAINING_KINDS[index % len(TRAINING_KINDS)]
+    rng = _rng(seed, "demo-models", kind, index)
+    defect = TRAINING_DEFECTS[int(rng.integers(len(TRAINING_DEFECTS)))]
+    sample = render_sample(kind, training_camera(kind), rng, defect, dropout=0.0)
+    return sample.rgb, sample.normals

