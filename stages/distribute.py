@@ -15,6 +15,7 @@ scheduler (``distributed.scheduler.allowed-failures``), on another worker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -320,7 +321,8 @@ def start_cluster(options: ClusterOptions):
         # one thread per worker process: a stage instance is a process of its own and uses
         # the cores itself; the dashboard on a free port
         cluster = LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", resources=resources)
+                               dashboard_address=":0", resources=resources,
+                               silence_logs=logging.CRITICAL)  # failures are reported below
         return Client(cluster), cluster
     if options.cluster == "slurm":
         if shutil.which("sbatch") is None:
@@ -410,7 +412,19 @@ class _Progress:
         return table
 
 
-def distribute(
+def distribute(root: Path, options: ClusterOptions, targets: Sequence[str] = (),
+               remote: str | None = None, git_url: str | None = None, console=None) -> Outcome:
+    """Run the out-of-date instances of ``targets`` on the cluster; sync the workspace."""
+    # DVC resolves stage addresses against the working directory
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        return _distribute(Path(root).resolve(), options, targets, remote, git_url, console)
+    finally:
+        os.chdir(before)
+
+
+def _distribute(
     root: Path,
     options: ClusterOptions,
     targets: Sequence[str] = (),
@@ -418,7 +432,6 @@ def distribute(
     git_url: str | None = None,
     console=None,
 ) -> Outcome:
-    """Run the out-of-date instances of ``targets`` on the cluster; sync the workspace."""
     from rich.console import Console
     from rich.live import Live
 
@@ -545,6 +558,9 @@ def report(outcome: Outcome, console) -> None:
         f"{len(outcome.failures)} failed, {len(outcome.skipped)} not run; "
         f"{outcome.wall_s:.1f} s"
     )
+    for addr, n in sorted(outcome.starts.items()):
+        if n > 1:
+            console.print(f"{addr}: started {n} times (Dask rescheduled it after its worker died)")
     for addr, err in outcome.failures.items():
         if isinstance(err, InstanceFailed):
             console.print(f"[red]FAILED[/red] {addr} on worker {err.worker}; last lines of its log:")
