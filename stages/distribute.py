@@ -45,6 +45,8 @@ LOG_TAIL_LINES = 25
 # that started `cmds-ad distribute` instead, as under `dvc repro` (torch's CPU kernels give
 # other bits with another thread count)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# read at import: a LocalCluster's nanny sets them in this process too
+SHELL_THREAD_ENV = {var: os.environ.get(var) for var in THREAD_VARS}
 
 
 class DistributeError(CmdsAdError):
@@ -416,10 +418,11 @@ def distribute(root: Path, options: ClusterOptions, targets: Sequence[str] = (),
                remote: str | None = None, git_url: str | None = None, console=None) -> Outcome:
     """Run the out-of-date instances of ``targets`` on the cluster; sync the workspace."""
     # DVC resolves stage addresses against the working directory
+    root = Path(root).resolve()
     before = os.getcwd()
     os.chdir(root)
     try:
-        return _distribute(Path(root).resolve(), options, targets, remote, git_url, console)
+        return _distribute(root, options, targets, remote, git_url, console)
     finally:
         os.chdir(before)
 
@@ -475,52 +478,78 @@ def _distribute(
                 progress.set(msg["addr"], "running")
 
         client.subscribe_topic(EVENT_TOPIC, on_event)
-        futures = {}
         common = {"git_url": git_url or str(root), "commit": the_plan.commit,
                   "remote": remote_name, "remote_config": remote_config,
-                  "scratch": options.scratch,
-                  "thread_env": {var: os.environ.get(var) for var in THREAD_VARS}}
-        for addr in the_plan.to_run:
+                  "scratch": options.scratch, "thread_env": SHELL_THREAD_ENV}
+        # An instance is submitted once its upstream instances are done, with their results
+        # as plain arguments. Results kept as futures on the workers would die with a worker,
+        # and Dask would re-run finished instances to recreate them.
+        waiting = {a: set(the_plan.instances[a].parents) & set(the_plan.to_run)
+                   for a in the_plan.to_run}
+        children: dict[str, list[str]] = {a: [] for a in the_plan.to_run}
+        for addr, parents in waiting.items():
+            for parent in parents:
+                children[parent].append(addr)
+        from distributed import as_completed
+
+        running = as_completed()
+        by_key: dict[str, str] = {}
+
+        def submit(addr: str) -> None:
             inst = the_plan.instances[addr]
             spec = {**common, "addr": addr, "name": inst.name, "lockfile": inst.lockfile,
                     "uncached": list(inst.uncached)}
-            parents = [futures[p] if p in futures else records[p] for p in inst.parents]
-            futures[addr] = client.submit(
-                run_instance, spec, *parents, key=f"{_safe(addr)}-{uuid.uuid4().hex[:8]}",
+            future = client.submit(
+                run_instance, spec, *(records[p] for p in inst.parents),
+                key=f"{_safe(addr)}-{uuid.uuid4().hex[:8]}",
                 resources={"GPU": 1} if gpus and inst.model else None, pure=False, retries=0,
             )
-        by_key = {f.key: addr for addr, f in futures.items()}
-        from distributed import as_completed
+            by_key[future.key] = addr
+            running.add(future)
 
+        for addr in the_plan.to_run:
+            if not waiting[addr]:
+                submit(addr)
         with Live(progress.table(), console=console, refresh_per_second=2,
                   transient=False) as live:
-            for future in as_completed(list(futures.values())):
+            for future in running:
                 addr = by_key[future.key]
                 if future.status == "finished":
                     result = future.result()
                     outcome.results[addr] = result
+                    records[addr] = {"addr": addr, "lock": result["lock"],
+                                     "uncached": result["uncached"], "pull": True}
                     progress.set(addr, "done")
                     how = "computed" if result["computed"] else "restored from the remote"
                     live.console.print(f"done  {addr}  on {result['worker']}  "
                                        f"{result['total_s']:.1f} s ({how})")
+                    for child in children[addr]:
+                        waiting[child].discard(addr)
+                        if not waiting[child]:
+                            submit(child)
                 else:
                     err = future.exception()
-                    if isinstance(err, InstanceFailed) and err.addr != addr:
-                        outcome.skipped.append(addr)  # an upstream instance failed
-                        progress.set(addr, "failed")
-                    else:
-                        outcome.failures[addr] = err if isinstance(err, InstanceFailed) else (
-                            f"{type(err).__name__}: {err}")
-                        progress.set(addr, "failed")
-                        live.console.print(f"[red]failed {addr}[/red]")
+                    outcome.failures[addr] = err if isinstance(err, InstanceFailed) else (
+                        f"{type(err).__name__}: {err}")
+                    progress.set(addr, "failed")
+                    live.console.print(f"[red]failed {addr}[/red]")
+                    blocked, todo = set(), list(children[addr])
+                    while todo:
+                        child = todo.pop()
+                        if child not in blocked:
+                            blocked.add(child)
+                            todo.extend(children[child])
+                            progress.set(child, "failed")
+                    outcome.skipped.extend(sorted(blocked - set(outcome.skipped)))
+                future.release()
                 live.update(progress.table())
         client.unsubscribe_topic(EVENT_TOPIC)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-
-    sync_workspace(root, the_plan, outcome.results, remote_name)
+        # also after an interruption: what finished is kept, and a next run skips it
+        sync_workspace(root, the_plan, outcome.results, remote_name)
     outcome.wall_s = time.perf_counter() - start
     console.print()
     report(outcome, console)

@@ -98,6 +98,22 @@ class _StageLog(logging.Handler):
         print(message, flush=True)
 
 
+def push_run_cache(repo, addr: str, remote: str) -> None:
+    """Push the instance's run-cache entries and, before them, the objects of its
+    ``cache: false`` outputs, which `dvc push --run-cache` leaves behind (DVC 3.67): without
+    them another machine cannot restore the instance (fit_mapper's loss CSV, evaluate's
+    metrics) and would compute it again."""
+    from dvc.stage.cache import _get_stage_hash
+
+    (stage,) = repo.stage.collect(addr)
+    key = _get_stage_hash(stage)
+    folder = Path(repo.stage_cache._get_cache_dir(key))
+    entries = [(key, value.name) for value in sorted(folder.iterdir())] if folder.is_dir() else []
+    for _odb, objs in repo.stage_cache.get_used_objs(entries).items():
+        repo.cloud.push(objs, remote=remote)
+    repo.stage_cache.push(remote)
+
+
 def main(spec_path: str) -> int:
     _die_with_parent()
     spec = json.loads(Path(spec_path).read_text())
@@ -148,7 +164,7 @@ def main(spec_path: str) -> int:
         # Outputs first, the run cache after: a worker killed in between leaves objects the
         # remote holds but no run-cache entry or lock that points at them.
         repo.push(targets=[spec["addr"]], remote=spec["remote"])
-        repo.push(targets=[spec["addr"]], remote=spec["remote"], run_cache=True)
+        push_run_cache(repo, spec["addr"], spec["remote"])
     timings["push_s"] = time.perf_counter() - start
     repo.close()
 

@@ -36,6 +36,7 @@ REDUCED = {
 }
 CATEGORIES = ("disc", "dome")
 KILL_STAGE = "fit-mapper"  # the model stage during which a worker process is killed
+CLEAN_ENV: dict[str, str] = {}  # the environment for `cmds-ad` subprocesses
 
 
 def _new_project(path: Path, remote: Path | None) -> Path:
@@ -72,6 +73,8 @@ def env(tmp_path_factory):
     saved = dict(os.environ)
     os.environ.update(project_env())
     os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ['PATH']}"
+    # before any LocalCluster: its nanny sets OMP_NUM_THREADS=1 in this process as well
+    CLEAN_ENV.update(os.environ)
     yield base, counts
     os.environ.clear()
     os.environ.update(saved)
@@ -79,7 +82,7 @@ def env(tmp_path_factory):
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`cmds-ad ...` with this module's environment (the counting shim first on PATH)."""
-    return subprocess.run(["cmds-ad", *args], cwd=cwd, env=dict(os.environ),
+    return subprocess.run(["cmds-ad", *args], cwd=cwd, env=dict(CLEAN_ENV),
                           capture_output=True, text=True)
 
 
