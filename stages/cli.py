@@ -326,6 +326,47 @@ def demo_models(
     typer.echo(f"{out}: demo normals model trained in {time.perf_counter() - start:.0f} s")
 
 
+@app.command("distribute")
+def distribute(
+    targets: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Stage instances (DVC addresses, e.g. score@disc-1-0); default all."),
+    ] = None,
+    cluster: Annotated[
+        str, typer.Option(help="local (processes here), slurm (dask-jobqueue) or tcp://HOST:PORT.")
+    ] = "local",
+    workers: Annotated[int, typer.Option(help="Local worker processes / SLURM jobs.")] = 2,
+    remote: Annotated[
+        Optional[str], typer.Option(help="DVC remote the workers share (default: the default).")
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs per worker (local, slurm); 0: none.")] = 0,
+    cores: Annotated[int, typer.Option(help="SLURM: cores per job.")] = 4,
+    memory: Annotated[str, typer.Option(help="SLURM: memory per job.")] = "16GB",
+    partition: Annotated[Optional[str], typer.Option(help="SLURM: partition (queue).")] = None,
+    walltime: Annotated[str, typer.Option(help="SLURM: job walltime.")] = "04:00:00",
+    scratch: Annotated[
+        Optional[str], typer.Option(help="Folder on the workers for their clones.")
+    ] = None,
+    git_url: Annotated[
+        Optional[str], typer.Option(help="Where workers clone from (default: this repository).")
+    ] = None,
+) -> None:
+    """Run the out-of-date stage instances as Dask tasks, each in a worker's own clone."""
+    from stages.distribute import ClusterOptions
+    from stages.distribute import distribute as run_distributed
+
+    options = ClusterOptions(cluster=cluster, workers=workers, gpus=gpus, cores=cores,
+                             memory=memory, partition=partition, walltime=walltime,
+                             scratch=scratch)
+    try:
+        outcome = run_distributed(Path.cwd(), options, targets or (), remote=remote,
+                                  git_url=git_url)
+    except CmdsAdError as err:
+        _fail(str(err))
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

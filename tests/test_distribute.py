@@ -1,0 +1,249 @@
+"""`cmds-ad distribute` on a LocalCluster of 2 worker processes and a local-path DVC remote,
+on the reduced demo (two categories, k = 1), against a serial `dvc repro` of the same commit.
+
+Slow by nature (three pipeline runs on 2 cores), so the runs are module fixtures that the
+tests share: the serial reference, one distributed run in which a worker is killed during a
+model stage, and the bad-input checks that fail before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from stages.scratch_project import make_project, project_env, sh
+
+pytestmark = pytest.mark.slow
+
+REDUCED = {
+    "fewshot.shots": [1],
+    "augment.steps": 2,
+    "augment.n_per_shot": 1,
+    "augment.inference_steps": 5,
+    "estimate_normals.steps": 1,
+    "estimate_normals.ensemble": 1,
+    "fit_mapper.steps": {1: 15},
+}
+CATEGORIES = ("disc", "dome")
+KILL_STAGE = "fit-mapper"  # the model stage during which a worker process is killed
+CLEAN_ENV: dict[str, str] = {}  # the environment for `cmds-ad` subprocesses
+
+
+def _new_project(path: Path, remote: Path | None) -> Path:
+    root = make_project(path, REDUCED, categories=CATEGORIES, n_train=3, n_test=6)
+    if remote is not None:
+        sh(["dvc", "remote", "add", "-d", "team", str(remote)], root)
+        sh(["git", "add", "-A"], root)
+        sh(["git", "commit", "-q", "-m", "remote"], root)
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under artifacts/ and results/ (every store, every metrics.json)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for top in ("artifacts", "results")
+        for p in sorted((root / top).rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The project's environment, and a `cmds-ad` shim first on PATH that counts every stage
+    command any process runs (the count is independent of distribute's own bookkeeping)."""
+    base = tmp_path_factory.mktemp("distribute")
+    shim_dir = base / "shim"
+    shim_dir.mkdir()
+    counts = base / "commands.txt"
+    real = shutil.which("cmds-ad", path=project_env()["PATH"])
+    shim = shim_dir / "cmds-ad"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> "{counts}"\nexec "{real}" "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    saved = dict(os.environ)
+    os.environ.update(project_env())
+    os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ['PATH']}"
+    # before any LocalCluster: its nanny sets OMP_NUM_THREADS=1 in this process as well
+    CLEAN_ENV.update(os.environ)
+    yield base, counts
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`cmds-ad ...` with this module's environment (the counting shim first on PATH)."""
+    return subprocess.run(["cmds-ad", *args], cwd=cwd, env=dict(CLEAN_ENV),
+                          capture_output=True, text=True)
+
+
+def _commands(counts: Path) -> Counter:
+    """Stage commands run so far (the shim also sees `cmds-ad distribute` itself)."""
+    lines = counts.read_text().splitlines() if counts.is_file() else []
+    return Counter(line for line in lines if not line.startswith("distribute"))
+
+
+@pytest.fixture(scope="module")
+def serial(env) -> Path:
+    base, _ = env
+    root = _new_project(base / "serial", None)
+    sh(["dvc", "repro"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def distributed(env):
+    """One distributed run on a LocalCluster of 2 worker processes; the worker running the
+    first fit-mapper command is SIGKILLed while that command runs."""
+    import psutil
+    from distributed import Client, LocalCluster
+
+    from stages.distribute import ClusterOptions, distribute
+
+    base, counts = env
+    root = _new_project(base / "distributed", base / "remote")
+    before = _commands(counts)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=":0")
+    client = Client(cluster)
+    killed: dict = {}
+    stop = threading.Event()
+
+    def kill_during_model_stage() -> None:
+        pids = client.run(os.getpid)
+        while not stop.is_set():
+            for address, pid in pids.items():
+                try:
+                    children = psutil.Process(pid).children(recursive=True)
+                    running = [c for c in children if KILL_STAGE in " ".join(c.cmdline())]
+                except psutil.Error:
+                    continue
+                if running:
+                    time.sleep(0.5)  # the stage is under way
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(address=address, command=" ".join(running[0].cmdline()))
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_during_model_stage, daemon=True)
+    killer.start()
+    try:
+        outcome = distribute(root, ClusterOptions(cluster=cluster.scheduler_address),
+                             remote="team")
+    finally:
+        stop.set()
+        killer.join(5)
+        client.close()
+        cluster.close()
+    commands = _commands(counts) - before
+    return root, outcome, killed, commands
+
+
+def test_results_byte_identical_to_serial_repro(serial, distributed):
+    root, outcome, _, _ = distributed
+    assert outcome.ok, (outcome.failures, outcome.skipped)
+    assert len(outcome.results) == 21
+    reference, ours = _files(serial), _files(root)
+    assert sorted(ours) == sorted(reference)
+    assert sum(p.endswith("metrics.json") for p in ours) == 2
+    assert sum(p.endswith("zarr.json") for p in ours) > 10
+    assert [p for p in reference if reference[p] != ours[p]] == []
+    # the workspace is up to date, as after a local dvc repro
+    assert json.loads(sh(["dvc", "status", "--json"], root).stdout or "{}") == {}
+    metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], root).stdout)
+    assert metrics  # DVC sees the metrics files
+
+
+def test_no_instance_computed_twice_and_the_killed_one_was_rescheduled(distributed):
+    root, outcome, killed, commands = distributed
+    assert killed, "no worker was killed during a model stage"
+    # every stage command ran once, except the one whose worker was killed: twice
+    killed_args = killed["command"].split("cmds-ad ", 1)[1]
+    assert commands[killed_args] == 2, commands
+    assert {c: n for c, n in commands.items() if c != killed_args} == \
+        {c: 1 for c in commands if c != killed_args}
+    assert len(commands) == 21
+    assert all(r["computed"] for r in outcome.results.values())
+    # the rescheduled attempt finished on the worker that survived or on the restarted one
+    category = killed_args.split()[1]
+    assert outcome.starts[f"upstream/dvc.yaml:fit_mapper@{category}-1-0"] == 2
+
+
+def test_second_run_computes_nothing_and_remote_is_complete(distributed, env, tmp_path):
+    root, _, _, _ = distributed
+    _, counts = env
+    before = _commands(counts)
+    # A fresh clone at the same commit knows nothing: every instance is scheduled, and every
+    # one comes from the remote's run cache (the killed attempt left nothing half-pushed).
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    result = _cli(["distribute", "--cluster", "local", "--workers", "2"], clone)
+    assert result.returncode == 0, result.stderr
+    assert "21 of 21 instances done (0 computed, 21 restored from the remote)" in \
+        " ".join(result.stderr.split()), result.stderr
+    assert _commands(counts) == before
+    assert json.loads(sh(["dvc", "status", "--json"], clone).stdout or "{}") == {}
+    assert _files(clone) == _files(root)
+    # and in the distributed workspace itself nothing is left to do
+    again = _cli(["distribute"], root)
+    assert "nothing to run" in again.stderr
+
+
+def test_failing_instance_reported_once_with_its_log(distributed, env):
+    root, _, _, _ = distributed
+    _, counts = env
+    before = _commands(counts)
+    shutil.rmtree(root / "data/demo/dome/test")
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-q", "-m", "break dome"], root)
+    try:
+        result = _cli(["distribute", "--workers", "2"], root)
+        out = " ".join(result.stderr.split())
+        assert result.returncode == 1
+        assert "FAILED upstream/dvc.yaml:prepare@dome on worker tcp://" in out, out
+        assert "last lines of its log" in out and "data/demo/dome" in out, out
+        assert "Not run (upstream failed)" in out
+        # no retry loop: the failing command ran once
+        assert (_commands(counts) - before) == Counter({"prepare dome": 1})
+    finally:
+        sh(["git", "revert", "--no-edit", "HEAD"], root)
+
+
+def test_bad_input_is_refused_before_anything_runs(distributed, tmp_path):
+    root, _, _, _ = distributed
+    # uncommitted code
+    module = root / "pipeline/scoring.py"
+    text = module.read_text()
+    module.write_text(text + "\n# edited\n")
+    try:
+        result = _cli(["distribute"], root)
+        assert result.returncode == 1
+        assert "uncommitted changes (pipeline/scoring.py)" in " ".join(result.stderr.split())
+    finally:
+        module.write_text(text)
+    # a scheduler that does not answer: an error within seconds
+    start = time.perf_counter()
+    result = _cli(["distribute", "--cluster", "tcp://127.0.0.1:9"], root)
+    assert result.returncode == 1 and "no Dask scheduler answers at tcp://127.0.0.1:9" in \
+        result.stderr, result.stderr
+    assert time.perf_counter() - start < 30
+    # SLURM without sbatch
+    if shutil.which("sbatch") is None:
+        result = _cli(["distribute", "--cluster", "slurm"], root)
+        assert result.returncode == 1 and "sbatch" in result.stderr
+    # no DVC remote
+    bare = tmp_path / "bare"
+    sh(["git", "clone", "-q", str(root), str(bare)], tmp_path)
+    sh(["dvc", "remote", "remove", "team"], bare)
+    sh(["git", "commit", "-q", "-am", "no remote"], bare)
+    result = _cli(["distribute"], bare)
+    assert result.returncode == 1 and "no DVC remote configured" in result.stderr
