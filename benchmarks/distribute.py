@@ -17,17 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.scratch_project import make_project, project_env, sh, stages_run
-
-REDUCED = {
-    "fewshot.shots": [1],
-    "augment.steps": 2,
-    "augment.n_per_shot": 1,
-    "augment.inference_steps": 5,
-    "estimate_normals.steps": 1,
-    "estimate_normals.ensemble": 1,
-    "fit_mapper.steps": {1: 15},
-}
+from stages.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
 
 
 def main() -> None:
@@ -43,13 +33,13 @@ def main() -> None:
     from stages.distribute import ClusterOptions, distribute
 
     with tempfile.TemporaryDirectory() as tmp:
-        serial = make_project(Path(tmp) / "serial", REDUCED, categories=categories,
+        serial = make_project(Path(tmp) / "serial", REDUCED_DEMO, categories=categories,
                               n_train=3, n_test=6)
         start = time.perf_counter()
         n_serial = len(stages_run(sh(["dvc", "repro"], serial).stdout))
         serial_s = time.perf_counter() - start
 
-        project = make_project(Path(tmp) / "dist", REDUCED, categories=categories,
+        project = make_project(Path(tmp) / "dist", REDUCED_DEMO, categories=categories,
                                n_train=3, n_test=6)
         sh(["dvc", "remote", "add", "-d", "team", str(Path(tmp) / "remote")], project)
         sh(["git", "commit", "-q", "-am", "remote"], project)

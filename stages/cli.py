@@ -37,6 +37,9 @@ _PARENT = os.getppid()  # read at import, the earliest point: the parent may die
 
 
 def _is_dvc(pid: int) -> bool:
+    # a process that runs DVC through its Python API (the distribute worker) names itself
+    if os.environ.get("CMDS_AD_DVC_PID") == str(pid):
+        return True
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
     except OSError:

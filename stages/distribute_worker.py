@@ -156,6 +156,8 @@ def main(spec_path: str) -> int:
         [str(clone)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
     start = time.perf_counter()
+    # this process runs DVC in-process: the stage's orphan check watches it as its dvc
+    os.environ["CMDS_AD_DVC_PID"] = str(os.getpid())
     repo.reproduce(spec["addr"], single_item=True, pull=True)
     timings["repro_s"] = time.perf_counter() - start
 

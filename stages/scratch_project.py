@@ -22,6 +22,17 @@ PROJECT_FILES = (
     "checkpoints/README.md",  # fit_mapper's dependency (fit_mapper.checkpoints)
 )
 PROJECT_DIRS = ("pipeline", "stages")
+# The reduced demo of the end-to-end tests and benchmarks: k = 1 and the smallest budgets that
+# still train something.
+REDUCED_DEMO = {
+    "fewshot.shots": [1],
+    "augment.steps": 2,
+    "augment.n_per_shot": 1,
+    "augment.inference_steps": 5,
+    "estimate_normals.steps": 1,
+    "estimate_normals.ensemble": 1,
+    "fit_mapper.steps": {1: 15},
+}
 
 
 def project_env() -> dict[str, str]:

@@ -21,26 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from stages.scratch_project import make_project, project_env, sh
+from stages.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
 
 pytestmark = pytest.mark.slow
 
-REDUCED = {
-    "fewshot.shots": [1],
-    "augment.steps": 2,
-    "augment.n_per_shot": 1,
-    "augment.inference_steps": 5,
-    "estimate_normals.steps": 1,
-    "estimate_normals.ensemble": 1,
-    "fit_mapper.steps": {1: 15},
-}
 CATEGORIES = ("disc", "dome")
 KILL_STAGE = "fit-mapper"  # the model stage during which a worker process is killed
 CLEAN_ENV: dict[str, str] = {}  # the environment for `cmds-ad` subprocesses
 
 
 def _new_project(path: Path, remote: Path | None) -> Path:
-    root = make_project(path, REDUCED, categories=CATEGORIES, n_train=3, n_test=6)
+    root = make_project(path, REDUCED_DEMO, categories=CATEGORIES, n_train=3, n_test=6)
     if remote is not None:
         sh(["dvc", "remote", "add", "-d", "team", str(remote)], root)
         sh(["git", "add", "-A"], root)
@@ -93,11 +84,13 @@ def _commands(counts: Path) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def serial(env) -> Path:
+def serial(env) -> tuple[Path, int]:
+    """The reference: a serial `dvc repro`, and how many stage instances it ran."""
     base, _ = env
     root = _new_project(base / "serial", None)
-    sh(["dvc", "repro"], root)
-    return root
+    ran = stages_run(sh(["dvc", "repro"], root).stdout)
+    assert len(ran) > 20, ran  # 10 a category, validate_params and report
+    return root, len(ran)
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +143,10 @@ def distributed(env):
 
 def test_results_byte_identical_to_serial_repro(serial, distributed):
     root, outcome, _, _ = distributed
+    serial_root, n_instances = serial
     assert outcome.ok, (outcome.failures, outcome.skipped)
-    assert len(outcome.results) == 21
-    reference, ours = _files(serial), _files(root)
+    assert len(outcome.results) == n_instances
+    reference, ours = _files(serial_root), _files(root)
     assert sorted(ours) == sorted(reference)
     assert sum(p.endswith("metrics.json") for p in ours) == 2
     assert sum(p.endswith("zarr.json") for p in ours) > 10
@@ -163,23 +157,25 @@ def test_results_byte_identical_to_serial_repro(serial, distributed):
     assert metrics  # DVC sees the metrics files
 
 
-def test_no_instance_computed_twice_and_the_killed_one_was_rescheduled(distributed):
+def test_no_instance_computed_twice_and_the_killed_one_was_rescheduled(serial, distributed):
     root, outcome, killed, commands = distributed
+    _, n_instances = serial
     assert killed, "no worker was killed during a model stage"
     # every stage command ran once, except the one whose worker was killed: twice
     killed_args = killed["command"].split("cmds-ad ", 1)[1]
     assert commands[killed_args] == 2, commands
     assert {c: n for c, n in commands.items() if c != killed_args} == \
         {c: 1 for c in commands if c != killed_args}
-    assert len(commands) == 21
+    assert len(commands) == n_instances
     assert all(r["computed"] for r in outcome.results.values())
     # the rescheduled attempt finished on the worker that survived or on the restarted one
     category = killed_args.split()[1]
     assert outcome.starts[f"upstream/dvc.yaml:fit_mapper@{category}-1-0"] == 2
 
 
-def test_second_run_computes_nothing_and_remote_is_complete(distributed, env, tmp_path):
+def test_second_run_computes_nothing_and_remote_is_complete(serial, distributed, env, tmp_path):
     root, _, _, _ = distributed
+    _, n = serial
     _, counts = env
     before = _commands(counts)
     # A fresh clone at the same commit knows nothing: every instance is scheduled, and every
@@ -188,7 +184,7 @@ def test_second_run_computes_nothing_and_remote_is_complete(distributed, env, tm
     sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
     result = _cli(["distribute", "--cluster", "local", "--workers", "2"], clone)
     assert result.returncode == 0, result.stderr
-    assert "21 of 21 instances done (0 computed, 21 restored from the remote)" in \
+    assert f"{n} of {n} instances done (0 computed, {n} restored from the remote)" in \
         " ".join(result.stderr.split()), result.stderr
     assert _commands(counts) == before
     assert json.loads(sh(["dvc", "status", "--json"], clone).stdout or "{}") == {}

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.artifacts import open_store
 from stages.scratch_project import (
+    REDUCED_DEMO,
     make_project,
     project_env,
     sh,
@@ -24,15 +25,6 @@ from stages.scratch_project import (
 
 pytestmark = pytest.mark.slow
 
-REDUCED = {
-    "fewshot.shots": [1],
-    "augment.steps": 2,
-    "augment.n_per_shot": 1,
-    "augment.inference_steps": 5,
-    "estimate_normals.steps": 1,
-    "estimate_normals.ensemble": 1,
-    "fit_mapper.steps": {1: 15},
-}
 KEY = "disc-1-0"
 # the model stages live in upstream/dvc.yaml; DVC names them by that file from the root
 UPSTREAM = "upstream/dvc.yaml:"
@@ -42,7 +34,8 @@ VALIDATE = "validate_params"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("dvc") / "project", REDUCED, n_train=3, n_test=6)
+    root = make_project(tmp_path_factory.mktemp("dvc") / "project", REDUCED_DEMO,
+                        n_train=3, n_test=6)
     out = sh(["dvc", "repro"], root).stdout
     assert stages_run(out) >= {f"{UPSTREAM}prepare@disc", f"score@{KEY}", "report"}, out
     sh(["git", "add", "-A"], root)
