@@ -17,11 +17,19 @@ import numpy as np
 
 from pipeline.artifacts import atomic_write_bytes, atomic_write_text
 from pipeline.errors import InputError
+from pipeline.metrics import aupro_key
 from pipeline.params import Params, load_params
 from pipeline.progress import info, track
 from stages import layout
 
-METRICS = ("i_auroc", "p_auroc", "aupro@0.3", "aupro@0.01")
+LIMITS = (0.3, 0.01)  # the AUPRO limits of the sweep
+
+
+def metric_names(params: Params) -> tuple[str, ...]:
+    """I- and P-AUROC, then AUPRO at each limit: exact and every approximation evaluate
+    reports (``evaluate.aupro_thresholds``)."""
+    counts = (None, *params.evaluate.aupro_thresholds)
+    return ("i_auroc", "p_auroc", *(aupro_key(limit, t) for limit in LIMITS for t in counts))
 
 
 def mean_metrics(params: Params) -> dict[int, dict[str, float]]:
@@ -37,7 +45,7 @@ def mean_metrics(params: Params) -> dict[int, dict[str, float]]:
                 rows.append(json.loads(path.read_text()))
         table[k] = {
             m: float(np.mean([r[m] for r in rows if r.get(m) is not None] or [np.nan]))
-            for m in METRICS
+            for m in metric_names(params)
         }
     return table
 
@@ -45,6 +53,9 @@ def mean_metrics(params: Params) -> dict[int, dict[str, float]]:
 def run_sweep(values: Sequence[float], params_path: Path, out_dir: Path) -> Path:
     original = params_path.read_text()
     results: list[tuple[float, int, dict[str, float]]] = []
+    params = load_params(params_path)
+    names = metric_names(params)
+    headline = aupro_key(LIMITS[0], params.evaluate.headline_thresholds())
     try:
         for value in track(values, "lambda sweep"):
             cmd = ["dvc", "exp", "run", "-S", f"score.lambda_1={value}",
@@ -57,15 +68,16 @@ def run_sweep(values: Sequence[float], params_path: Path, out_dir: Path) -> Path
     finally:
         params_path.write_text(original)  # leave the workspace's params as they were
 
-    lines = ["lambda,k," + ",".join(METRICS)]
-    lines += [f"{v},{k}," + ",".join(f"{row[m]:.6f}" for m in METRICS) for v, k, row in results]
+    lines = ["lambda,k," + ",".join(names)]
+    lines += [f"{v},{k}," + ",".join(f"{row[m]:.6f}" for m in names) for v, k, row in results]
     atomic_write_text(out_dir / "sensitivity.csv", "\n".join(lines) + "\n")
-    atomic_write_bytes(out_dir / "sensitivity.png", _plot(results))
+    atomic_write_bytes(out_dir / "sensitivity.png", _plot(results, headline))
     info(f"wrote {out_dir / 'sensitivity.csv'} and {out_dir / 'sensitivity.png'}")
     return out_dir / "sensitivity.csv"
 
 
-def _plot(results: list[tuple[float, int, dict[str, float]]]) -> bytes:
+def _plot(results: list[tuple[float, int, dict[str, float]]], aupro: str) -> bytes:
+    """I-AUROC and the headline AUPRO@30% (``aupro``: its result key) against lambda."""
     import io
 
     import matplotlib
@@ -74,7 +86,8 @@ def _plot(results: list[tuple[float, int, dict[str, float]]]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric, label in zip(axes, ("i_auroc", "aupro@0.3"), ("I-AUROC", "AUPRO@30%")):
+    aupro_label = "AUPRO@30%" + aupro.partition("_")[2].replace("thr", " thr")
+    for ax, metric, label in zip(axes, ("i_auroc", aupro), ("I-AUROC", aupro_label)):
         for k in sorted({k for _, k, _ in results}):
             xs = [v for v, kk, _ in results if kk == k]
             ys = [100 * row[metric] for _, kk, row in results if kk == k]

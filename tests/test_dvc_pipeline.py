@@ -138,7 +138,9 @@ def test_lambda_sweep_runs_experiments_and_restores_params(project):
     params_before = (project / "params.yaml").read_text()
     sh(["cmds-ad", "sweep-lambda", "--values", "0,0.5"], project)
     rows = (project / "results/sensitivity/sensitivity.csv").read_text().splitlines()
-    assert rows[0].startswith("lambda,k,i_auroc")
+    # every AUPRO evaluate reports: exact and the published 99-threshold one
+    assert rows[0] == ("lambda,k,i_auroc,p_auroc,aupro@0.3,aupro@0.3_thr99,"
+                       "aupro@0.01,aupro@0.01_thr99")
     assert [r.split(",")[:2] for r in rows[1:]] == [["0.0", "1"], ["0.5", "1"]]
     assert all(0 <= float(v) <= 1 for r in rows[1:] for v in r.split(",")[2:])
     assert (project / "results/sensitivity/sensitivity.png").read_bytes()[:4] == b"\x89PNG"
