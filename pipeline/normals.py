@@ -24,6 +24,9 @@ viewing ray direction p / |p|, the normal of a surface facing the camera head-on
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 BACKGROUND = np.array([0.0, 0.0, 1.0], dtype=np.float32)
@@ -218,11 +221,9 @@ def _pca_window(
     outer = (np.maximum(np.abs(dy), np.abs(dx)) == r).ravel()
     k = min(max_nn, len(offsets))
     r2 = np.float32(radius * radius)
-    n = len(ys)
-    normals = np.empty((n, 3), dtype=np.float64)
-    unsure = np.zeros(n, dtype=bool)
     centre = r * (2 * r + 1) + r
-    for start in range(0, n, _CHUNK):
+
+    def chunk(start: int) -> tuple[np.ndarray, np.ndarray | None]:
         cy, cx = ys[start : start + _CHUNK], xs[start : start + _CHUNK]
         m = len(cy)
         # Offsets from the centre point, one contiguous (m, K) plane per coordinate: relative
@@ -245,12 +246,21 @@ def _pca_window(
         cov -= mean[:, :, None].astype(np.float64) * mean[:, None, :]
         nrm = smallest_eigenvector(cov)
         nrm[count < 3] = (0.0, 0.0, 1.0)  # Open3D's value for too few neighbours
-        normals[start : start + m] = nrm
-        if check:
-            # A pixel one ring further is expected at >= (r + 1) / r times the outer ring's
-            # nearest distance; if the k-th distance reaches that, it may be missing.
-            ring = np.sqrt(dist2[:, outer].min(axis=1)) * ((r + 1) / r)
-            unsure[start : start + m] = np.sqrt(np.minimum(kth, r2)) >= ring
+        if not check:
+            return nrm, None
+        # A pixel one ring further is expected at >= (r + 1) / r times the outer ring's
+        # nearest distance; if the k-th distance reaches that, it may be missing.
+        ring = np.sqrt(dist2[:, outer].min(axis=1)) * ((r + 1) / r)
+        return nrm, np.sqrt(np.minimum(kth, r2)) >= ring
+
+    # Blocks are independent and numpy releases the GIL in them: one thread per core.
+    starts = range(0, len(ys), _CHUNK)
+    with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1) or 1) as pool:
+        blocks = list(pool.map(chunk, starts))
+    normals = np.concatenate([nrm for nrm, _ in blocks]) if blocks else np.empty((0, 3))
+    unsure = np.zeros(len(ys), dtype=bool)
+    if check and blocks:
+        unsure = np.concatenate([u for _, u in blocks])
     return normals, unsure
 
 
