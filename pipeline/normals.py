@@ -254,13 +254,12 @@ def _pca_window(
         return nrm, np.sqrt(np.minimum(kth, r2)) >= ring
 
     # Blocks are independent and numpy releases the GIL in them: one thread per core.
+    # (Callers pass at least one point, so there is at least one block.)
     starts = range(0, len(ys), _CHUNK)
-    with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1) or 1) as pool:
+    with ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
         blocks = list(pool.map(chunk, starts))
-    normals = np.concatenate([nrm for nrm, _ in blocks]) if blocks else np.empty((0, 3))
-    unsure = np.zeros(len(ys), dtype=bool)
-    if check and blocks:
-        unsure = np.concatenate([u for _, u in blocks])
+    normals = np.concatenate([nrm for nrm, _ in blocks])
+    unsure = np.concatenate([u for _, u in blocks]) if check else np.zeros(len(ys), dtype=bool)
     return normals, unsure
 
 
