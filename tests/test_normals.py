@@ -230,3 +230,31 @@ def test_published_normal_image_pads_with_the_published_colour_and_resizes_cubic
     assert up[3] == round(200 * (0.26171875 - 0.03515625))  # 45
     assert up[4] == round(200 * (0.87890625 - 0.10546875))  # 155 (mirror fraction 0.75)
     assert up[5] == round(200 * (1 + 0.10546875))  # 221: the cubic's overshoot, not clipped at 200
+
+
+def test_closed_form_smallest_eigenvector_matches_eigh():
+    from pipeline.normals import smallest_eigenvector
+
+    rng = np.random.default_rng(3)
+    # Covariances of flat, elongated and isotropic point sets, at the scale of a real scan
+    # (mm offsets) and exactly degenerate ones (repeated eigenvalues take the eigh path).
+    pts = rng.normal(size=(4000, 30, 3)) * rng.uniform(0, 1, size=(4000, 1, 3)) * 1e-3
+    rot = np.linalg.qr(rng.normal(size=(4000, 3, 3)))[0]
+    pts = pts @ rot
+    dev = pts - pts.mean(axis=1, keepdims=True)
+    cov = np.einsum("nka,nkb->nab", dev, dev) / 30
+    cov[:10] = np.eye(3) * 2e-6
+    cov[10:20] = np.diag([1e-6, 1e-6, 3e-6])
+    cov[20] = 0.0
+    ours = smallest_eigenvector(cov)
+    vals, vecs = np.linalg.eigh(cov)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-9)
+    # An eigenvector of the smallest eigenvalue: A v = lambda_min v (up to the matrix scale).
+    residual = np.linalg.norm(np.einsum("nab,nb->na", cov, ours) - vals[:, :1] * ours, axis=1)
+    scale = np.abs(cov).reshape(len(cov), -1).max(axis=1) + 1e-30
+    assert (residual / scale).max() < 1e-6
+    # Where the smallest eigenvalue is simple, the same line as eigh's.
+    simple = (vals[:, 1] - vals[:, 0]) > 1e-3 * scale
+    assert simple.sum() > 3900
+    cos = np.abs(np.einsum("nc,nc->n", ours[simple], vecs[simple, :, 0]))
+    assert cos.min() > 1 - 1e-9

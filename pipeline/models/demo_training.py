@@ -120,6 +120,24 @@ def _cosine(step: int, total: int, lr: float, lr_min: float) -> float:
     return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
+def _descend(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor,
+             lr: float, grad_clip: float) -> float:
+    """One optimiser step at learning rate ``lr`` with clipped gradients; the loss value."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def _report(log: Callable[[str], None] | None, name: str, step: int, total: int,
+            losses: list[float]) -> None:
+    if log and (step + 1) % 100 == 0:
+        log(f"{name} step {step + 1}/{total}: loss {np.mean(losses[-100:]):.5f}")
+
+
 def train_vae(cfg: TrainingConfig, pairs: Pairs, stop_after: int | None = None,
               log: Callable[[str], None] | None = None) -> tuple[Any, list[float]]:
     """The tiny VAE, trained as an autoencoder of images and normal maps; returns it (eval
@@ -133,8 +151,6 @@ def train_vae(cfg: TrainingConfig, pairs: Pairs, stop_after: int | None = None,
     losses: list[float] = []
     steps = cfg.vae_steps if stop_after is None else min(stop_after, cfg.vae_steps)
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _cosine(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_lr * 0.05)
         idx = torch.randint(pairs.count, (cfg.vae_batch,), generator=g)
         images, _ = pairs.batch(idx[:half])
         _, normals = pairs.batch(idx[half:])
@@ -142,13 +158,9 @@ def train_vae(cfg: TrainingConfig, pairs: Pairs, stop_after: int | None = None,
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.mean).sample
         loss = F.mse_loss(recon, x) + cfg.vae_kl * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        if log and (step + 1) % 100 == 0:
-            log(f"vae step {step + 1}/{cfg.vae_steps}: loss {np.mean(losses[-100:]):.5f}")
+        lr = _cosine(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_lr * 0.05)
+        losses.append(_descend(opt, vae, loss, lr, cfg.grad_clip))
+        _report(log, "vae", step, cfg.vae_steps, losses)
     return vae.eval(), losses
 
 
@@ -211,8 +223,6 @@ def train_unet(cfg: TrainingConfig, pairs: Pairs, vae: Any, stop_after: int | No
     steps = cfg.unet_steps if stop_after is None else min(stop_after, cfg.unet_steps)
     train_steps = scheduler.config.num_train_timesteps
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _cosine(step, cfg.unet_steps, cfg.unet_lr, cfg.unet_lr_min)
         idx = torch.randint(pairs.count, (cfg.unet_batch,), generator=g)
         t = torch.randint(train_steps, (cfg.unet_batch,), generator=g)
         z_image, z_normals = batch_latents(idx)
@@ -222,13 +232,9 @@ def train_unet(cfg: TrainingConfig, pairs: Pairs, vae: Any, stop_after: int | No
         pred = unet(torch.cat([z_image, noisy], dim=1), t,
                     encoder_hidden_states=text.expand(len(idx), -1, -1)).sample
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        if log and (step + 1) % 100 == 0:
-            log(f"unet step {step + 1}/{cfg.unet_steps}: loss {np.mean(losses[-100:]):.5f}")
+        lr = _cosine(step, cfg.unet_steps, cfg.unet_lr, cfg.unet_lr_min)
+        losses.append(_descend(opt, unet, loss, lr, cfg.grad_clip))
+        _report(log, "unet", step, cfg.unet_steps, losses)
     return unet.eval(), losses
 
 
