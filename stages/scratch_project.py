@@ -114,3 +114,14 @@ def stages_run(output: str) -> set[str]:
         if line.startswith("Running stage '"):
             ran.add(line.split("'")[1])
     return ran
+
+
+def stage_command(cmdline: Sequence[str]) -> str | None:
+    """The arguments of the `cmds-ad` command a process runs ("score disc -k 1"), read from
+    its argv (a shell's `-c` string included), or None. Matched by the basename of a word, so
+    a checkout whose path contains "cmds-ad" does not make its python or dvc processes match."""
+    words = [word for arg in cmdline for word in arg.split()]
+    for i, word in enumerate(words[:-1]):
+        if Path(word).name == "cmds-ad":
+            return " ".join(words[i + 1 :])
+    return None

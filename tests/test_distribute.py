@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from stages.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
+from stages.scratch_project import (
+    REDUCED_DEMO,
+    make_project,
+    project_env,
+    sh,
+    stage_command,
+    stages_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -117,13 +124,14 @@ def distributed(env):
             for address, pid in pids.items():
                 try:
                     children = psutil.Process(pid).children(recursive=True)
-                    running = [c for c in children if KILL_STAGE in " ".join(c.cmdline())]
+                    commands = [stage_command(c.cmdline()) or "" for c in children]
+                    running = [a for a in commands if a.split()[:1] == [KILL_STAGE]]
                 except psutil.Error:
                     continue
                 if running:
                     time.sleep(0.5)  # the stage is under way
                     os.kill(pid, signal.SIGKILL)
-                    killed.update(address=address, command=" ".join(running[0].cmdline()))
+                    killed.update(address=address, args=running[0])
                     return
             time.sleep(0.05)
 
@@ -162,7 +170,7 @@ def test_no_instance_computed_twice_and_the_killed_one_was_rescheduled(serial, d
     _, n_instances = serial
     assert killed, "no worker was killed during a model stage"
     # every stage command ran once, except the one whose worker was killed: twice
-    killed_args = killed["command"].split("cmds-ad ", 1)[1]
+    killed_args = killed["args"]
     assert commands[killed_args] == 2, commands
     assert {c: n for c, n in commands.items() if c != killed_args} == \
         {c: 1 for c in commands if c != killed_args}

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.scratch_project import make_project, project_env, sh, stages_run
+from stages.scratch_project import make_project, project_env, sh, stage_command, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -407,9 +407,7 @@ def _stage_processes(project: Path) -> list:
     found = []
     for p in psutil.process_iter(["cmdline", "cwd"]):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            if "cmds-ad" in cmd and "dvc" not in Path((p.info["cmdline"] or [""])[0]).name \
-                    and p.info["cwd"] == str(project):
+            if stage_command(p.info["cmdline"] or []) and p.info["cwd"] == str(project):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -477,3 +475,14 @@ def test_interrupted_rename_leftover_is_ignored_and_removed(project, baseline):
     assert leftovers(project) == []
     assert (project / METRICS).read_text() == baseline
     assert changed_stages(project) == set()
+
+
+def test_stage_processes_are_told_by_the_command_word_not_the_checkout_path():
+    # a checkout named like the project (`git clone ... && cd cmds-ad`) holds the venv
+    venv = "/home/me/cmds-ad/.venv/bin"
+    assert stage_command([f"{venv}/python", f"{venv}/dvc", "repro", "-s", "score@disc-1-0"]) \
+        is None
+    assert stage_command([f"{venv}/python", "-m", "pytest", "-q"]) is None
+    assert stage_command(["/bin/sh", "-c", "cmds-ad score disc -k 1"]) == "score disc -k 1"
+    assert stage_command([f"{venv}/python", f"{venv}/cmds-ad", "fit-mapper", "disc"]) == \
+        "fit-mapper disc"
