@@ -178,8 +178,9 @@ def smallest_eigenvector_sym(
     symmetric 3 x 3 matrices.
 
     Closed form (trigonometric eigenvalues, then the largest cross product of two rows of
-    A - lambda I) on one flat array per entry: ~30x faster than batched ``np.linalg.eigh``.
-    Rows where that is ill-conditioned (repeated eigenvalues) fall back to ``eigh``.
+    A - lambda I) on one flat array per entry: 2.2-2.4x faster than batched
+    ``np.linalg.eigh`` on 480,000 matrices here. Rows where that is ill-conditioned (repeated
+    eigenvalues) fall back to ``eigh``.
     """
     entries = [np.asarray(e, dtype=np.float64) for e in (a00, a01, a02, a11, a12, a22)]
     scale = np.maximum.reduce([np.abs(e) for e in entries])

@@ -124,8 +124,8 @@ def distributed(env):
             for address, pid in pids.items():
                 try:
                     children = psutil.Process(pid).children(recursive=True)
-                    commands = [stage_command(c.cmdline()) or "" for c in children]
-                    running = [a for a in commands if a.split()[:1] == [KILL_STAGE]]
+                    stage_args = [stage_command(c.cmdline()) or "" for c in children]
+                    running = [a for a in stage_args if a.split()[:1] == [KILL_STAGE]]
                 except psutil.Error:
                     continue
                 if running:
