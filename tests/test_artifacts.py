@@ -373,3 +373,38 @@ def test_disk_full_is_one_error_naming_the_output_and_leaves_nothing(tmp_path, m
     assert message.startswith(f"out of disk space writing {out} (No space left on device)")
     assert "up to 640 bytes uncompressed" in message and "free on its disk" in message
     assert list(tmp_path.iterdir()) == []
+
+
+READ_DAMAGED = """
+import sys
+from pipeline.artifacts import open_store
+from pipeline.errors import InputError
+try:
+    open_store(sys.argv[1])["x"][:]
+except InputError as err:
+    print("error:", str(err)[:60], file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_a_failed_read_leaves_no_pending_zarr_task_behind(tmp_path):
+    """zarr reads the chunks of one call concurrently and returns at the first failure; the
+    tasks still pending were reported by asyncio at exit ("Task was destroyed but it is
+    pending!") after the one-line error, every time with many damaged chunks."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path, attrs={"stage": "infer"}, shard_bytes=4096) as w:
+        w.write("x", np.random.default_rng(0).random((400, 16, 16)).astype(np.float32))
+    for shard in (p for p in (path / "x/c").rglob("*") if p.is_file()):
+        data = bytearray(shard.read_bytes())
+        data[40] ^= 0xFF
+        data[2000] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", READ_DAMAGED, str(path)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.startswith("error: ")
+        assert done.stderr.count("\n") == 1, done.stderr  # nothing after the error line
