@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import __version__
 from pipeline.errors import InputError, OutputError
-from pipeline.outputs import Claim, _umask, is_disk_full, outermost
+from pipeline.outputs import Claim, is_disk_full, umask
 
 SHARD_BYTES = 32 * 2**20  # target uncompressed size of one shard
 ZSTD_LEVEL = 3
@@ -49,7 +50,7 @@ def provenance(stage: str, params: Mapping[str, Any], **extra: Any) -> dict[str,
 def _public_tree(root: Path) -> None:
     """Umask modes for everything inside a finished output folder: some writers (safetensors'
     save_file, anything using mkstemp) create private 0600 files whatever the umask."""
-    mask = _umask()
+    mask = umask()
     for folder, dirs, files in os.walk(root):
         for name in dirs:
             os.chmod(os.path.join(folder, name), 0o777 & ~mask)
@@ -59,7 +60,7 @@ def _public_tree(root: Path) -> None:
 
 def _give_up(claim: Claim, err: BaseException | None) -> None:
     """Discard a claim after a failure; running out of disk becomes one ResourceError."""
-    if err is not None and is_disk_full(err) and outermost(claim):
+    if err is not None and is_disk_full(err) and claim.outermost() is claim:
         message = claim.disk_full(err)  # type: ignore[arg-type]
         claim.discard()
         raise message from None
@@ -222,7 +223,7 @@ class StoreWriter:
             attrs = {**_jsonable(self.attrs), ARRAYS_ATTR: sorted(self._arrays)}
             self._group.attrs.update(attrs)
             self._claim.verify()
-            _check_written(self._claim.tmp, self.path)
+            _check_written(self._claim)
         except BaseException as err:
             settle_pending_io()
             _give_up(self._claim, err)
@@ -230,15 +231,18 @@ class StoreWriter:
         self._claim.commit()
 
 
-def _check_written(tmp: Path, path: Path) -> None:
+def _check_written(claim: Claim) -> None:
     """What a writer made is complete: every array it created, every shard file (the checks a
     reader makes when it opens the store)."""
     try:
-        Store(tmp)
+        Store(claim.tmp)
     except InputError as err:
-        reason = str(err).split(": ", 1)[-1].split("; re-run", 1)[0]
-        raise OutputError(f"{path}: what was written is incomplete ({reason}); another process "
-                          "changed its temporary; nothing was written, run again") from None
+        root = claim.outermost()  # the output the user asked for
+        where = "" if root is claim else f" in {claim.path.relative_to(root.tmp)}"
+        reason = str(err).removeprefix(f"{claim.tmp}: ").split("; re-run", 1)[0]
+        raise OutputError(f"{root.path}: what was written{where} was removed by another process "
+                          f"while this one wrote it ({reason}); nothing was written, run "
+                          "again") from None
 
 
 def settle_pending_io(timeout: float = 30.0) -> None:
@@ -384,8 +388,10 @@ class Store:
         self.attrs: dict[str, Any] = attrs
         self._arrays: dict[str, zarr.Array] = {}
         try:
-            for name, array in self.group.arrays():
-                self._arrays[name] = array  # type: ignore[assignment]
+            with warnings.catch_warnings():  # a folder without zarr.json: reported below, once
+                warnings.simplefilter("ignore")
+                for name, array in self.group.arrays():
+                    self._arrays[name] = array  # type: ignore[assignment]
         except Exception as err:  # an array's zarr.json that does not parse
             settle_pending_io()
             raise self.damaged(None, err) from None

@@ -42,7 +42,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _OWNER = re.compile(r"(\d+)-(\d+)-")  # after ".<name>.tmp-": pid, start time
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask, read without changing it where Linux allows (os.umask(0) would let
     another thread create a file world-writable in between)."""
     try:
@@ -59,7 +59,7 @@ def _umask() -> int:
 
 def public(path: Path, directory: bool) -> None:
     """Give a private temporary (mkdtemp 0700, mkstemp 0600) the modes the umask asks for."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def start_time(pid: int) -> int:
@@ -141,18 +141,12 @@ class _Lock:
                     f"({holder or 'its process id is not recorded yet'}); wait until it has "
                     "finished (or stop it), then run again"
                 ) from None
-            if self._same_file(fd):
+            if _same(self.file, fd):
                 os.ftruncate(fd, 0)
                 os.write(fd, f"process {os.getpid()}: {_command()}\n".encode())
                 self.fd = fd
             else:  # the previous holder removed the file between our open and lock: retry
                 os.close(fd)
-
-    def _same_file(self, fd: int) -> bool:
-        try:
-            return os.stat(self.file).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            return False
 
     def release(self) -> None:
         if self.fd is not None:
@@ -162,12 +156,12 @@ class _Lock:
 
 
 def _command() -> str:
+    """This process's command line (for the message of a writer that finds the lock held)."""
     try:
-        words = Path("/proc/self/cmdline").read_bytes().split(b"\0")
-        return " ".join(Path(w.decode(errors="replace")).name if i == 0 else w.decode(errors="replace")
-                        for i, w in enumerate(words) if w)[:200]
+        words = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return "?"
+    return " ".join([Path(words[0]).name, *words[1:]]).strip()[:200]
 
 
 def _same(path: Path, fd: int) -> bool:
@@ -232,18 +226,26 @@ class Claim:
     def verify(self) -> None:
         """The temporary is the one this writer made, and what it finished inside is there."""
         assert self._handle is not None
+        root = self.outermost()  # the output the user asked for, not a store inside it
         if not _same(self.tmp, self._handle):
+            inside = "" if root is self else f" (while writing {self.path.relative_to(root.tmp)} in it)"
             raise OutputError(
-                f"{self.path}: its temporary {self.tmp.name} was removed or replaced by another "
-                "process while this one wrote it; nothing was written, run again"
+                f"{root.path}: its temporary {root.tmp.name}{inside} was removed or replaced by "
+                "another process while this one wrote it; nothing was written, run again"
             )
         for child, fd in self._children:
             if not _same(child, fd):
                 raise OutputError(
-                    f"{self.path}: {child.relative_to(self.tmp)} was removed from its temporary "
-                    f"{self.tmp.name} by another process while this one wrote it; nothing was "
+                    f"{root.path}: {child.relative_to(root.tmp)} was removed from its temporary "
+                    f"{root.tmp.name} by another process while this one wrote it; nothing was "
                     "written, run again"
                 )
+
+    def outermost(self) -> Claim:
+        claim = self
+        while (outer := _enclosing(claim)) is not None:
+            claim = outer
+        return claim
 
     def commit(self) -> None:
         """Verify, then rename the temporary into place (replacing what was there)."""
@@ -343,10 +345,6 @@ def outputs_in_progress() -> list[Path]:
 
 def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in DISK_FULL
-
-
-def outermost(claim: Claim) -> bool:
-    return _enclosing(claim) is None
 
 
 def _size(path: Path) -> int:

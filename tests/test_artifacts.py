@@ -345,7 +345,8 @@ def test_a_store_missing_a_shard_at_the_end_is_not_renamed(tmp_path, monkeypatch
         (Path(self.array.store.root) / "x/c/1/0/0").unlink()  # deleted by someone else
 
     monkeypatch.setattr(artifacts._ArrayAppender, "close", close_then_lose_a_shard)
-    with pytest.raises(OutputError, match=r"s.zarr: what was written is incomplete \(array 'x'"):
+    with pytest.raises(OutputError, match=r"s.zarr: what was written was removed by another "
+                                          r"process while this one wrote it \(array 'x'"):
         _small_store(tmp_path / "s.zarr")
     assert list(tmp_path.iterdir()) == []
 
