@@ -5,7 +5,9 @@ along the sample axis so a store is a handful of files; samples are appended in 
 buffered until a shard is full, so a writer holds at most one shard per array in memory.
 Attributes carry provenance and never timestamps or host names, so identical inputs give
 byte-identical stores. Stores are built in a temporary sibling and renamed into place only
-when complete: an interrupted write leaves nothing that looks finished.
+when complete: an interrupted write leaves nothing that looks finished. Every writer first
+claims its output (:mod:`pipeline.outputs`: one writer at a time, only dead writers'
+temporaries removed, the temporary checked before the rename).
 
 Integrity: every chunk carries a crc32c checksum (zarr's codec; shard indexes have one by
 default), every shard is written even when all its values are the fill value, and the group
@@ -58,9 +60,9 @@ def _public_tree(root: Path) -> None:
             os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
-def _give_up(claim: Claim, err: BaseException | None) -> None:
+def _give_up(claim: Claim, err: BaseException) -> None:
     """Discard a claim after a failure; running out of disk becomes one ResourceError."""
-    if err is not None and is_disk_full(err) and claim.outermost() is claim:
+    if is_disk_full(err) and claim.outermost() is claim:
         message = claim.disk_full(err)  # type: ignore[arg-type]
         claim.discard()
         raise message from None
