@@ -5,7 +5,9 @@ along the sample axis so a store is a handful of files; samples are appended in 
 buffered until a shard is full, so a writer holds at most one shard per array in memory.
 Attributes carry provenance and never timestamps or host names, so identical inputs give
 byte-identical stores. Stores are built in a temporary sibling and renamed into place only
-when complete: an interrupted write leaves nothing that looks finished.
+when complete: an interrupted write leaves nothing that looks finished. Every writer first
+claims its output (:mod:`pipeline.outputs`: one writer at a time, only dead writers'
+temporaries removed, the temporary checked before the rename).
 
 Integrity: every chunk carries a crc32c checksum (zarr's codec; shard indexes have one by
 default), every shard is written even when all its values are the fill value, and the group
@@ -16,11 +18,11 @@ read failure into one :class:`InputError` naming the store, the array, the sampl
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +33,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import __version__
-from pipeline.errors import InputError
+from pipeline.errors import InputError, OutputError
+from pipeline.outputs import Claim, is_disk_full, umask
 
 SHARD_BYTES = 32 * 2**20  # target uncompressed size of one shard
 ZSTD_LEVEL = 3
@@ -46,30 +49,10 @@ def provenance(stage: str, params: Mapping[str, Any], **extra: Any) -> dict[str,
     return {"stage": stage, "params": dict(params), "package_version": __version__, **extra}
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask(0) would let
-    another thread create a file world-writable in between)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _public(path: Path, directory: bool) -> None:
-    """Give a private temporary (mkdtemp 0700, mkstemp 0600) the modes the umask asks for."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
 def _public_tree(root: Path) -> None:
     """Umask modes for everything inside a finished output folder: some writers (safetensors'
     save_file, anything using mkstemp) create private 0600 files whatever the umask."""
-    mask = _umask()
+    mask = umask()
     for folder, dirs, files in os.walk(root):
         for name in dirs:
             os.chmod(os.path.join(folder, name), 0o777 & ~mask)
@@ -77,97 +60,42 @@ def _public_tree(root: Path) -> None:
             os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
-def _make_parents(path: Path) -> list[Path]:
-    """Create the missing parent folders of ``path``; return those created, deepest first."""
-    created = []
-    parent = path.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return created
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Undo :func:`_make_parents` after a failure, keeping any folder that got content."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove what killed runs left beside ``path``.
-
-    Only one writer per output exists at a time (DVC locks the repository), so any
-    ``.<name>.tmp-*`` (a half-written output) or ``.<name>.old-*`` (the previous output of a
-    replace interrupted between its two renames) sibling belongs to a run that died.
-    """
-    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
-        for stale in path.parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-
-
-def _temp_sibling(path: Path) -> tuple[Path, list[Path]]:
-    """A fresh temporary directory beside ``path`` and the parent folders made for it."""
-    created = _make_parents(path)
-    _remove_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    _public(tmp, directory=True)
-    return tmp, created
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Move a finished temporary sibling into place, replacing what was there."""
-    if path.exists() or path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, path)
-
-
-def _discard(tmp: Path, created: list[Path]) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    _remove_empty(created)
+def _give_up(claim: Claim, err: BaseException) -> None:
+    """Discard a claim after a failure; running out of disk becomes one ResourceError."""
+    if is_disk_full(err) and claim.outermost() is claim:
+        message = claim.disk_full(err)  # type: ignore[arg-type]
+        claim.discard()
+        raise message from None
+    claim.discard()
 
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``path`` only if the block succeeds."""
-    path = Path(path)
-    tmp, created = _temp_sibling(path)
+    """Yield a temporary directory that becomes ``path`` only if the block succeeds.
+
+    The caller holds ``path`` for the block: a second writer of it fails at once
+    (:mod:`pipeline.outputs`)."""
+    claim = Claim(Path(path), directory=True).open()
     try:
-        yield tmp
-        _public_tree(tmp)
-    except BaseException:
-        _discard(tmp, created)
+        yield claim.tmp
+        _public_tree(claim.tmp)
+    except BaseException as err:
+        _give_up(claim, err)
         raise
-    _replace(tmp, path)
+    claim.commit()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    created = _make_parents(path)
-    _remove_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    claim = Claim(Path(path), directory=False).open()
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _public(Path(tmp), directory=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        _remove_empty(created)
+        assert claim.fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(claim.fd, view):]
+    except BaseException as err:
+        _give_up(claim, err)
         raise
+    claim.commit()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -245,13 +173,17 @@ class StoreWriter:
         self.shard_bytes = shard_bytes or SHARD_BYTES
         self.attrs = dict(attrs or {})
         self._arrays: dict[str, _ArrayAppender] = {}
-        self._tmp: Path | None = None
-        self._created: list[Path] = []
+        self._claim: Claim | None = None
         self._group: zarr.Group | None = None
 
     def __enter__(self) -> StoreWriter:
-        self._tmp, self._created = _temp_sibling(self.path)
-        self._group = zarr.open_group(zarr.storage.LocalStore(self._tmp), mode="w", zarr_format=3)
+        self._claim = Claim(self.path, directory=True).open()
+        try:
+            self._group = zarr.open_group(zarr.storage.LocalStore(self._claim.tmp), mode="w-",
+                                          zarr_format=3)
+        except BaseException as err:
+            _give_up(self._claim, err)
+            raise
         return self
 
     def create(self, name: str, n: int, sample_shape: tuple[int, ...], dtype: Any) -> None:
@@ -269,6 +201,8 @@ class StoreWriter:
             config=_ARRAY_CONFIG,
         )
         self._arrays[name] = _ArrayAppender(array, shard_len)
+        assert self._claim is not None
+        self._claim.expect(int(np.prod((n, *sample_shape), dtype=np.int64)) * dtype.itemsize)
 
     def append(self, name: str, batch: np.ndarray) -> None:
         self._arrays[name].append(batch)
@@ -280,19 +214,65 @@ class StoreWriter:
         self.append(name, data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        assert self._tmp is not None and self._group is not None
-        if exc_type is None:
-            try:
-                for appender in self._arrays.values():
-                    appender.close()
-                attrs = {**_jsonable(self.attrs), ARRAYS_ATTR: sorted(self._arrays)}
-                self._group.attrs.update(attrs)
-            except BaseException:
-                _discard(self._tmp, self._created)
-                raise
-            _replace(self._tmp, self.path)
-        else:
-            _discard(self._tmp, self._created)
+        assert self._claim is not None and self._group is not None
+        if exc_type is not None:
+            settle_pending_io()
+            _give_up(self._claim, exc)
+            return
+        try:
+            for appender in self._arrays.values():
+                appender.close()
+            attrs = {**_jsonable(self.attrs), ARRAYS_ATTR: sorted(self._arrays)}
+            self._group.attrs.update(attrs)
+            self._claim.verify()
+            _check_written(self._claim)
+        except BaseException as err:
+            settle_pending_io()
+            _give_up(self._claim, err)
+            raise
+        self._claim.commit()
+
+
+def _check_written(claim: Claim) -> None:
+    """What a writer made is complete: every array it created, every shard file (the checks a
+    reader makes when it opens the store)."""
+    try:
+        Store(claim.tmp)
+    except InputError as err:
+        root = claim.outermost()  # the output the user asked for
+        where = "" if root is claim else f" in {claim.path.relative_to(root.tmp)}"
+        reason = str(err).removeprefix(f"{claim.tmp}: ").split("; re-run", 1)[0]
+        raise OutputError(f"{root.path}: what was written{where} was removed by another process "
+                          f"while this one wrote it ({reason}); nothing was written, run "
+                          "again") from None
+
+
+def settle_pending_io(timeout: float = 30.0) -> None:
+    """Let zarr's in-flight reads and writes finish and collect their errors.
+
+    zarr runs the chunks of one call as concurrent tasks on its own event loop and returns at
+    the first failure; the others run on and, at exit, asyncio would print "Task was destroyed
+    but it is pending" or "Task exception was never retrieved" after our one-line error.
+    """
+    from zarr.core import sync
+
+    loop = sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+            for task in pending:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: asyncio no longer reports it
+
+    try:
+        sync.sync(drain(), timeout=timeout + 5)
+    except Exception:  # the error being reported matters more than the drain
+        pass
 
 
 def _jsonable(obj: Any) -> Any:
@@ -347,7 +327,9 @@ class StoredArray:
         try:
             return self._array[key]
         except Exception as err:  # decode, checksum or I/O failure inside zarr
+            settle_pending_io()
             rows = self._narrow(_rows(key, self.shape[0]))
+            settle_pending_io()
             raise self._store.damaged(self._name, err, rows) from None
 
     def _narrow(self, rows: list[int] | None) -> list[int] | None:
@@ -402,14 +384,18 @@ class Store:
             )
             attrs = dict(self.group.attrs)
         except Exception as err:  # zarr raises many types for a damaged store
+            settle_pending_io()
             raise self.damaged(None, err) from None
         recorded = attrs.pop(ARRAYS_ATTR, None)
         self.attrs: dict[str, Any] = attrs
         self._arrays: dict[str, zarr.Array] = {}
         try:
-            for name, array in self.group.arrays():
-                self._arrays[name] = array  # type: ignore[assignment]
+            with warnings.catch_warnings():  # a folder without zarr.json: reported below, once
+                warnings.simplefilter("ignore")
+                for name, array in self.group.arrays():
+                    self._arrays[name] = array  # type: ignore[assignment]
         except Exception as err:  # an array's zarr.json that does not parse
+            settle_pending_io()
             raise self.damaged(None, err) from None
         for name in recorded or ():
             if name not in self._arrays:

@@ -709,14 +709,6 @@ def use_euler_ancestral(pipe: Any) -> None:
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
 
 
-def check_generation(strength: float, inference_steps: int) -> None:
-    if int(inference_steps * strength) < 1:
-        raise ParamsError(
-            f"augment.strength: strength {strength} x augment.inference_steps "
-            f"{inference_steps} leaves no denoising step (needs >= 1)"
-        )
-
-
 def generate(
     pipe: Any,
     rgb: np.ndarray,
@@ -787,7 +779,7 @@ def lora_summary(losses: Sequence[float]) -> dict[str, Any]:
 __all__ = [
     "BASE_MODEL_KEY", "OBJECT_TEMPLATES", "STATUS_KEY", "TOKEN_FILE", "TOKEN_KEY", "LoraSnapshot",
     "LoraTraining", "TextualInversion", "add_lora", "add_placeholder_token", "advance_schedule",
-    "augment_image", "check_generation", "clip_gradients", "colour_jitter", "decay_token_norm",
+    "augment_image", "clip_gradients", "colour_jitter", "decay_token_norm",
     "generate", "image_seed", "load_lora", "load_token", "lora_snapshot", "lora_summary",
     "make_lr_scheduler", "make_tuning_optimizer", "read_lora_metadata", "resize_rgb",
     "sample_timestep", "save_empty_lora", "save_lora", "shot_seeds", "to_square",

@@ -15,3 +15,12 @@ class ParamsError(CmdsAdError):
 
 class ModelError(CmdsAdError):
     """A model cannot be found or loaded (hub id offline, wrong local folder, wrong architecture)."""
+
+
+class OutputError(CmdsAdError):
+    """An output cannot be written safely: another process writes it, its temporary was removed,
+    or the folder given holds files this tool did not write."""
+
+
+class ResourceError(CmdsAdError):
+    """A stage ran out of memory or disk space (the message says where and how much)."""

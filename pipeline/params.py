@@ -6,14 +6,17 @@ raised as :class:`ParamsError` with the dotted key path, e.g. ``score.fusion``.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -21,6 +24,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ParamsError
+from pipeline.limits import memory_problems
 
 MVTEC3D_CATEGORIES = (
     "bagel", "cable_gland", "carrot", "cookie", "dowel",
@@ -30,6 +34,39 @@ EYECANDIES_CATEGORIES = (
     "CandyCane", "ChocolateCookie", "ChocolatePraline", "Confetto", "GummyBear",
     "HazelnutTruffle", "LicoriceSandwich", "Lollipop", "Marshmallow", "PeppermintCandy",
 )
+
+
+# Strict scalars: YAML's 1.0 or true is never taken for a count or a flag (DVC would name
+# instances disc-1.0-0 or disc-True-0, and two spellings would write one output).
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Strict()]  # an integer is a valid float; true and "0.5" are not
+Seed = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
+# A category becomes a folder and file name and a DVC stage key: one plain name.
+NAME = re.compile(r"[^\W_][\w.+-]*")
+NAME_RULE = ("a plain name: letters, digits and '_', '-', '.', '+', starting with a letter or a "
+             "digit; no '/', no '..', at most 100 characters")
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a single path part (a category), or None."""
+    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value \
+            or len(value) > 100:
+        return f"{short(value)} is not {NAME_RULE}"
+    return None
+
+
+def _plain_names(names: list[str]) -> list[str]:
+    problem = next(filter(None, map(name_problem, names)), None)  # the value is in its text
+    if problem:
+        raise ValueError(problem)
+    return names
+
+
+def short(value: Any, width: int = 40) -> str:
+    """``repr(value)`` cut to about ``width`` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width - 3]}..."
 
 
 class Section(BaseModel):
@@ -55,25 +92,33 @@ class DataParams(Section):
     dataset: Literal["mvtec3d", "eyecandies"] = "mvtec3d"
     root: str = "data/demo"
     categories: list[str] = Field(min_length=1)
-    size: int = Field(224, ge=16)
-    plane_border: int = Field(10, ge=1)
-    plane_distance: float = Field(0.005, gt=0)
-    ransac_iterations: int = Field(200, ge=1)
-    cluster_eps: float = Field(0.006, gt=0)
-    cluster_min_points: int = Field(30, ge=1)
-    seed: int = 0
+    size: Int = Field(224, ge=16)
+    plane_border: Int = Field(10, ge=1)
+    plane_distance: Float = Field(0.005, gt=0)
+    ransac_iterations: Int = Field(200, ge=1)
+    cluster_eps: Float = Field(0.006, gt=0)
+    cluster_min_points: Int = Field(30, ge=1)
+    seed: Seed = 0
     # The plane fit: inlier distance while fitting (None = plane_distance; published 0.004,
     # points are then removed within plane_distance) and points per RANSAC hypothesis
     # (published 50, least-squares fitted, as Open3D's segment_plane(ransac_n=50)).
-    ransac_threshold: float | None = Field(None, gt=0)
-    ransac_sample: int = Field(3, ge=3)
-    clean_xyz: bool = True  # plane removal + clustering of the xyz (published Eyecandies: none)
+    ransac_threshold: Float | None = Field(None, gt=0)
+    ransac_sample: Int = Field(3, ge=3)
+    clean_xyz: Bool = True  # plane removal + clustering of the xyz (published Eyecandies: none)
     eyecandies_xyz: Literal["camera", "published"] = "camera"
     foreground: Literal["dilated", "published"] = "dilated"
     normals: Literal["grid", "published"] = "grid"
-    normals_radius: float = Field(0.01, gt=0)
-    normals_max_neighbours: int = Field(30, ge=3)
-    normals_plane_distance: dict[str, float] = Field(default={"default": 0.005})
+    normals_radius: Float = Field(0.01, gt=0)
+    normals_max_neighbours: Int = Field(30, ge=3)
+    normals_plane_distance: dict[str, Float] = Field(default={"default": 0.005})
+    # A defective test sample (a defect-type folder other than good/) whose mask marks no
+    # pixel is refused by prepare unless this is true (a dataset that really has such samples).
+    accept_empty_defect_masks: Bool = False
+
+    @field_validator("categories")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        return _plain_names(v)
 
     @field_validator("normals_plane_distance")
     @classmethod
@@ -89,8 +134,8 @@ class DataParams(Section):
 class FewshotParams(Section):
     """``fewshot``: the shots k, seeds and how shots are chosen."""
 
-    shots: list[int] = Field(default=[1, 2, 4], min_length=1)
-    seeds: list[int] = Field(default=[0], min_length=1)
+    shots: list[Int] = Field(default=[1, 2, 4], min_length=1)
+    seeds: list[Seed] = Field(default=[0], min_length=1)
     strategy: Literal["first", "random"] = "first"
 
     @field_validator("shots")
@@ -122,40 +167,54 @@ class AugmentParams(Section):
     # Where the shots' images come from: the dataset's original RGB padded to a square
     # (published), or the prepare store's data.size crop (upscaled to the resolution).
     image_source: Literal["original", "prepared"] = "prepared"
-    n_per_shot: int = Field(5, ge=0)
-    lora_rank: int = Field(8, ge=1)
+    n_per_shot: Int = Field(5, ge=0)
+    lora_rank: Int = Field(8, ge=1)
     lora_targets: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
-    train_text_encoder: bool = False
-    lr: float = Field(1e-4, gt=0)  # UNet LoRA learning rate (after any scaling)
-    text_encoder_lr: float | None = Field(None, gt=0)  # None: the same as lr
-    weight_decay: float = Field(1e-2, ge=0)  # AdamW of the LoRA phase
+    train_text_encoder: Bool = False
+    lr: Float = Field(1e-4, gt=0)  # UNet LoRA learning rate (after any scaling)
+    text_encoder_lr: Float | None = Field(None, gt=0)  # None: the same as lr
+    weight_decay: Float = Field(1e-2, ge=0)  # AdamW of the LoRA phase
     lr_schedule: Literal["constant", "linear"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
-    grad_clip: float = Field(0.0, ge=0)  # max gradient norm; 0 = off
-    timestep_fraction: float = Field(1.0, gt=0, le=1)  # LoRA steps draw t < fraction * T
-    steps: int = Field(1000, ge=1)
-    resolution: int = Field(512, ge=8)
+    lr_warmup_steps: Int = Field(0, ge=0)
+    grad_clip: Float = Field(0.0, ge=0)  # max gradient norm; 0 = off
+    timestep_fraction: Float = Field(1.0, gt=0, le=1)  # LoRA steps draw t < fraction * T
+    steps: Int = Field(1000, ge=1)
+    resolution: Int = Field(512, ge=8)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # training resize
-    color_jitter: list[float] = Field(default=[0.05, 0.05, 0.05], min_length=1, max_length=4)
-    hflip: float = Field(0.0, ge=0, le=1)
-    cache_latents: bool = False  # augment, caption and encode each image once (lora_pti)
+    color_jitter: list[Float] = Field(default=[0.05, 0.05, 0.05], min_length=1, max_length=4)
+    hflip: Float = Field(0.0, ge=0, le=1)
+    cache_latents: Bool = False  # augment, caption and encode each image once (lora_pti)
     train_prompts: Literal["fixed", "object"] = "fixed"  # the prompt, or the object templates
     placeholder_token: str = "sks"  # may contain {category}
-    textual_inversion_steps: int = Field(0, ge=0)
-    textual_inversion_lr: float = Field(2e-3, gt=0)
-    textual_inversion_accumulation: int = Field(1, ge=1)
-    textual_inversion_init_std: float = Field(0.017, ge=0)
-    textual_inversion_norm: float = Field(0.0, ge=0)  # clip_ti_decay target norm; 0 = off
-    continue_inversion_lr: float = Field(0.0, ge=0)  # 0 = the token freezes after inversion
+    textual_inversion_steps: Int = Field(0, ge=0)
+    textual_inversion_lr: Float = Field(2e-3, gt=0)
+    textual_inversion_accumulation: Int = Field(1, ge=1)
+    textual_inversion_init_std: Float = Field(0.017, ge=0)
+    textual_inversion_norm: Float = Field(0.0, ge=0)  # clip_ti_decay target norm; 0 = off
+    continue_inversion_lr: Float = Field(0.0, ge=0)  # 0 = the token freezes after inversion
     prompt: str = "a photo of sks {category}"  # may contain {category} and {token}
-    strength: float = Field(0.2, gt=0, le=1)
-    guidance: float = Field(4.0, ge=0)
-    inference_steps: int = Field(50, ge=1)
-    image_seeds: list[int] = Field(default=[])  # [] = seeds derived per image
+    strength: Float = Field(0.2, gt=0, le=1)
+    guidance: Float = Field(4.0, ge=0)
+    inference_steps: Int = Field(50, ge=1)
+    image_seeds: list[Seed] = Field(default=[])  # [] = seeds derived per image
     generator_device: Literal["cpu", "device"] = "cpu"
     precision: Literal["float16", "float32"] = "float16"  # generation on CUDA (CPU: float32)
     train_precision: Literal["float16", "float32"] = "float16"  # base weights, training on CUDA
-    seed: int = 0
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _generation(self) -> AugmentParams:
+        if self.n_per_shot == 0:  # nothing is generated: the templates and steps are unused
+            return self
+        if int(self.inference_steps * self.strength) < 1:
+            raise ValueError(f"augment.strength: {self.strength} x augment.inference_steps "
+                             f"{self.inference_steps} leaves no denoising step (needs >= 1)")
+        token = _template(self.placeholder_token, "augment.placeholder_token", category="x")
+        if token.split() != [token]:
+            raise ValueError(f"augment.placeholder_token: {short(self.placeholder_token)} must "
+                             "be one word (no spaces)")
+        _template(self.prompt, "augment.prompt", category="x", token=token)
+        return self
 
     @field_validator("color_jitter")
     @classmethod
@@ -178,6 +237,15 @@ class AugmentParams(Section):
         return self.textual_inversion_steps > 0 or self.continue_inversion_lr > 0
 
 
+def _template(template: str, key: str, **values: str) -> str:
+    """``template`` filled with ``values``; a field other than those is a ValueError."""
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise ValueError(f"{key}: bad template {short(template)} ({err}; allowed fields: "
+                         f"{', '.join('{' + k + '}' for k in values)})") from None
+
+
 class EstimateNormalsParams(Section):
     """``estimate_normals``: Marigold normals from RGB (DESIGN 1.2)."""
 
@@ -185,31 +253,31 @@ class EstimateNormalsParams(Section):
     # original: the dataset's RGB padded to a square / generated.zarr `rgb_full` (published).
     input: Literal["prepared", "original"] = "prepared"
     # null: the model's default (published), 0: the input resolution, N: longer edge N.
-    processing_resolution: int | None = Field(0, ge=0)
+    processing_resolution: Int | None = Field(0, ge=0)
     # auto: fp16 on CUDA, fp32 on a CPU; the published run is fp32.
     precision: Literal["auto", "fp32", "fp16"] = "auto"
-    steps: int = Field(10, ge=1)
-    ensemble: int = Field(10, ge=1)
+    steps: Int = Field(10, ge=1)
+    ensemble: Int = Field(10, ge=1)
     reduction: Literal["closest", "mean"] = "closest"  # Marigold's ensembling
     # float: bilinear to data.size at once, re-normalised, float16 (fast); uint8: resized back
     # to the input size, quantised to uint8 as the published PNGs, then bilinear to data.size.
     output: Literal["float", "uint8"] = "float"
     # true: Marigold's x flipped into the real-normal frame; false: Marigold's frame (published).
-    flip_x: bool = True
+    flip_x: Bool = True
     # per_sample: one seed per (image id, ensemble member) from `seed`; same_per_image: every
     # image's noise from a fresh generator seeded with `seed` (published).
     seeding: Literal["per_sample", "same_per_image"] = "per_sample"
-    batch_size: int = Field(1, ge=1)
-    seed: int = 0
+    batch_size: Int = Field(1, ge=1)
+    seed: Seed = 0
 
 
 class ExtractFeaturesParams(Section):
     """``extract_features``: the frozen backbone and its three layers (DESIGN 1.4)."""
 
-    layers: list[int] = Field(default=[4, 7, 11], min_length=3, max_length=3)
-    batch_size: int = Field(8, ge=1)
-    noisy_copies: int = Field(0, ge=0)
-    noise_sigma: float = Field(0.01, ge=0)
+    layers: list[Int] = Field(default=[4, 7, 11], min_length=3, max_length=3)
+    batch_size: Int = Field(8, ge=1)
+    noisy_copies: Int = Field(0, ge=0)
+    noise_sigma: Float = Field(0.01, ge=0)
     # Where the RGB noise of the noisy copies is added: "normalised" = after ImageNet
     # normalisation (published, OFFICIAL 10), "image" = in [0, 1] before it. Normal images are
     # not normalised, so for them both are the same.
@@ -217,20 +285,29 @@ class ExtractFeaturesParams(Section):
     # The backbone's forward precision: fp32 (published, OFFICIAL 13), fp16, or auto = fp16 on
     # CUDA and fp32 on the CPU. Features are stored as float16 either way.
     precision: Literal["auto", "fp32", "fp16"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if v != sorted(set(v)) or v[0] < 0:
+            raise ValueError(f"must be three increasing block indices >= 0, e.g. [4, 7, 11] "
+                             f"(got {short(v)})")
+        return v
 
 
 class FitMapperParams(Section):
     """``fit_mapper``: the four cross-modal mappers per category and k (DESIGN 1.5)."""
 
     architecture: Literal["cahfm", "mlp"] = "cahfm"
-    resolution: int = Field(224, ge=1)
-    steps: dict[int, int] = Field(default={1: 3000, 2: 1500, 4: 750})
-    lr: float = Field(1e-4, gt=0)
-    lr_min: float = Field(1e-6, ge=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    layer_weights: list[float] = Field(default=[1.2, 1.0, 0.8], min_length=3, max_length=3)
-    batch_size: int = Field(1, ge=1)
+    resolution: Int = Field(224, ge=1)
+    # keys lax: a YAML or JSON writer may quote them ("1"); the k themselves are fewshot.shots
+    steps: dict[int, Int] = Field(default={1: 3000, 2: 1500, 4: 750})
+    lr: Float = Field(1e-4, gt=0)
+    lr_min: Float = Field(1e-6, ge=0)
+    weight_decay: Float = Field(1e-4, ge=0)
+    layer_weights: list[Float] = Field(default=[1.2, 1.0, 0.8], min_length=3, max_length=3)
+    batch_size: Int = Field(1, ge=1)
     # Which side of a mapper gets the noisy copies: "source" (its input only, targets clean:
     # published, OFFICIAL 10) or "both" (input and target).
     noise_on: Literal["source", "both"] = "both"
@@ -239,7 +316,14 @@ class FitMapperParams(Section):
     # upstream/dvc.yaml lists it as a dependency, so DVC hashes the files (README).
     mappers: Literal["train", "official"] = "train"
     checkpoints: str = Field("checkpoints", min_length=1)
-    seed: int = 0
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _schedule(self) -> FitMapperParams:
+        if self.lr_min > self.lr:
+            raise ValueError(f"fit_mapper.lr_min: {self.lr_min} is above fit_mapper.lr="
+                             f"{self.lr} (the cosine schedule decays from lr to lr_min)")
+        return self
 
     def steps_for(self, k: int) -> int:
         if k not in self.steps:
@@ -259,6 +343,44 @@ OFFICIAL_SETUP: dict = {
     "distance": "concatenated",
     "size": 224,
 }
+
+CHECKPOINT_FOLDERS = ("checkpoints_dual_", "checkpoints_eyecandies_dual_")  # the release's
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """Released mapper folders directly in ``folder`` or in its checkpoints/ (top level only:
+    a folder given by mistake may be huge)."""
+    for base in (folder, folder / "checkpoints"):
+        if base.is_dir() and any(e.name.startswith(CHECKPOINT_FOLDERS) and e.is_dir()
+                                 for e in base.iterdir()):
+            return True
+    return False
+
+
+def checkpoint_problems(params: Params) -> list[str]:
+    """``fit_mapper.checkpoints`` is a DVC dependency of every fit_mapper instance (DVC hashes
+    all of it): released checkpoints or the in-repo placeholder (a README), nothing else."""
+    raw, official = params.fit_mapper.checkpoints, params.fit_mapper.mappers == "official"
+    key, folder = f"fit_mapper.checkpoints: {short(raw)}", Path(raw)
+    layout = ("checkpoints_dual_<2dto3d|3dto2d>_<class>_<k>shot/ folders, directly or under "
+              "checkpoints/")
+    if not folder.exists():  # DVC names a missing dependency; official mappers need it now
+        return [f"{key} not found (fit_mapper.mappers=official reads {layout} there)"] \
+            if official else []
+    if not folder.is_dir():
+        return [f"{key} is a file; give the folder of the released checkpoints ({layout})"]
+    here, target = Path.cwd().resolve(), folder.resolve()
+    if target == here or target in here.parents:
+        return [f"{key} is the project folder or one that holds it; give the folder of the "
+                f"released checkpoints ({layout}) or keep the default checkpoints/"]
+    if _holds_checkpoints(folder):
+        return []
+    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+    if not official and all(e.is_file() and e.name.lower().startswith("readme") for e in entries):
+        return []  # the in-repo placeholder
+    return [f"{key} holds no released checkpoints ({layout})"
+            + ("" if official else " and is not the in-repo placeholder (only a README)")]
+
 
 def official_setup_issues(params: Params) -> list[str]:
     """Keys that differ from the setup the official checkpoints need (empty when consistent)."""
@@ -286,7 +408,7 @@ def official_setup_issues(params: Params) -> list[str]:
 class InferParams(Section):
     """``infer``: mapper inference on the test set, the four raw stream maps (DESIGN 1.6)."""
 
-    batch_size: int = Field(8, ge=1)
+    batch_size: Int = Field(8, ge=1)
     # layerwise: 1 - cos over the concatenation of per-layer unit-normalised features (the mean
     # of the per-layer cosine distances the mappers are trained on); concatenated: 1 - cos of
     # the L2-normalised concatenated vectors (the published code, OFFICIAL item 1), whose
@@ -297,19 +419,31 @@ class InferParams(Section):
 class ScoreParams(Section):
     """``score``: stream fusion, smoothing and normalisation (DESIGN 1.6)."""
 
-    lambda_1: float = Field(0.1, ge=0)
-    lambda_2: float = Field(0.1, ge=0)
+    lambda_1: Float = Field(0.1, ge=0)
+    lambda_2: Float = Field(0.1, ge=0)
     fusion: Literal["product", "sum", "max"] = "product"
     modalities: Literal["both", "2d", "3d"] = "both"
     streams: Literal["both", "real", "estimated"] = "both"
     smoothing: Literal["box", "gaussian"] = "box"
-    box_sizes: tuple[int, int] = (3, 5)
-    box_sizes_large: tuple[int, int] = (5, 7)
+    box_sizes: tuple[Int, Int] = (3, 5)
+    box_sizes_large: tuple[Int, Int] = (5, 7)
     large_box_categories: list[str] = Field(
         default=["carrot", "cookie", "peach", "potato", "rope", "HazelnutTruffle"]
     )
-    gaussian_sigma: float = Field(4.0, gt=0)
-    batch_size: int = Field(8, ge=1)
+    gaussian_sigma: Float = Field(4.0, gt=0)
+    batch_size: Int = Field(8, ge=1)
+
+    @field_validator("box_sizes", "box_sizes_large")
+    @classmethod
+    def _odd(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if any(w < 1 or w % 2 == 0 for w in v):
+            raise ValueError("box sizes must be odd and positive: the box is centred on a pixel")
+        return v
+
+    @field_validator("large_box_categories")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        return _plain_names(v)
 
     def box_for(self, category: str) -> tuple[int, int]:
         return self.box_sizes_large if category in self.large_box_categories else self.box_sizes
@@ -323,12 +457,12 @@ class EvaluateParams(Section):
     of them the report's tables show as *the* AUPRO.
     """
 
-    limits: list[float] = Field(default=[0.3, 0.1, 0.05, 0.01], min_length=1)
+    limits: list[Float] = Field(default=[0.3, 0.1, 0.05, 0.01], min_length=1)
     # threshold counts of the published approximation, each reported next to the exact value
-    aupro_thresholds: list[int] = Field(default=[99])
+    aupro_thresholds: list[Int] = Field(default=[99])
     # exact | thr<T> (T in aupro_thresholds): the AUPRO the summary tables lead with
     headline_aupro: str = Field("exact", pattern=r"^(exact|thr[0-9]+)$")
-    heatmaps_per_class: int = Field(3, ge=0)
+    heatmaps_per_class: Int = Field(3, ge=0)
 
     @field_validator("limits")
     @classmethod
@@ -405,6 +539,9 @@ class Params(Section):
         if issues:
             raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "
                              "published feature setup; inconsistent: " + "; ".join(issues))
+        problems = [*checkpoint_problems(self), *memory_problems(self)]
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def _duplicates(self) -> list[str]:
@@ -446,10 +583,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if not key:  # a cross-section check: its message already names the keys
-            lines.extend(f"{source}: {line}"
-                         for line in msg.removeprefix("Value error, ").splitlines())
+        msg = e["msg"].removeprefix("Value error, ")
+        if len(e["loc"]) < 2 and e["type"] == "value_error":
+            # a check across keys (of a section or of sections): its message names the keys
+            lines.extend(f"{source}: {line}" for line in msg.splitlines())
             continue
         if e["type"] == "extra_forbidden":
             parent = e["loc"][:-1]
@@ -459,8 +596,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                 model = field.annotation if field is not None else model  # type: ignore[assignment]
             allowed = ", ".join(model.model_fields) if isinstance(model, type) else "?"
             msg = f"unknown key (allowed: {allowed})"
-        elif "input" in e and e["type"] != "missing":
-            msg = f"{msg} (got {e['input']!r})"
+        elif "input" in e and e["type"] != "missing" and short(e["input"]) not in msg:
+            msg = f"{msg} (got {short(e['input'])})"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 
@@ -475,7 +612,18 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice (plain YAML keeps the last one silently)."""
+    """safe_load that refuses a key given twice (plain YAML keeps the last one silently) and
+    any anchor or alias: a parameter file needs none, and nested aliases expand exponentially
+    (a few lines can stand for gigabytes of values)."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML {kind}{short(event.anchor, 30)[1:-1]} is not allowed in a "
+                "parameter file (write the values out)", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -491,6 +639,20 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.2 (DVC's parser) reads 1e-3 as a number; PyYAML's YAML 1.1 wants 1.0e-3 and would
+# hand the strict float fields a string.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own text adds a quote of the line below)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    mark = err.problem_mark
+    what = "; ".join(filter(None, (err.context, err.problem)))
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -502,10 +664,20 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (OSError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: cannot read: {err}") from None
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+        raise ParamsError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, str(path))
+
+
+def data_root_of(path: str | Path = "params.yaml") -> Path | None:
+    """``data.root`` of a parameter file without validating the rest; None where it cannot be
+    read (for the folders an --out must never replace)."""
+    try:
+        raw = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
+        return Path(raw["data"].get("root", DataParams.model_fields["root"].default))
+    except Exception:  # no file, not YAML, no data section: nothing to protect
+        return None
 
 
 def section_dict(section: BaseModel) -> dict:

@@ -31,7 +31,6 @@ from pipeline.augment import (
     OBJECT_TEMPLATES,
     LoraTraining,
     TextualInversion,
-    check_generation,
     deterministic_torch,
     generate,
     lora_snapshot,
@@ -95,14 +94,6 @@ def read_original_shots(params: Params, category: str, ids: list[str]) -> list[n
     return [pad_square(read_rgb(refs[i].rgb)) for i in ids]
 
 
-def _format(template: str, key: str, **values: str) -> str:
-    try:
-        return template.format(**values)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ParamsError(f"{key}: bad template {template!r} ({err}; allowed fields: "
-                          f"{', '.join('{' + k + '}' for k in values)})") from None
-
-
 def _lora_config(params: Params, token: str) -> LoraTraining:
     a = params.augment
     inversion = None
@@ -151,9 +142,9 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
         return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
                 "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}
 
-    check_generation(a.strength, a.inference_steps)
-    token = _format(a.placeholder_token, "augment.placeholder_token", category=category)
-    prompt = _format(a.prompt, "augment.prompt", category=category, token=token)
+    # the templates and the step count were checked with the parameters (pipeline/params.py)
+    token = a.placeholder_token.format(category=category)
+    prompt = a.prompt.format(category=category, token=token)
     train_prompts = [prompt] if a.train_prompts == "fixed" else \
         [t.format(token) for t in OBJECT_TEMPLATES]
     seeds_per_shot = shot_seeds(a.image_seeds, a.n_per_shot, a.seed, shots, seed, len(shot_ids))

@@ -114,15 +114,89 @@ def _fail(message: str) -> None:
 
 
 def _run_stage(module: str, params_path: Path, **kwargs) -> None:
-    """Validate params, then call ``stages.<module>.run``; user errors become one line."""
+    """Validate params and the instance, then call ``stages.<module>.run``; user errors, and
+    running out of memory or disk, become one line."""
+    from pipeline.errors import ResourceError
     from pipeline.params import load_params
 
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    instance = " ".join([module.replace("_", "-"), *_instance_words(**kwargs)])
     try:
         params = load_params(params_path)
+        _check_instance(params, **kwargs)
         importlib.import_module(f"stages.{module}").run(params, **kwargs)
+    except ResourceError as err:
+        _fail(f"{instance}: {err}")
     except CmdsAdError as err:
         _fail(str(err))
+    except (MemoryError, RuntimeError, OSError) as err:
+        message = _resource_message(err)
+        if message is None:
+            raise
+        _fail(f"{instance}: {message}")
+
+
+def _instance_words(category: str | None = None, shots: int | None = None,
+                    seed: int | None = None) -> list[str]:
+    words = [] if category is None else [category]
+    words += [] if shots is None else [f"k={shots}"]
+    return words + ([] if seed is None or shots is None else [f"seed={seed}"])
+
+
+def _check_instance(params, category: str | None = None, shots: int | None = None,
+                    seed: int | None = None) -> None:
+    """The command line names one instance of the parameters: a listed category, k and seed
+    (a category becomes a path: a name like ../data must never reach a stage)."""
+    from pipeline.errors import ParamsError
+    from pipeline.params import name_problem
+
+    if category is not None:
+        problem = name_problem(category)
+        if problem:
+            raise ParamsError(f"category {problem}")
+        if category not in params.data.categories:
+            raise ParamsError(f"data.categories: category {category!r} is not listed (listed: "
+                              f"{', '.join(params.data.categories)})")
+    if shots is not None and shots not in params.fewshot.shots:
+        raise ParamsError(f"fewshot.shots: --shots {shots} is not listed (listed: "
+                          f"{params.fewshot.shots})")
+    if seed is not None and seed not in params.fewshot.seeds:
+        raise ParamsError(f"fewshot.seeds: --seed {seed} is not listed (listed: "
+                          f"{params.fewshot.seeds})")
+
+
+def _resource_message(err: BaseException) -> str | None:
+    """One line for running out of memory or disk outside the artifact writers (which say it
+    themselves), with the outputs that were given up; None for any other error."""
+    from pipeline.limits import available_memory
+    from pipeline.outputs import human, is_disk_full, outputs_in_progress
+
+    outputs = ", ".join(map(str, outputs_in_progress())) or "no output yet"
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+            isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+        detail = " ".join(str(err).split())[:200]
+        return (f"out of memory{f' ({detail})' if detail else ''}; writing {outputs}, nothing "
+                f"was kept; {human(available_memory())} of memory is available here: lower the "
+                "sizes or batch sizes and run again")
+    if is_disk_full(err):
+        where = getattr(err, "filename", None)
+        return (f"out of disk space ({err.strerror}{f': {where}' if where else ''}); writing "  # type: ignore[attr-defined]
+                f"{outputs}, nothing was kept; free some space and run again")
+    return None
+
+
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an output folder that holds other files.")
+]
+
+
+def _claim_out(out: Path, command: str, force: bool, *protected: tuple[str, Path | None]) -> None:
+    """Refuse, before any work, an --out that would replace what this command did not write,
+    the current folder, the data root or a folder holding them (pipeline/outputs.py)."""
+    from pipeline.outputs import check_out_folder
+    from pipeline.params import data_root_of
+
+    check_out_folder(out, command, force, [("the data root", data_root_of()), *protected])
 
 
 @app.command("demo-data")
@@ -132,14 +206,30 @@ def demo_data(
     eyecandies: Annotated[
         Optional[Path], typer.Option(help="Also write one category in the Eyecandies layout here.")
     ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Generate the embedded demo dataset (synthetic objects with 2D, 3D and mixed defects)."""
+    from pipeline.artifacts import atomic_dir
     from pipeline.data.demo import write_demo_dataset, write_demo_eyecandies
+    from pipeline.outputs import check_out_folder, mark
+    from pipeline.params import data_root_of
 
     try:
-        write_demo_dataset(out, seed=seed)
+        # The demo data is a data root: it may be the configured one, never a folder above it.
+        root = data_root_of()
+        above = ("the folder of the data root", None if root is None else root.parent)
+        check_out_folder(out, "demo-data", force, [above])
         if eyecandies is not None:
-            write_demo_eyecandies(eyecandies, seed=seed)
+            check_out_folder(eyecandies, "demo-data", force, [above, ("the --out folder", out)])
+            if out.resolve() in eyecandies.resolve().parents:
+                raise InputError(f"--eyecandies {eyecandies}: inside the output folder {out}")
+        with atomic_dir(out) as tmp:
+            write_demo_dataset(tmp, seed=seed)
+            mark(tmp, "demo-data")
+        if eyecandies is not None:
+            with atomic_dir(eyecandies) as tmp:
+                write_demo_eyecandies(tmp, seed=seed)
+                mark(tmp, "demo-data")
     except CmdsAdError as err:
         _fail(str(err))
 
@@ -256,6 +346,7 @@ def sweep_lambda(
     values: Annotated[str, typer.Option(help="Comma-separated weights.")] = "0,0.05,0.1,0.2,0.5,1",
     params: ParamsOpt = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/sensitivity"),
+    force: ForceOpt = False,
 ) -> None:
     """Sweep the estimated-stream weight with `dvc exp run` (only score/evaluate re-run); plot."""
     from stages.sensitivity import run_sweep
@@ -265,6 +356,7 @@ def sweep_lambda(
     except ValueError:
         _fail(f"--values: not a comma-separated list of numbers: {values!r}")
     try:
+        _claim_out(out, "sweep-lambda", force)
         run_sweep(weights, params, out)
     except CmdsAdError as err:
         _fail(str(err))
@@ -277,14 +369,22 @@ def import_official(
     shots: ShotsOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Mapper folder to write.")],
     dataset: Annotated[str, typer.Option(help="mvtec3d or eyecandies (folder prefix).")] = "mvtec3d",
+    force: ForceOpt = False,
 ) -> None:
     """Convert the four official mapper checkpoints of one category and k into a mapper folder."""
+    from pipeline.artifacts import atomic_write_text
     from pipeline.official import import_official as convert
+    from pipeline.outputs import MARKER
+    from pipeline.params import name_problem
 
     if dataset not in ("mvtec3d", "eyecandies"):
         _fail(f"--dataset: {dataset!r} is not one of mvtec3d, eyecandies")
+    if name_problem(category):
+        _fail(f"--category: {name_problem(category)}")
     try:
+        _claim_out(out, "import-official", force, ("the checkpoint folder", ckpt_root))
         convert(ckpt_root, dataset, category, shots, out)
+        atomic_write_text(out / MARKER, "written by cmds-ad import-official\n")
     except CmdsAdError as err:
         _fail(str(err))
     typer.echo(f"{out}: four mappers converted from {ckpt_root} ({category}, k={shots})")
@@ -303,6 +403,7 @@ def demo_models(
     pairs: Annotated[Optional[int], typer.Option(help="Rendered training pairs.")] = None,
     vae_steps: Annotated[Optional[int], typer.Option(help="VAE training steps.")] = None,
     unet_steps: Annotated[Optional[int], typer.Option(help="UNet training steps.")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Train the demo normals model (demo:tiny-marigold) on renders of the demo generator.
 
@@ -314,7 +415,9 @@ def demo_models(
 
     import torch
 
+    from pipeline.artifacts import atomic_dir
     from pipeline.models.demo_training import TrainingConfig, train_demo_marigold
+    from pipeline.outputs import mark
 
     changes = {k: v for k, v in dict(seed=seed, pairs=pairs, vae_steps=vae_steps,
                                      unet_steps=unet_steps).items() if v is not None}
@@ -325,7 +428,13 @@ def demo_models(
     # One thread: the layers are tiny, and the run is then deterministic on this machine.
     torch.set_num_threads(1)
     start = time.perf_counter()
-    train_demo_marigold(out, cfg, log=typer.echo)
+    try:
+        _claim_out(out, "demo-models", force)
+        with atomic_dir(out) as tmp:
+            train_demo_marigold(tmp, cfg, log=typer.echo)
+            mark(tmp, "demo-models")
+    except CmdsAdError as err:
+        _fail(str(err))
     typer.echo(f"{out}: demo normals model trained in {time.perf_counter() - start:.0f} s")
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from pipeline.artifacts import atomic_dir, atomic_write_json, atomic_write_text, open_store, \
     provenance
 from pipeline.device import pick_device
-from pipeline.errors import InputError, ParamsError
+from pipeline.errors import InputError
 from pipeline.params import Params, section_dict
 from pipeline.progress import info
 from pipeline.training import (
@@ -47,9 +47,6 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
         run_official(params, category, shots, seed)
         return
     steps = p.steps_for(shots)
-    if p.lr_min > p.lr:
-        raise ParamsError(f"fit_mapper.lr_min: {p.lr_min} is above fit_mapper.lr={p.lr} "
-                          "(the cosine schedule decays from lr to lr_min)")
     shot_ids = layout.read_shot_ids(category, shots, seed)
 
     train_path = layout.features(category) / "train.zarr"

@@ -11,7 +11,8 @@ Arrays: ``rgb`` uint8, ``xyz`` float32, ``normals`` float16 (encoded (n + 1) / 2
 ``gt`` uint8 0/1, all (N, S, S[, 3]). Provenance: ``test.zarr`` records the ``data`` section
 only (it does not depend on the shots, so changing ``fewshot`` leaves its bytes, and what is
 computed from it downstream, unchanged); ``train.zarr`` records ``data`` and ``fewshot``.
-``data.categories`` is left out of both: adding a category must not change another one's.
+``data.categories`` is left out of both: adding a category must not change another one's;
+so is ``data.accept_empty_defect_masks``, which only lets a dataset through.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artifacts import StoreWriter, atomic_dir, atomic_write_json, provenance
-from pipeline.data import SampleRef, list_samples, load_sample
+from pipeline.data import SampleRef, check_masks, list_samples, load_sample
 from pipeline.data.fewshot import select_shots
 from pipeline.data.preprocess import PreprocessConfig, preprocess, real_normals
 from pipeline.errors import InputError, ParamsError
@@ -88,6 +89,7 @@ def run(params: Params, category: str) -> None:
         )
     train_refs = list_samples(data.dataset, data.root, category, "train")
     test_refs = list_samples(data.dataset, data.root, category, "test")
+    check_masks(test_refs, data.accept_empty_defect_masks)
     shots = choose_shots(
         [r.id for r in train_refs], fewshot.shots, fewshot.seeds, fewshot.strategy, category
     )
@@ -95,7 +97,9 @@ def run(params: Params, category: str) -> None:
     by_id = {r.id: r for r in train_refs}
     shot_refs = [by_id[sid] for sid in union]
 
-    data_params = {k: v for k, v in section_dict(data).items() if k != "categories"}
+    # Neither key changes what is stored: the category list, and a check's switch.
+    unrecorded = ("categories", "accept_empty_defect_masks")
+    data_params = {k: v for k, v in section_dict(data).items() if k not in unrecorded}
     common = {"category": category, "dataset": data.dataset}
     cfg = PreprocessConfig.from_params(data, category)
     info(f"prepare {category}: {len(test_refs)} test samples, {len(shot_refs)} shot samples")

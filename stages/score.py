@@ -20,7 +20,7 @@ from pipeline.artifacts import Store, StoreWriter, open_store, provenance
 from pipeline.errors import InputError
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
-from pipeline.scoring import STREAM_NAMES, check_smoothing, finish_maps
+from pipeline.scoring import STREAM_NAMES, finish_maps
 from stages import layout
 
 MAP_SHARD_BYTES = 4 * 2**20  # four full-resolution map arrays; see stages.infer
@@ -49,7 +49,6 @@ def open_streams(path: Path) -> tuple[Store, list[str], list[int], int]:
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     p = params.score
-    check_smoothing(p, category)
     streams_path = layout.streams(category, shots, seed)
     streams, ids, labels, size = open_streams(streams_path)
     n = len(ids)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import atomic_write_bytes, atomic_write_text
+from pipeline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_text
 from pipeline.errors import InputError
 from pipeline.metrics import aupro_key
+from pipeline.outputs import mark
 from pipeline.params import Params, load_params
 from pipeline.progress import info, track
 from stages import layout
@@ -70,8 +71,10 @@ def run_sweep(values: Sequence[float], params_path: Path, out_dir: Path) -> Path
 
     lines = ["lambda,k," + ",".join(names)]
     lines += [f"{v},{k}," + ",".join(f"{row[m]:.6f}" for m in names) for v, k, row in results]
-    atomic_write_text(out_dir / "sensitivity.csv", "\n".join(lines) + "\n")
-    atomic_write_bytes(out_dir / "sensitivity.png", _plot(results, headline))
+    with atomic_dir(out_dir) as tmp:  # one folder of this command's (cmds-ad sweep-lambda)
+        atomic_write_text(tmp / "sensitivity.csv", "\n".join(lines) + "\n")
+        atomic_write_bytes(tmp / "sensitivity.png", _plot(results, headline))
+        mark(tmp, "sweep-lambda")
     info(f"wrote {out_dir / 'sensitivity.csv'} and {out_dir / 'sensitivity.png'}")
     return out_dir / "sensitivity.csv"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.artifacts import StoreWriter, atomic_dir, atomic_write_json, open_store
-from pipeline.errors import InputError
+from pipeline.errors import InputError, OutputError, ResourceError
 
 
 def _digest(path: Path) -> str:
@@ -227,3 +227,185 @@ def test_failed_write_removes_the_parent_folders_it_created(tmp_path):
             w.create("x", 2, (2,), np.float32)
             raise RuntimeError("killed")
     assert list((tmp_path / "artifacts").iterdir()) == []
+
+
+# ---- one writer per output; only dead writers' temporaries are removed -----------------------
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline.artifacts import atomic_dir, atomic_write_text
+out, go = Path(sys.argv[1]), Path(sys.argv[2])
+with atomic_dir(out) as tmp:
+    atomic_write_text(tmp / "first.txt", "1")
+    print("writing", flush=True)
+    while not go.exists():
+        time.sleep(0.02)
+    atomic_write_text(tmp / "second.txt", "2")
+"""
+
+
+def _holder(out: Path, go: Path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(go)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n", proc.stderr.read()
+    return proc
+
+
+def test_a_second_writer_of_one_output_fails_while_the_first_finishes(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    first = _holder(out, go)  # another process writes first
+    with pytest.raises(OutputError, match=rf"another process is writing this output \(process "
+                                          rf"{first.pid}"):
+        with atomic_dir(out) as tmp:
+            (tmp / "mine.txt").write_text("x")
+    go.touch()
+    assert first.wait(30) == 0, first.stderr.read()
+    assert sorted(p.name for p in out.iterdir()) == ["first.txt", "second.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "out"]  # no lock, no temporary
+
+
+def test_the_first_writer_wins_when_it_is_this_process(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "m.json", {"a": 1})
+        second = subprocess.run([sys.executable, "-c", HOLD, str(out), str(tmp_path / "go")],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "another process is writing this output" in \
+            second.stderr and f"process {os.getpid()}" in second.stderr
+        atomic_write_json(tmp / "n.json", {"b": 2})
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "n.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_live_writers_temporary_is_kept_a_dead_ones_removed(tmp_path):
+    import subprocess
+
+    from pipeline.outputs import start_time
+
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        mine = tmp_path / f".s.zarr.tmp-{live.pid}-{start_time(live.pid)}-abc"
+        mine.mkdir()  # a writer that does not hold the lock (another host, an old version)
+        dead = tmp_path / f".s.zarr.tmp-{live.pid}-{start_time(live.pid) + 1}-abc"  # pid reused
+        dead.mkdir()
+        _small_store(tmp_path / "s.zarr")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.zarr", mine.name])
+    finally:
+        live.kill()
+        live.wait()
+    _small_store(tmp_path / "s.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_a_temporary_removed_while_writing_is_never_renamed_into_place(tmp_path):
+    import shutil
+
+    path = tmp_path / "s.zarr"
+    _small_store(path)
+    before = _digest(path)
+    with pytest.raises(OutputError, match="removed or replaced by another process"):
+        with StoreWriter(path, shard_bytes=64) as w:
+            w.create("x", 10, (4,), np.float32)
+            w.append("x", np.ones((5, 4), np.float32))
+            for tmp in tmp_path.glob(".s.zarr.tmp-*"):
+                shutil.rmtree(tmp)  # `rm -rf .s.zarr.tmp-*` by hand; zarr recreates folders
+            w.append("x", np.ones((5, 4), np.float32))
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_a_finished_store_removed_from_the_folder_being_written_is_noticed(tmp_path):
+    import shutil
+
+    out = tmp_path / "prepare/disc"
+    with pytest.raises(OutputError, match="train.zarr was removed from its temporary"):
+        with atomic_dir(out) as tmp:
+            _small_store(tmp / "train.zarr")
+            shutil.rmtree(tmp / "train.zarr")
+            _small_store(tmp / "test.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_missing_a_shard_at_the_end_is_not_renamed(tmp_path, monkeypatch):
+    import pipeline.artifacts as artifacts
+
+    real = artifacts._ArrayAppender.close
+
+    def close_then_lose_a_shard(self):
+        real(self)
+        (Path(self.array.store.root) / "x/c/1/0/0").unlink()  # deleted by someone else
+
+    monkeypatch.setattr(artifacts._ArrayAppender, "close", close_then_lose_a_shard)
+    with pytest.raises(OutputError, match=r"s.zarr: what was written was removed by another "
+                                          r"process while this one wrote it \(array 'x'"):
+        _small_store(tmp_path / "s.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_is_one_error_naming_the_output_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    real = zarr.storage.LocalStore.set
+    calls = []
+
+    async def full_after_two(self, key, value):
+        calls.append(key)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await real(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_after_two)
+    out = tmp_path / "artifacts/prepare/disc"
+    with pytest.raises(ResourceError) as err:
+        with atomic_dir(out) as tmp:
+            _small_store(tmp / "train.zarr")
+    message = str(err.value)
+    assert message.startswith(f"out of disk space writing {out} (No space left on device)")
+    assert "up to 640 bytes uncompressed" in message and "free on its disk" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+READ_DAMAGED = """
+import sys
+from pipeline.artifacts import open_store
+from pipeline.errors import InputError
+try:
+    open_store(sys.argv[1])["x"][:]
+except InputError as err:
+    print("error:", str(err)[:60], file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_a_failed_read_leaves_no_pending_zarr_task_behind(tmp_path):
+    """zarr reads the chunks of one call concurrently and returns at the first failure; the
+    tasks still pending were reported by asyncio at exit ("Task was destroyed but it is
+    pending!") after the one-line error, every time with many damaged chunks."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path, attrs={"stage": "infer"}, shard_bytes=4096) as w:
+        w.write("x", np.random.default_rng(0).random((400, 16, 16)).astype(np.float32))
+    for shard in (p for p in (path / "x/c").rglob("*") if p.is_file()):
+        data = bytearray(shard.read_bytes())
+        data[40] ^= 0xFF
+        data[2000] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", READ_DAMAGED, str(path)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.startswith("error: ")
+        assert done.stderr.count("\n") == 1, done.stderr  # nothing after the error line

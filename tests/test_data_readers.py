@@ -174,3 +174,39 @@ def test_layout_errors(tmp_path, dataset, make, match):
     make(root)
     with pytest.raises(InputError, match=match):
         list_samples(dataset, root, "disc", "train")
+
+
+@pytest.mark.parametrize(("folder", "first", "second", "ambiguous"), [
+    ("xyz", "000.tif", "000.tiff", True),  # which cloud is the sample's? (one is another's)
+    ("rgb", "000.PNG", "000.png", True),
+    ("gt", "000.png", "000.png.bak", False),  # another stem: not a file of the sample
+])
+def test_two_files_of_one_sample_are_an_error_naming_both(demo, tmp_path, folder, first, second,
+                                                          ambiguous):
+    import shutil
+
+    root = tmp_path / "demo"
+    shutil.copytree(demo / "disc", root / "disc")
+    sample = root / "disc/test/bump" / folder
+    source = next(sample.iterdir())
+    for name in (first, second):
+        if not (sample / name).exists():
+            shutil.copy(source, sample / name)
+    if not ambiguous:
+        assert len(list_samples("mvtec3d", root, "disc", "test")) == 4
+        return
+    with pytest.raises(InputError) as err:
+        list_samples("mvtec3d", root, "disc", "test")
+    assert f"{sample / first} and {second}: two" in str(err.value)
+
+
+def test_eyecandies_item_with_two_extensions_is_an_error_naming_both(tmp_path):
+    write_demo_eyecandies(tmp_path, n_train=2, n_validation=1, n_test=2, size=32)
+    data = tmp_path / "GummyBear" / "train" / "data"
+    (data / "001_depth.tiff").write_bytes((data / "001_depth.png").read_bytes())
+    with pytest.raises(InputError, match=rf"{data / '001_depth.png'} and 001_depth.tiff: two "
+                                         "depth image files"):
+        list_samples("eyecandies", tmp_path, "GummyBear", "train")
+    (data / "001_depth.tiff").unlink()
+    (data / "000_normals.exr").write_bytes(b"")  # an item that is not read: not ambiguous
+    assert len(list_samples("eyecandies", tmp_path, "GummyBear", "train")) == 2

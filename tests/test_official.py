@@ -280,7 +280,9 @@ def official_params(**over) -> object:
 
 
 
-def test_inconsistent_preset_names_the_keys():
+def test_inconsistent_preset_names_the_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_release(tmp_path / "release")  # fit_mapper.checkpoints must hold the release
     official_params()  # the published setup is accepted
     official_params(models__backbone="vit_base_patch8_224.dino@/models/dino.safetensors")
     with pytest.raises(ParamsError, match=r"fit_mapper.mappers=official: .*inconsistent: "

@@ -215,6 +215,36 @@ def test_bad_input_fails_cleanly(dataset, name, damage, error, match):
     assert leftovers == []
 
 
+def _blank(path: Path) -> None:
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(path)))).save(path)
+
+
+def _mark(path: Path) -> None:
+    mask = np.asarray(Image.open(path)).copy()
+    mask[10:12, 10:12] = 255
+    Image.fromarray(mask).save(path)
+
+
+def test_masks_must_agree_with_labels_before_any_work(dataset):
+    params = make_params(dataset)
+    _blank(_gt(dataset, "stain"))  # a defect folder's sample whose mask marks nothing
+    with pytest.raises(InputError, match=r"stain/gt/000.png: the mask of defective sample "
+                                         r"'stain/000' marks no pixel.*accept_empty_defect_masks"):
+        prepare.run(params, CAT)
+    assert not layout.prepared(CAT).parent.exists()
+    accepting = parse_params({**params.model_dump(mode="json"),
+                              "data": {**params.data.model_dump(mode="json"),
+                                       "accept_empty_defect_masks": True}})
+    prepare.run(accepting, CAT)
+    test = open_store(layout.prepared(CAT) / "test.zarr")
+    assert test.attrs["labels"][test.attrs["ids"].index("stain/000")] == 1
+    assert "accept_empty_defect_masks" not in test.attrs["params"]["data"]  # stores unchanged
+    _mark(_gt(dataset, "good"))  # the opposite: a good sample with defect pixels
+    with pytest.raises(InputError, match=r"good/gt/000.png: the mask of good sample 'good/000' "
+                                         r"marks 4 defect pixels"):
+        prepare.run(accepting, CAT)
+
+
 def test_sparse_nan_points_are_missing_not_fatal(dataset):
     path = _xyz(dataset)
     xyz = tifffile.imread(path)

@@ -22,7 +22,9 @@ PLUMBING = {
     "pipeline/artifacts.py",
     "pipeline/device.py",
     "pipeline/errors.py",
+    "pipeline/limits.py",
     "pipeline/models/__init__.py",  # a docstring
+    "pipeline/outputs.py",
     "pipeline/params.py",
     "pipeline/progress.py",
     "stages/__init__.py",

@@ -21,7 +21,8 @@ from pipeline.errors import InputError
 
 DATASETS = ("mvtec3d", "eyecandies")
 
-__all__ = ["DATASETS", "RawSample", "SampleRef", "list_samples", "load_sample", "read_rgb"]
+__all__ = ["DATASETS", "RawSample", "SampleRef", "check_masks", "list_samples", "load_sample",
+           "read_rgb"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,25 @@ def list_samples(dataset: str, root: str | Path, category: str, split: str) -> l
     else:
         raise InputError(f"data.dataset: unknown dataset {dataset!r} (expected one of {DATASETS})")
     return [SampleRef(dataset=dataset, category=category, split=split, **e) for e in entries]
+
+
+def check_masks(refs: list[SampleRef], accept_empty_defects: bool = False) -> None:
+    """Labels and masks agree: a good sample's mask (where there is one) marks no pixel, a
+    defective sample's marks some (``accept_empty_defects``: a dataset with defective samples
+    whose defect is not drawn). Reads only the masks, before any work."""
+    for ref in refs:
+        if ref.gt is None or not ref.gt.exists():
+            continue  # a defective sample without a mask is refused when listed
+        marked = int(read_mask(ref.gt).sum())
+        if ref.label == 0 and marked:
+            raise InputError(f"{ref.gt}: the mask of good sample {ref.id!r} marks {marked} "
+                             "defect pixels; clear the mask or move the sample to its defect "
+                             "folder")
+        if ref.label == 1 and not marked and not accept_empty_defects:
+            raise InputError(f"{ref.gt}: the mask of defective sample {ref.id!r} marks no "
+                             "pixel; fix the mask, move the sample to good/, or set "
+                             "data.accept_empty_defect_masks: true if the dataset really has "
+                             "such samples")
 
 
 def load_sample(ref: SampleRef, eyecandies_xyz: str = "camera") -> RawSample:

@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.data.mvtec import category_dir, clean_xyz, load_image, read_mask
+from pipeline.data.mvtec import ambiguous, by_stem, category_dir, clean_xyz, load_image, read_mask
 from pipeline.errors import InputError
 
 FOCAL_LENGTH = 711.11
 RGB_ITEM = "image_4"
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test_public"}
+ITEMS = {RGB_ITEM: "rgb image", "depth": "depth image", "info_depth": "depth range",
+         "mask": "mask"}  # the files of a sample that are read (and the pose, when asked)
 
 
 def read_depth_info(path: str | Path) -> tuple[float, float]:
@@ -137,6 +139,14 @@ def _item(data_dir: Path, stem: str, item: str) -> Path:
     return data_dir / f"{stem}_{item}{suffix}"
 
 
+def _unambiguous(files: dict[str, list[Path]], path: Path, what: str) -> Path:
+    """``path``, unless another file has its stem (000_depth.png and 000_depth.tiff)."""
+    group = files.get(path.stem, [])
+    if len(group) > 1 or (group and group[0] != path):
+        raise ambiguous(sorted({path, *group}), what)
+    return path
+
+
 def list_eyecandies(root: str | Path, category: str, split: str) -> list[dict]:
     """Sample descriptions of one split, sorted by id; missing files are reported here."""
     if split not in SPLIT_FOLDERS:
@@ -147,18 +157,19 @@ def list_eyecandies(root: str | Path, category: str, split: str) -> list[dict]:
     suffix = f"_{RGB_ITEM}.png"
     stems = {p.name[: -len(suffix)] for p in data_dir.iterdir() if p.name.endswith(suffix)}
     stems |= {p.name[: -len("_depth.png")] for p in data_dir.iterdir() if p.name.endswith("_depth.png")}
+    files = by_stem(data_dir)  # an item given twice (two extensions) is an error naming both
     out: list[dict] = []
     for stem in sorted(stems):
-        rgb = _item(data_dir, stem, RGB_ITEM)
-        depth = _item(data_dir, stem, "depth")
-        info = _item(data_dir, stem, "info_depth")
+        rgb, depth, info, mask = (_unambiguous(files, _item(data_dir, stem, item), what)
+                                  for item, what in ITEMS.items())
+        pose = _unambiguous(files, data_dir / f"{stem}_pose.txt", "pose")
         for path, what in ((rgb, "rgb image"), (depth, "depth image"), (info, "depth range file")):
             if not path.is_file():
                 raise InputError(f"{path}: {what} not found")
         gt = None
         label = 0
         if split == "test":
-            gt = _item(data_dir, stem, "mask")
+            gt = mask
             label = int(read_mask(gt).any())
         kind = "bad" if label else "good"
         out.append(
@@ -169,7 +180,7 @@ def list_eyecandies(root: str | Path, category: str, split: str) -> list[dict]:
                 "rgb": rgb,
                 "depth": depth,
                 "depth_info": info,
-                "pose": _item(data_dir, stem, "pose").with_suffix(".txt"),
+                "pose": pose,
                 "gt": gt,
             }
         )

@@ -114,10 +114,30 @@ def category_dir(root: str | Path, category: str) -> Path:
     return cat
 
 
-def _stems(folder: Path, suffix: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == suffix}
+def by_stem(folder: Path) -> dict[str, list[Path]]:
+    """The files of ``folder`` grouped by stem (dot files ignored), sorted."""
+    found: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if not path.name.startswith(".") and path.is_file():
+                found.setdefault(path.stem, []).append(path)
+    return found
+
+
+def ambiguous(paths: list[Path], what: str) -> InputError:
+    """Two files of one stem (000.tif and 000.tiff): which one is the sample's is unknown."""
+    return InputError(f"{paths[0]} and {paths[1].name}: two {what} files of one sample; keep "
+                      "one (remove or rename the other)")
+
+
+def _stems(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    out = {}
+    for stem, paths in by_stem(folder).items():
+        if len(paths) > 1:
+            raise ambiguous(paths, what)
+        if paths[0].suffix.lower() in suffixes:
+            out[stem] = paths[0]
+    return out
 
 
 def list_mvtec(root: str | Path, category: str, split: str) -> list[dict]:
@@ -143,9 +163,9 @@ def list_mvtec(root: str | Path, category: str, split: str) -> list[dict]:
             raise InputError(f"{tdir / 'rgb'}: folder not found (not in the MVTec 3D-AD layout)")
         if not (tdir / "xyz").is_dir():
             raise InputError(f"{tdir / 'xyz'}: folder not found (not in the MVTec 3D-AD layout)")
-        rgbs = _stems(tdir / "rgb", ".png")
-        xyzs = _stems(tdir / "xyz", ".tiff") | _stems(tdir / "xyz", ".tif")
-        gts = _stems(tdir / "gt", ".png")
+        rgbs = _stems(tdir / "rgb", (".png",), "rgb image")
+        xyzs = _stems(tdir / "xyz", (".tiff", ".tif"), "xyz point cloud")
+        gts = _stems(tdir / "gt", (".png",), "ground-truth mask")
         for stem in sorted(set(rgbs) | set(xyzs)):
             if stem not in rgbs:
                 raise InputError(f"{tdir / 'rgb' / (stem + '.png')}: rgb image not found")
