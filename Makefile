@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test bench clean-results
+.PHONY: install demo test bench gpu-wheels clean-results
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,25 @@ bench: install
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/diffusion.py
 	$(BIN)/python benchmarks/dvc_pipeline.py
+
+# The wheels a lent GPU machine lacks (no network there), at this .venv's versions, for its
+# Python 3.12 on x86-64; benchmarks/paper_gpu_device.sh installs them offline. The device tool
+# carries at most 64 MiB: the working tree plus .whl/, checked here.
+GPU_PACKAGES := diffusers zarr numcodecs donfig google-crc32c pydantic pydantic-core \
+	annotated-types typing-inspection typing-extensions
+MIB := 1048576
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+	  $$($(BIN)/python -c 'import importlib.metadata as m, sys; \
+	    print(" ".join(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' $(GPU_PACKAGES))
+	@tree=$$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1); \
+	  whl=$$(du -cb .whl/*.whl | tail -1 | cut -f1); total=$$((tree + whl)); \
+	  echo "working tree $$((tree / $(MIB))) MiB + .whl $$((whl / $(MIB))) MiB = $$((total / $(MIB))) MiB (the device tool carries 64)"; \
+	  test $$total -le $$((64 * $(MIB))) || { echo "too large to carry: over 64 MiB"; exit 1; }
 
 clean-results:
 	rm -rf artifacts results

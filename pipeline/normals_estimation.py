@@ -64,6 +64,10 @@ class MarigoldRun:
     seeding: Literal["per_sample", "same_per_image"] = "per_sample"
     output: Literal["float", "uint8"] = "float"
     flip_x: bool = True
+    # Images per UNet call, counting every ensemble member; 0 = all members of all the images
+    # of a call at once (the stage). The published script runs them one at a time (1): the
+    # noise is the same either way, only the batching differs.
+    batch_size: int = 0
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -169,7 +173,7 @@ def marigold_prediction(
             # We resize ourselves (see the module docstring), so the pipeline returns its
             # prediction at the processing resolution.
             match_input_resolution=False,
-            batch_size=len(images) * run.ensemble,
+            batch_size=run.batch_size or len(images) * run.ensemble,
             output_type="pt",
             **_noise(pipe, images, seeds, run, device),
         )

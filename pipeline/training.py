@@ -223,13 +223,15 @@ def mapping_loss(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
 
 @contextmanager
 def deterministic() -> Iterator[None]:
-    """Deterministic kernels for the duration of training; restores the previous setting."""
+    """Deterministic kernels for the duration of training; restores the previous setting,
+    warn-only flag included (``deterministic_torch`` of the augment stage sets it)."""
     before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[list[int]]:

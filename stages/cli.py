@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -115,7 +116,10 @@ def _fail(message: str) -> None:
 
 def _run_stage(module: str, params_path: Path, **kwargs) -> None:
     """Validate params and the instance, then call ``stages.<module>.run``; user errors, and
-    running out of memory or disk, become one line."""
+    running out of memory or disk, become one line.
+
+    With ``CMDS_AD_TIMINGS=1`` the phases of this process go to stderr (:func:`_timings`)."""
+    marks = [time.perf_counter()]
     from pipeline.errors import ResourceError
     from pipeline.params import load_params
 
@@ -124,7 +128,12 @@ def _run_stage(module: str, params_path: Path, **kwargs) -> None:
     try:
         params = load_params(params_path)
         _check_instance(params, **kwargs)
-        importlib.import_module(f"stages.{module}").run(params, **kwargs)
+        marks.append(time.perf_counter())
+        stage = importlib.import_module(f"stages.{module}")
+        marks.append(time.perf_counter())
+        modules = len(sys.modules)
+        figures = stage.run(params, **kwargs)
+        marks.append(time.perf_counter())
     except ResourceError as err:
         _fail(f"{instance}: {err}")
     except CmdsAdError as err:
@@ -134,6 +143,8 @@ def _run_stage(module: str, params_path: Path, **kwargs) -> None:
         if message is None:
             raise
         _fail(f"{instance}: {message}")
+    if os.environ.get("CMDS_AD_TIMINGS", "") not in ("", "0"):
+        _timings(module, marks, figures, len(sys.modules) - modules)
 
 
 def _instance_words(category: str | None = None, shots: int | None = None,
@@ -197,6 +208,33 @@ def _claim_out(out: Path, command: str, force: bool, *protected: tuple[str, Path
     from pipeline.params import data_root_of
 
     check_out_folder(out, command, force, [("the data root", data_root_of()), *protected])
+
+
+TIMINGS_PREFIX = "cmds-ad-timings "
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux; 10 ms resolution), else None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _timings(module: str, marks: list[float], figures: object, imported: int) -> None:
+    """One line on stderr, ``cmds-ad-timings {json}``: seconds of params validation, of the
+    stage module's import and of ``run()``, the model loading that ``run()`` reports, the
+    modules ``run()`` imported, and the process's age so far. benchmarks/startup.py reads it;
+    the stage's outputs do not change."""
+    import json
+
+    params_s, import_s, run_s = (b - a for a, b in zip(marks, marks[1:]))
+    load_s = figures.get("load_s", 0.0) if isinstance(figures, dict) else 0.0
+    record = {"stage": module, "params_s": params_s, "import_s": import_s, "run_s": run_s,
+              "load_s": float(load_s), "modules_imported_in_run": imported,
+              "process_s": _process_age()}
+    sys.stderr.write(TIMINGS_PREFIX + json.dumps(record) + "\n")
 
 
 @app.command("demo-data")

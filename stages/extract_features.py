@@ -9,6 +9,7 @@ Noisy copies (``extract_features.noisy_copies``) are made for the train and gene
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def _attrs(params: Params, category: str, store: Store, inputs: list[Store], **e
     }
 
 
-def run_real(params: Params, category: str) -> None:
+def run_real(params: Params, category: str) -> dict[str, float]:
     sec = params.extract_features
     stores = {}
     for split in SPLITS:
@@ -78,7 +79,9 @@ def run_real(params: Params, category: str) -> None:
             Source("est", estimated, "normals", "normals"),
         ]
         check_sources(stores[split])  # fail on bad input before loading the model
+    loading = time.perf_counter()
     backbone = _backbone(params)
+    load_s = time.perf_counter() - loading
     with atomic_dir(layout.features(category)) as tmp:
         for split in SPLITS:
             sources = stores[split]
@@ -91,9 +94,10 @@ def run_real(params: Params, category: str) -> None:
                 batch_size=sec.batch_size, noise=noise, description=f"features {category}/{split}",
             )
     info(f"features of {category} -> {layout.features(category)}")
+    return {"load_s": load_s}
 
 
-def run_generated(params: Params, category: str, shots: int, seed: int) -> None:
+def run_generated(params: Params, category: str, shots: int, seed: int) -> dict[str, float]:
     sec = params.extract_features
     args = f"{category} --shots {shots} --seed {seed}"
     generated = _open(layout.augmented(category, shots, seed) / "generated.zarr", "augment", f"augment {args}")
@@ -102,7 +106,9 @@ def run_generated(params: Params, category: str, shots: int, seed: int) -> None:
     )
     sources = [Source("rgb", generated, "rgb", "rgb"), Source("est", estimated, "normals", "normals")]
     check_sources(sources)
+    loading = time.perf_counter()
     backbone = _backbone(params)
+    load_s = time.perf_counter() - loading
     extra: dict[str, Any] = {"shots": shots, "seed": seed}
     if "source_ids" in generated.attrs:
         extra["source_ids"] = list(generated.attrs["source_ids"])
@@ -115,14 +121,16 @@ def run_generated(params: Params, category: str, shots: int, seed: int) -> None:
         batch_size=sec.batch_size, noise=noise, description=f"features {category}/{key}",
     )
     info(f"features of generated {category}/{key} -> {out}")
+    return {"load_s": load_s}
 
 
-def run(params: Params, category: str, shots: int | None = None, seed: int | None = None) -> None:
+def run(params: Params, category: str, shots: int | None = None,
+        seed: int | None = None) -> dict[str, float]:
+    """Write the features; returns the seconds spent loading the backbone (``load_s``)."""
     if shots is None:
         if seed is not None:
             raise ParamsError("extract_features: --seed is only meaningful with --shots")
-        run_real(params, category)
-        return
+        return run_real(params, category)
     if shots < 1:
         raise ParamsError(f"extract_features: --shots must be >= 1 (got {shots})")
-    run_generated(params, category, shots, 0 if seed is None else seed)
+    return run_generated(params, category, shots, 0 if seed is None else seed)

@@ -16,7 +16,7 @@ from pipeline.artifacts import atomic_dir, atomic_write_json, atomic_write_text,
     provenance
 from pipeline.device import pick_device
 from pipeline.errors import InputError
-from pipeline.params import Params, section_dict
+from pipeline.params import FitMapperParams, Params, section_dict
 from pipeline.progress import info
 from pipeline.training import (
     DIRECTIONS,
@@ -39,6 +39,12 @@ STREAMS = {"real": 0, "est": 1}
 
 def mapper_name(stream: str, direction: str) -> str:
     return f"{stream}_{direction}"
+
+
+def train_config(p: FitMapperParams, steps: int) -> TrainConfig:
+    """The training settings of ``fit_mapper`` for ``steps`` steps (benchmarks use it too)."""
+    return TrainConfig(p.architecture, p.resolution, steps, p.lr, p.lr_min, p.weight_decay,
+                       tuple(p.layer_weights), p.batch_size, p.noise_on)
 
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
@@ -73,8 +79,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     data = {stream: _stream_data(stream, train, rows, gen, gen_rows, masks if stream == "real"
                                  else None, clean_targets=p.noise_on == "source")
             for stream in STREAMS}
-    config = TrainConfig(p.architecture, p.resolution, steps, p.lr, p.lr_min, p.weight_decay,
-                         tuple(p.layer_weights), p.batch_size, p.noise_on)
+    config = train_config(p, steps)
     device = pick_device()
     info(f"fit_mapper {category} {layout.run_key(shots, seed)}: {p.architecture}, {steps} steps, "
          f"{len(shot_ids)} shots + {len(gen_rows)} generated, on {device}")

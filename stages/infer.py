@@ -13,6 +13,8 @@ a change of a fusion weight, the fusion rule or the smoothing re-runs ``score`` 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -48,11 +50,14 @@ def _check_matches(config: dict, config_path: str, meta, store_path: str) -> Non
             )
 
 
-def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, float]:
+    """Write the stream maps; returns the seconds spent loading the mappers (``load_s``)."""
     p = params.infer
     mapper_dir = layout.mappers(category, shots, seed)
     device = pick_device()
+    loading = time.perf_counter()
     config, mappers = load_mappers(mapper_dir, device)
+    load_s = time.perf_counter() - loading
     resolution = int(config.get("resolution", 0))
     if resolution < 1:
         raise InputError(f"{mapper_dir / 'config.json'}: missing or invalid 'resolution'")
@@ -114,3 +119,4 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
                 w.append(name, maps[name].float().cpu().numpy().astype(np.float16))
             stop = min(start + p.batch_size, n)
             w.append("fg", (np.asarray(fg_array[start:stop]) > 0).astype(np.uint8))
+    return {"load_s": load_s}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -442,6 +443,25 @@ def test_same_per_image_seeding_is_the_published_generator(cache: Path) -> None:
     per_sample = ne.marigold_prediction(pipe, ne.model_input(twice), ne.image_seeds(
         42, ["good/000", "good/001"], "per_sample"), ne.MarigoldRun(2, 3, 16))
     assert not torch.allclose(per_sample[0], per_sample[1])
+
+
+def test_ensemble_batch_size_changes_only_the_batching(cache: Path) -> None:
+    # MarigoldRun.batch_size 1 runs the ensemble members one at a time (the published script),
+    # 0 all at once (the stage): the same noise, the same prediction up to batched arithmetic.
+    from pipeline.models.diffusion import load_marigold
+
+    pipe, _ = load_marigold("demo:tiny-marigold-untrained", cache, torch.device("cpu"),
+                            torch.float32)
+    calls: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda _m, args: calls.append(int(args[0].shape[0])))
+    rgb = np.random.default_rng(5).integers(0, 256, (1, 24, 24, 3), np.uint8)
+    run = ne.MarigoldRun(steps=2, ensemble=3, processing_resolution=16, seeding="same_per_image")
+    batched = ne.marigold_prediction(pipe, ne.model_input(rgb), [42], run)
+    assert calls == [3, 3]
+    calls.clear()
+    one = ne.marigold_prediction(pipe, ne.model_input(rgb), [42], dataclasses.replace(run, batch_size=1))
+    assert calls == [1] * 6
+    assert torch.allclose(one, batched, atol=1e-3)
 
 
 def test_published_path_is_reproducible_and_seeded(dataset: Path, cache: Path) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.data.preprocess import resize_nearest
-from pipeline.training import resize_mask
+from pipeline.training import deterministic, resize_mask
 
 
 def test_resize_mask_samples_cell_centres():
@@ -24,3 +25,19 @@ def test_resize_mask_agrees_with_the_preprocessing_nearest_resize():
     for resolution in (28, 56, 100, 224):
         expected = np.stack([resize_nearest(m, resolution) for m in fg]).astype(np.float32)
         np.testing.assert_array_equal(resize_mask(fg, resolution), expected)
+
+
+def test_deterministic_restores_the_warn_only_flag_too():
+    # augment's deterministic_torch leaves warn-only determinism on; training inside the same
+    # process must not turn it into errors for what runs afterwards.
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with deterministic():
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
