@@ -345,20 +345,28 @@ def distribute(
     ] = None,
     jobs: Annotated[
         Optional[int],
-        typer.Option("--jobs", "--workers", help="Local worker processes / SLURM jobs (default: 2)."),
+        typer.Option("--jobs", "--workers",
+                     help="Local worker processes / SLURM jobs (default: 2)."),
     ] = None,
     remote: Annotated[
         Optional[str], typer.Option(help="DVC remote the workers share (default: the default).")
     ] = None,
     gpus: Annotated[
-        Optional[int], typer.Option(help="GPUs per worker (local; slurm: gres gpu:N) (default: 0).")
+        Optional[int],
+        typer.Option(help="GPUs per worker (local; slurm: gres gpu:N) (default: 0)."),
     ] = None,
-    gres: Annotated[Optional[str], typer.Option(help="SLURM: gres per job, e.g. gpu:a100:1.")] = None,
+    gres: Annotated[
+        Optional[str], typer.Option(help="SLURM: gres per job, e.g. gpu:a100:1.")
+    ] = None,
     cores: Annotated[Optional[int], typer.Option(help="SLURM: cores per job (default: 4).")] = None,
-    memory: Annotated[Optional[str], typer.Option(help="SLURM: memory per job (default: 16GB).")] = None,
+    memory: Annotated[
+        Optional[str], typer.Option(help="SLURM: memory per job (default: 16GB).")
+    ] = None,
     partition: Annotated[Optional[str], typer.Option(help="SLURM: partition (queue).")] = None,
     account: Annotated[Optional[str], typer.Option(help="SLURM: account to charge.")] = None,
-    walltime: Annotated[Optional[str], typer.Option(help="SLURM: job walltime (default: 04:00:00).")] = None,
+    walltime: Annotated[
+        Optional[str], typer.Option(help="SLURM: job walltime (default: 04:00:00).")
+    ] = None,
     sbatch: Annotated[
         Optional[list[str]],
         typer.Option(help="SLURM: one more #SBATCH line, e.g. --sbatch=--qos=normal (repeat).")

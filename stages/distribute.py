@@ -170,7 +170,9 @@ def check_clean(root: Path, output_paths: Sequence[str]) -> None:
     for line in lines:
         path = line[3:].split(" -> ")[-1].strip('"')
         name = Path(path).name
-        if name in ("dvc.lock", ".gitignore") or path.startswith(".dvc/") or path == SETTINGS_FILE:
+        # DVC's own files, and the settings no worker reads
+        if name in ("dvc.lock", ".gitignore") or path.startswith(".dvc/") or \
+                path == SETTINGS_FILE:
             continue
         if any(path == out or path.startswith(out.rstrip("/") + "/") for out in output_paths):
             continue

@@ -110,8 +110,9 @@ def test_job(kwargs: dict) -> None:
                           text=True, timeout=COMMAND_TIMEOUT_S)
     if done.returncode != 0:
         why = " ".join(done.stderr.replace("sbatch: error:", "").split())
+        lines = [line for line in script.splitlines() if line.startswith("#SBATCH")]
         raise DistributeError(f"SLURM refuses the worker job ({why}); its #SBATCH lines:\n"
-                              + "\n".join(l for l in script.splitlines() if l.startswith("#SBATCH")))
+                              + "\n".join(lines))
 
 
 def check_slurm(options: ClusterOptions) -> None:
@@ -130,19 +131,35 @@ def check_slurm(options: ClusterOptions) -> None:
 
 # ------------------------------------------------------------------------------ the cluster
 
+def _job_class():
+    from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
+
+    class Job(SLURMJob):
+        """dask-jobqueue 0.9 cancels the job on close but leaves its status running, which
+        distributed's SpecCluster.close asserts against while the job object is alive."""
+
+        async def close(self) -> None:
+            await super().close()
+            self.status = Status.closed
+
+    return Job
+
+
 def start_slurm_cluster(options: ClusterOptions, log_dir: Path):
     """A SLURMCluster with one worker spec per job (the kinds of :func:`job_kinds`); the jobs
     are submitted now."""
     from dask_jobqueue import SLURMCluster
-    from dask_jobqueue.slurm import SLURMJob
 
-    cluster = SLURMCluster(**job_kwargs(options, log_dir, True), silence_logs=logging.CRITICAL,
+    job = _job_class()
+    cluster = SLURMCluster(**job_kwargs(options, log_dir, True), job_cls=job,
+                           silence_logs=logging.CRITICAL,
                            scheduler_options={"dashboard_address": ":0"})
     common = cluster.new_spec["options"]  # what dask-jobqueue adds (interface, security, ...)
     for prefix, with_gres, count in job_kinds(options):
         for i in range(count):
             cluster.worker_spec[f"{prefix}-{i}"] = {
-                "cls": SLURMJob, "options": {**common, **job_kwargs(options, log_dir, with_gres)}}
+                "cls": job, "options": {**common, **job_kwargs(options, log_dir, with_gres)}}
     cluster.scale(len(cluster.worker_spec))  # submits the jobs of the specs
     return cluster
 

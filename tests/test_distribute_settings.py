@@ -49,11 +49,13 @@ def test_file_values_and_command_line_overrides(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("distribute:\n  partitoin: gpu\n",
      "distribute.yaml: distribute.partitoin: unknown key (allowed: cluster, jobs, gpus,"),
-    ("distribute: {}\ncluster: slurm\n", "distribute.yaml: cluster: unknown key (allowed: distribute)"),
+    ("distribute: {}\ncluster: slurm\n",
+     "distribute.yaml: cluster: unknown key (allowed: distribute)"),
     ("distribute:\n  jobs: 0\n", "distribute.yaml: distribute.jobs: Input should be greater"),
     ("distribute:\n  walltime: 4h\n", "distribute.walltime: not a SLURM time; e.g. 04:00:00"),
     ("distribute:\n  memory: lots\n", "distribute.memory: not a memory size; e.g. 16GB"),
-    ("distribute:\n  cluster: pbs\n", "distribute.cluster: expected local, slurm or tcp://HOST:PORT"),
+    ("distribute:\n  cluster: pbs\n",
+     "distribute.cluster: expected local, slurm or tcp://HOST:PORT"),
     ("distribute:\n  gres: 'gpu:2:'\n", "distribute.gres: not a SLURM gres"),
     ("distribute:\n  sbatch: ['-p debug']\n", "'-p debug': -p is set by the key partition"),
     ("distribute:\n  sbatch: ['--output=x']\n", "--output is set by cmds-ad itself"),
@@ -158,7 +160,8 @@ def test_slurm_job_that_ends_after_its_worker_connected_is_replaced(monkeypatch,
     said: list[str] = []
     client.names = ["gpu-0"]
     jobs.poll(said.append)
-    assert said == ["SLURM job 11 submitted (worker gpu-0)", "SLURM job 12 submitted (worker cpu-0)"]
+    assert said == ["SLURM job 11 submitted (worker gpu-0)",
+                    "SLURM job 12 submitted (worker cpu-0)"]
     assert jobs.summary() == "SLURM jobs: 1 pending (Resources), 1 running"
     del states["11"]  # cancelled
     client.names = []
