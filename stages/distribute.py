@@ -47,12 +47,15 @@ MODEL_STAGES = frozenset({
 })
 EVENT_TOPIC = "cmds-ad-distribute"
 LOG_TAIL_LINES = 25
-# Dask's nanny sets these to 1 in its workers; a stage instance gets the values of the shell
-# that started `cmds-ad distribute` instead, as under `dvc repro` (torch's CPU kernels give
-# other bits with another thread count)
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Dask's nanny sets these in its workers (distributed.nanny.pre-spawn-environ); a stage
+# instance gets the values of the shell that started `cmds-ad distribute` instead, as under
+# `dvc repro`: torch's CPU kernels give other bits with another thread count, and with
+# glibc's trim threshold fixed at 64 KiB every larger tensor is a fresh mmap (the reduced
+# demo's fit_mapper: 10x the page faults, 46 s instead of 35 s)
+NANNY_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                  "MALLOC_TRIM_THRESHOLD_")
 # read at import: a LocalCluster's nanny sets them in this process too
-SHELL_THREAD_ENV = {var: os.environ.get(var) for var in THREAD_VARS}
+SHELL_ENV = {var: os.environ.get(var) for var in NANNY_ENV_VARS}
 # a runner killed by one of these was stopped from outside (a SLURM job cancelled, preempted
 # or out of time; Ctrl-C): its instance goes back to the scheduler, it did not fail
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -263,7 +266,7 @@ def run_instance(spec: dict, *parents: dict) -> dict:
         }
         (workdir / "spec.json").write_text(json.dumps(task_spec))
         env = dict(os.environ)
-        for var, value in spec["thread_env"].items():
+        for var, value in spec["shell_env"].items():
             if value is None:
                 env.pop(var, None)
             else:
@@ -436,7 +439,7 @@ def _distribute(root: Path, options: ClusterOptions, targets: Sequence[str],
                       f"{the_plan.commit[:10]}, remote {remote_name!r}")
         common = {"git_url": git_url or str(root), "commit": the_plan.commit,
                   "remote": remote_name, "remote_config": remote_config,
-                  "scratch": options.scratch, "thread_env": SHELL_THREAD_ENV}
+                  "scratch": options.scratch, "shell_env": SHELL_ENV}
         gpus = _cluster_has_gpus(client, options)
         _Scheduler(client, outcome, records, common, gpus).run(console, jobs)
     finally:

@@ -24,9 +24,9 @@ COMMAND_TIMEOUT_S = 60
 NO_LIMIT = ("UNLIMITED", "INFINITE", "NONE")
 
 
-def _slurm(*args: str) -> subprocess.CompletedProcess:
+def _slurm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(list(args), capture_output=True, text=True,
+        return subprocess.run(list(args), input=stdin, capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DistributeError(f"`{' '.join(args)}` got no answer within "
@@ -106,8 +106,7 @@ def test_job(kwargs: dict) -> None:
 
     kwargs = {**kwargs, "log_directory": None}  # creates no folder
     script = SLURMJob(scheduler="tcp://scheduler:8786", name="check", **kwargs).job_script()
-    done = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True,
-                          text=True, timeout=COMMAND_TIMEOUT_S)
+    done = _slurm("sbatch", "--test-only", stdin=script)
     if done.returncode != 0:
         why = " ".join(done.stderr.replace("sbatch: error:", "").split())
         lines = [line for line in script.splitlines() if line.startswith("#SBATCH")]

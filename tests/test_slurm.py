@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 CATEGORY = "disc"
 KILL_STAGE = "augment"  # the model stage during which its job is cancelled
-RUN_TIMEOUT_S = 1200
+RUN_TIMEOUT_S = 2400  # a hang guard: the run takes minutes, more on a loaded machine
 
 
 @pytest.fixture(scope="module")
