@@ -400,6 +400,10 @@ def distribute(
                                   git_url=git_url)
     except CmdsAdError as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        typer.secho("\ninterrupted: the instances that finished are in your workspace and on "
+                    "the remote; `cmds-ad distribute` again runs the others", fg="red", err=True)
+        raise typer.Exit(130) from None
     if not outcome.ok:
         raise typer.Exit(1)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,6 +33,17 @@ def _slurm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     except subprocess.TimeoutExpired:
         raise DistributeError(f"`{' '.join(args)}` got no answer within "
                               f"{COMMAND_TIMEOUT_S} s: is the SLURM controller up?") from None
+
+
+def jobqueue_slurm():
+    """``dask_jobqueue.slurm``, imported without the SIGINT handler dask-jobqueue 0.9 installs
+    at import (``sys.exit()``: Ctrl-C would end the run with exit status 0, as a success)."""
+    before = signal.getsignal(signal.SIGINT)
+    import dask_jobqueue.slurm
+
+    if threading.current_thread() is threading.main_thread() and before is not None:
+        signal.signal(signal.SIGINT, before)
+    return dask_jobqueue.slurm
 
 
 def job_kwargs(options: ClusterOptions, log_dir: Path, with_gres: bool) -> dict:
@@ -102,10 +115,8 @@ def check_partition(name: str | None, walltime: str, key: str) -> str:
 def test_job(kwargs: dict) -> None:
     """``sbatch --test-only`` of the job script the workers get: SLURM's own verdict on the
     account, cores, memory, gres and extra lines."""
-    from dask_jobqueue.slurm import SLURMJob
-
     kwargs = {**kwargs, "log_directory": None}  # creates no folder
-    script = SLURMJob(scheduler="tcp://scheduler:8786", name="check", **kwargs).job_script()
+    script = jobqueue_slurm().SLURMJob(scheduler="tcp://scheduler:8786", name="check", **kwargs).job_script()
     done = _slurm("sbatch", "--test-only", stdin=script)
     if done.returncode != 0:
         why = " ".join(done.stderr.replace("sbatch: error:", "").split())
@@ -131,10 +142,9 @@ def check_slurm(options: ClusterOptions) -> None:
 # ------------------------------------------------------------------------------ the cluster
 
 def _job_class():
-    from dask_jobqueue.slurm import SLURMJob
     from distributed.core import Status
 
-    class Job(SLURMJob):
+    class Job(jobqueue_slurm().SLURMJob):
         """dask-jobqueue 0.9 cancels the job on close but leaves its status running, which
         distributed's SpecCluster.close asserts against while the job object is alive."""
 
@@ -148,10 +158,8 @@ def _job_class():
 def start_slurm_cluster(options: ClusterOptions, log_dir: Path):
     """A SLURMCluster with one worker spec per job (the kinds of :func:`job_kinds`); the jobs
     are submitted now."""
-    from dask_jobqueue import SLURMCluster
-
     job = _job_class()
-    cluster = SLURMCluster(**job_kwargs(options, log_dir, True), job_cls=job,
+    cluster = jobqueue_slurm().SLURMCluster(**job_kwargs(options, log_dir, True), job_cls=job,
                            silence_logs=logging.CRITICAL,
                            scheduler_options={"dashboard_address": ":0"})
     common = cluster.new_spec["options"]  # what dask-jobqueue adds (interface, security, ...)

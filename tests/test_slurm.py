@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -313,3 +314,25 @@ def test_what_slurm_refuses_is_one_error_before_any_work(env, slurm, slurm_run, 
     assert commands_run(counts) == before
     assert slurm.command("scontrol", "-o", "show", "job") == jobs_before  # no job submitted
     assert not (clone / ".dvc/tmp/distribute").exists()
+
+
+def test_ctrl_c_ends_the_run_with_a_failure_status_and_no_job_left(env, slurm, slurm_run,
+                                                                    tmp_path):
+    _, environ, _ = env
+    root, run, _, _, _, _ = slurm_run
+    assert run.returncode == 0, run.stderr[-6000:]
+    clone = tmp_path / "clone"  # everything to run, all of it restored from the remote
+    sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    proc = subprocess.Popen(["cmds-ad", "distribute"], cwd=clone, env=environ,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # until the first instance is done
+        lines.append(line)
+        if line.startswith("done "):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted: the instances that finished are in your workspace" in rest, rest
+    assert slurm.jobs() == []
+    assert (clone / "dvc.lock").is_file() or (clone / "upstream/dvc.lock").is_file()
