@@ -331,7 +331,7 @@ def test_ctrl_c_ends_the_run_with_a_failure_status_and_no_job_left(env, slurm, s
         if line.startswith("done "):
             break
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(lines) + rest
     assert "interrupted: the instances that finished are in your workspace" in rest, rest
     assert slurm.jobs() == []
