@@ -579,7 +579,10 @@ class Params(Section):
         return problems
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str,
+                            root: type[BaseModel] | None = None) -> str:
+    """One line per problem, ``source: dotted.key: message``; an unknown key lists the keys
+    allowed where it stands (``root``: the model validated, default :class:`Params`)."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
@@ -590,7 +593,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             continue
         if e["type"] == "extra_forbidden":
             parent = e["loc"][:-1]
-            model: type[BaseModel] = Params
+            model: type[BaseModel] = root or Params
             for part in parent:
                 field = model.model_fields.get(str(part))
                 model = field.annotation if field is not None else model  # type: ignore[assignment]
@@ -606,7 +609,7 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_format_validation_error(err, source)) from None
+        raise ParamsError(format_validation_error(err, source)) from None
     except ParamsError as err:
         raise ParamsError(f"{source}: {err}") from None
 

@@ -482,18 +482,49 @@ def distribute(
         Optional[list[str]],
         typer.Argument(help="Stage instances (DVC addresses, e.g. score@disc-1-0); default all."),
     ] = None,
+    settings: Annotated[
+        Path, typer.Option(help="Settings file with a distribute: block; options override it.")
+    ] = Path("distribute.yaml"),
     cluster: Annotated[
-        str, typer.Option(help="local (processes here), slurm (dask-jobqueue) or tcp://HOST:PORT.")
-    ] = "local",
-    workers: Annotated[int, typer.Option(help="Local worker processes / SLURM jobs.")] = 2,
+        Optional[str],
+        typer.Option(help="local (processes here), slurm (dask-jobqueue) or tcp://HOST:PORT "
+                          "(default: local)."),
+    ] = None,
+    jobs: Annotated[
+        Optional[int],
+        typer.Option("--jobs", "--workers",
+                     help="Local worker processes / SLURM jobs (default: 2)."),
+    ] = None,
     remote: Annotated[
         Optional[str], typer.Option(help="DVC remote the workers share (default: the default).")
     ] = None,
-    gpus: Annotated[int, typer.Option(help="GPUs per worker (local, slurm); 0: none.")] = 0,
-    cores: Annotated[int, typer.Option(help="SLURM: cores per job.")] = 4,
-    memory: Annotated[str, typer.Option(help="SLURM: memory per job.")] = "16GB",
+    gpus: Annotated[
+        Optional[int],
+        typer.Option(help="GPUs per worker (local; slurm: gres gpu:N) (default: 0)."),
+    ] = None,
+    gres: Annotated[
+        Optional[str], typer.Option(help="SLURM: gres per job, e.g. gpu:a100:1.")
+    ] = None,
+    cores: Annotated[Optional[int], typer.Option(help="SLURM: cores per job (default: 4).")] = None,
+    memory: Annotated[
+        Optional[str], typer.Option(help="SLURM: memory per job (default: 16GB).")
+    ] = None,
     partition: Annotated[Optional[str], typer.Option(help="SLURM: partition (queue).")] = None,
-    walltime: Annotated[str, typer.Option(help="SLURM: job walltime.")] = "04:00:00",
+    account: Annotated[Optional[str], typer.Option(help="SLURM: account to charge.")] = None,
+    walltime: Annotated[
+        Optional[str], typer.Option(help="SLURM: job walltime (default: 04:00:00).")
+    ] = None,
+    sbatch: Annotated[
+        Optional[list[str]],
+        typer.Option(help="SLURM: one more #SBATCH line, e.g. --sbatch=--qos=normal (repeat).")
+    ] = None,
+    cpu_jobs: Annotated[
+        Optional[int], typer.Option(help="SLURM: more jobs without the gres, for the stages "
+                                         "that need no GPU (default: 0).")
+    ] = None,
+    cpu_partition: Annotated[
+        Optional[str], typer.Option(help="SLURM: partition of the cpu jobs (default: partition).")
+    ] = None,
     scratch: Annotated[
         Optional[str], typer.Option(help="Folder on the workers for their clones.")
     ] = None,
@@ -501,18 +532,25 @@ def distribute(
         Optional[str], typer.Option(help="Where workers clone from (default: this repository).")
     ] = None,
 ) -> None:
-    """Run the out-of-date stage instances as Dask tasks, each in a worker's own clone."""
-    from stages.distribute import ClusterOptions
+    """Run the out-of-date stage instances as Dask tasks, each in a worker's own clone.
+    Settings come from distribute.yaml (its distribute: block), then from these options."""
     from stages.distribute import distribute as run_distributed
+    from stages.distribute_settings import resolve_options
 
-    options = ClusterOptions(cluster=cluster, workers=workers, gpus=gpus, cores=cores,
-                             memory=memory, partition=partition, walltime=walltime,
-                             scratch=scratch)
+    overrides = dict(cluster=cluster, jobs=jobs, gpus=gpus, gres=gres, cores=cores,
+                     memory=memory, partition=partition, account=account, walltime=walltime,
+                     sbatch=sbatch, cpu_jobs=cpu_jobs, cpu_partition=cpu_partition,
+                     scratch=scratch)
     try:
+        options = resolve_options(settings, overrides)
         outcome = run_distributed(Path.cwd(), options, targets or (), remote=remote,
                                   git_url=git_url)
     except CmdsAdError as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        typer.secho("\ninterrupted: the instances that finished are in your workspace and on "
+                    "the remote; `cmds-ad distribute` again runs the others", fg="red", err=True)
+        raise typer.Exit(130) from None
     if not outcome.ok:
         raise typer.Exit(1)
 

@@ -9,7 +9,11 @@ end the local lock files get the instances' entries and ``dvc pull`` checks the 
 so ``dvc status`` is clean as after a local ``dvc repro``.
 
 A task that raises (the stage failed) is not retried; a worker that dies is, by the Dask
-scheduler (``distributed.scheduler.allowed-failures``), on another worker.
+scheduler (``distributed.scheduler.allowed-failures``), on another worker; so is one whose
+runner was terminated (SIGTERM: a SLURM job cancelled or preempted).
+
+Where the workers run: ``stages.distribute_settings`` (``distribute.yaml`` and the command
+line); SLURM jobs: ``stages.distribute_slurm``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import CmdsAdError
+from stages.distribute_settings import SETTINGS_FILE, ClusterOptions, DistributeError
 
 # stage names (before "@") whose commands run a model: one GPU each where the cluster has GPUs
 MODEL_STAGES = frozenset({
@@ -41,16 +47,19 @@ MODEL_STAGES = frozenset({
 })
 EVENT_TOPIC = "cmds-ad-distribute"
 LOG_TAIL_LINES = 25
-# Dask's nanny sets these to 1 in its workers; a stage instance gets the values of the shell
-# that started `cmds-ad distribute` instead, as under `dvc repro` (torch's CPU kernels give
-# other bits with another thread count)
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Dask's nanny sets these in its workers (distributed.nanny.pre-spawn-environ); a stage
+# instance gets the values of the shell that started `cmds-ad distribute` instead, as under
+# `dvc repro`: torch's CPU kernels give other bits with another thread count, and with
+# glibc's trim threshold fixed at 64 KiB every larger tensor is a fresh mmap (the reduced
+# demo's fit_mapper: 10x the page faults, 46 s instead of 35 s)
+NANNY_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                  "MALLOC_TRIM_THRESHOLD_")
 # read at import: a LocalCluster's nanny sets them in this process too
-SHELL_THREAD_ENV = {var: os.environ.get(var) for var in THREAD_VARS}
-
-
-class DistributeError(CmdsAdError):
-    """Bad input to ``cmds-ad distribute`` (dirty tree, no remote, no scheduler, no sbatch)."""
+SHELL_ENV = {var: os.environ.get(var) for var in NANNY_ENV_VARS}
+# a runner killed by one of these was stopped from outside (a SLURM job cancelled, preempted
+# or out of time; Ctrl-C): its instance goes back to the scheduler, it did not fail
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+RUNS_DIR = ".dvc/tmp/distribute"  # run records and SLURM job logs (DVC keeps tmp/ out of git)
 
 
 class InstanceFailed(Exception):
@@ -164,7 +173,9 @@ def check_clean(root: Path, output_paths: Sequence[str]) -> None:
     for line in lines:
         path = line[3:].split(" -> ")[-1].strip('"')
         name = Path(path).name
-        if name in ("dvc.lock", ".gitignore") or path.startswith(".dvc/"):
+        # DVC's own files, and the settings no worker reads
+        if name in ("dvc.lock", ".gitignore") or path.startswith(".dvc/") or \
+                path == SETTINGS_FILE:
             continue
         if any(path == out or path.startswith(out.rstrip("/") + "/") for out in output_paths):
             continue
@@ -221,9 +232,16 @@ def _safe(addr: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", addr)[-80:]
 
 
+def where_this_runs(worker) -> dict:
+    """The worker, its host, SLURM job and GPUs: recorded with each instance's result."""
+    return {"worker": worker.address, "worker_name": str(worker.name),
+            "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
 def run_instance(spec: dict, *parents: dict) -> dict:
     """Dask task: one stage instance in a fresh clone on this worker."""
-    from distributed import get_worker
+    from distributed import Reschedule, get_worker
 
     worker = get_worker()
     addr = spec["addr"]
@@ -248,7 +266,7 @@ def run_instance(spec: dict, *parents: dict) -> dict:
         }
         (workdir / "spec.json").write_text(json.dumps(task_spec))
         env = dict(os.environ)
-        for var, value in spec["thread_env"].items():
+        for var, value in spec["shell_env"].items():
             if value is None:
                 env.pop(var, None)
             else:
@@ -259,11 +277,13 @@ def run_instance(spec: dict, *parents: dict) -> dict:
                 [sys.executable, "-m", "stages.distribute_worker", str(workdir / "spec.json")],
                 cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env,
             )
+        if -proc.returncode in STOP_SIGNALS:
+            raise Reschedule()  # stopped from outside, as its worker will be
         if proc.returncode != 0:
             lines = log.read_text(errors="replace").splitlines()
             raise InstanceFailed(addr, worker.address, "\n".join(lines[-LOG_TAIL_LINES:]))
         result = json.loads((workdir / "result.json").read_text())
-        result.update(worker=worker.address, clone_s=clone_s,
+        result.update(where_this_runs(worker), clone_s=clone_s,
                       total_s=time.perf_counter() - start)
         return result
     finally:
@@ -272,35 +292,14 @@ def run_instance(spec: dict, *parents: dict) -> dict:
 
 # ------------------------------------------------------------------------------ the cluster
 
-@dataclass
-class ClusterOptions:
-    cluster: str = "local"       # local | slurm | tcp://HOST:PORT
-    workers: int = 2
-    gpus: int = 0                # GPUs per worker (local, slurm); tcp: read from the workers
-    cores: int = 4               # slurm: cores per job
-    memory: str = "16GB"         # slurm: memory per job
-    partition: str | None = None
-    walltime: str = "04:00:00"
-    scratch: str | None = None   # folder for the workers' clones (default: Dask's own)
-    connect_timeout: float = 5.0
-
-
 def check_cluster(options: ClusterOptions) -> None:
-    """Fail within seconds, before any work: no sbatch for slurm, no answer at an address."""
-    if options.cluster == "slurm" and shutil.which("sbatch") is None:
-        raise DistributeError(
-            "--cluster slurm: `sbatch` is not on PATH; run this on a SLURM login node, "
-            "or start a scheduler yourself and pass --cluster tcp://HOST:PORT"
-        )
-    if options.cluster not in ("local", "slurm") and not re.match(
-        r"^(tcp|tls|ucx|ws|wss)://", options.cluster
-    ):
-        raise DistributeError(
-            f"--cluster {options.cluster!r}: expected local, slurm or tcp://HOST:PORT"
-        )
-    if options.cluster.startswith("tcp://"):
-        import socket
+    """Fail within seconds, before any work: no answer at an address; on SLURM no sbatch, or
+    jobs that SLURM would refuse or never start."""
+    if options.cluster == "slurm":
+        from stages.distribute_slurm import check_slurm
 
+        check_slurm(options)
+    if options.cluster.startswith("tcp://"):
         host, _, port = options.cluster.removeprefix("tcp://").rpartition(":")
         try:
             socket.create_connection((host.strip("[]"), int(port)),
@@ -312,53 +311,40 @@ def check_cluster(options: ClusterOptions) -> None:
             ) from None
 
 
-def start_cluster(options: ClusterOptions):
-    """A Dask client for ``options.cluster`` (and the cluster object to close, if ours)."""
+def start_cluster(options: ClusterOptions, run_dir: Path):
+    """A Dask client for ``options.cluster``, the cluster object to close (if ours) and, on
+    SLURM, the :class:`SlurmJobs` that watches the jobs (their logs go to ``run_dir``)."""
     from distributed import Client
 
     if options.cluster == "local":
         from distributed import LocalCluster
 
-        resources = {"GPU": options.gpus} if options.gpus else None
+        resources = {"GPU": options.worker_gpus} if options.worker_gpus else None
         # one thread per worker process: a stage instance is a process of its own and uses
         # the cores itself; the dashboard on a free port
-        cluster = LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
+        cluster = LocalCluster(n_workers=options.jobs, threads_per_worker=1, processes=True,
                                dashboard_address=":0", resources=resources,
                                silence_logs=logging.CRITICAL)  # failures are reported below
-        return Client(cluster), cluster
+        return Client(cluster), cluster, None
     if options.cluster == "slurm":
-        if shutil.which("sbatch") is None:
-            raise DistributeError(
-                "--cluster slurm: `sbatch` is not on PATH; run this on a SLURM login node, "
-                "or start a scheduler yourself and pass --cluster tcp://HOST:PORT"
-            )
-        from dask_jobqueue import SLURMCluster
+        from stages.distribute_slurm import SlurmJobs, start_slurm_cluster
 
-        extra = [f"--gres=gpu:{options.gpus}"] if options.gpus else []
-        cluster = SLURMCluster(
-            cores=options.cores, processes=1, memory=options.memory, queue=options.partition,
-            walltime=options.walltime, job_extra_directives=extra,
-            worker_extra_args=["--resources", f"GPU={options.gpus}"] if options.gpus else [],
-        )
-        cluster.scale(jobs=options.workers)
-        return Client(cluster), cluster
-    if re.match(r"^(tcp|tls|ucx|ws|wss)://", options.cluster):
-        try:
-            client = Client(options.cluster, timeout=f"{options.connect_timeout}s")
-        except (OSError, TimeoutError) as err:
-            raise DistributeError(
-                f"no Dask scheduler answers at {options.cluster} "
-                f"(within {options.connect_timeout:g} s): {err}"
-            ) from None
-        return client, None
-    raise DistributeError(
-        f"--cluster {options.cluster!r}: expected local, slurm or tcp://HOST:PORT"
-    )
+        cluster = start_slurm_cluster(options, run_dir / "slurm")
+        client = Client(cluster)
+        return client, cluster, SlurmJobs(cluster, client, run_dir / "slurm")
+    try:
+        client = Client(options.cluster, timeout=f"{options.connect_timeout}s")
+    except (OSError, TimeoutError) as err:
+        raise DistributeError(
+            f"no Dask scheduler answers at {options.cluster} "
+            f"(within {options.connect_timeout:g} s): {err}"
+        ) from None
+    return client, None, None
 
 
 def _cluster_has_gpus(client, options: ClusterOptions) -> bool:
     if options.cluster in ("local", "slurm"):
-        return options.gpus > 0
+        return options.worker_gpus > 0
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
 
@@ -395,14 +381,15 @@ class _Progress:
             if addr in self.state and self.state[addr] not in ("done", "failed"):
                 self.state[addr] = state
 
-    def table(self):
+    def table(self, caption: str | None = None):
         from rich.table import Table
 
         stages: dict[str, Counter] = {}
         with self.lock:
             for addr, state in self.state.items():
                 stages.setdefault(self.plan.instances[addr].stage, Counter())[state] += 1
-        table = Table(title="cmds-ad distribute", title_justify="left")
+        table = Table(title="cmds-ad distribute", title_justify="left", caption=caption,
+                      caption_justify="left")
         table.add_column("stage")
         for state in self.STATES:
             table.add_column(state, justify="right")
@@ -427,20 +414,12 @@ def distribute(root: Path, options: ClusterOptions, targets: Sequence[str] = (),
         os.chdir(before)
 
 
-def _distribute(
-    root: Path,
-    options: ClusterOptions,
-    targets: Sequence[str] = (),
-    remote: str | None = None,
-    git_url: str | None = None,
-    console=None,
-) -> Outcome:
+def _distribute(root: Path, options: ClusterOptions, targets: Sequence[str],
+                remote: str | None, git_url: str | None, console) -> Outcome:
     from rich.console import Console
-    from rich.live import Live
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
-    root = root.resolve()
     check_cluster(options)
     the_plan = plan(root, targets)
     check_clean(root, the_plan.output_paths)
@@ -449,111 +428,170 @@ def _distribute(
     if not the_plan.to_run:
         console.print("Every stage instance is up to date: nothing to run.")
         return outcome
-
-    # Upstream instances that are up to date here: their outputs must be on the remote for
-    # the workers, and their lock entries travel with the tasks.
-    local_parents = sorted({p for a in the_plan.to_run for p in the_plan.instances[a].parents}
-                           - set(the_plan.to_run))
-    if local_parents:
-        from dvc.repo import Repo
-
-        with Repo(str(root)) as repo:
-            repo.push(targets=local_parents, remote=remote_name)
-    records = {p: local_record(root, the_plan.instances[p]) for p in local_parents}
-
-    client, cluster = start_cluster(options)
+    run_dir = root / RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    records = push_local_parents(root, the_plan, remote_name)
+    client, cluster, jobs = start_cluster(options, run_dir)
     try:
         outcome.dashboard = client.dashboard_link if _dashboard_up(client) else None
         console.print(f"Dask scheduler {client.scheduler.address}; dashboard: "
                       f"{outcome.dashboard or 'not available (install bokeh>=3.1)'}")
         console.print(f"{len(the_plan.to_run)} stage instances to run at commit "
                       f"{the_plan.commit[:10]}, remote {remote_name!r}")
-        gpus = _cluster_has_gpus(client, options)
-        progress = _Progress(the_plan)
-
-        def on_event(event) -> None:
-            _, msg = event
-            if msg.get("event") == "start":
-                outcome.starts[msg["addr"]] += 1
-                progress.set(msg["addr"], "running")
-
-        client.subscribe_topic(EVENT_TOPIC, on_event)
         common = {"git_url": git_url or str(root), "commit": the_plan.commit,
                   "remote": remote_name, "remote_config": remote_config,
-                  "scratch": options.scratch, "thread_env": SHELL_THREAD_ENV}
-        # An instance is submitted once its upstream instances are done, with their results
-        # as plain arguments. Results kept as futures on the workers would die with a worker,
-        # and Dask would re-run finished instances to recreate them.
-        waiting = {a: set(the_plan.instances[a].parents) & set(the_plan.to_run)
-                   for a in the_plan.to_run}
-        children: dict[str, list[str]] = {a: [] for a in the_plan.to_run}
-        for addr, parents in waiting.items():
-            for parent in parents:
-                children[parent].append(addr)
-        from distributed import as_completed
-
-        running = as_completed()
-        by_key: dict[str, str] = {}
-
-        def submit(addr: str) -> None:
-            inst = the_plan.instances[addr]
-            spec = {**common, "addr": addr, "name": inst.name, "lockfile": inst.lockfile,
-                    "uncached": list(inst.uncached)}
-            future = client.submit(
-                run_instance, spec, *(records[p] for p in inst.parents),
-                key=f"{_safe(addr)}-{uuid.uuid4().hex[:8]}",
-                resources={"GPU": 1} if gpus and inst.model else None, pure=False, retries=0,
-            )
-            by_key[future.key] = addr
-            running.add(future)
-
-        for addr in the_plan.to_run:
-            if not waiting[addr]:
-                submit(addr)
-        with Live(progress.table(), console=console, refresh_per_second=2,
-                  transient=False) as live:
-            for future in running:
-                addr = by_key[future.key]
-                if future.status == "finished":
-                    result = future.result()
-                    outcome.results[addr] = result
-                    records[addr] = {"addr": addr, "lock": result["lock"],
-                                     "uncached": result["uncached"], "pull": True}
-                    progress.set(addr, "done")
-                    how = "computed" if result["computed"] else "restored from the remote"
-                    live.console.print(f"done  {addr}  on {result['worker']}  "
-                                       f"{result['total_s']:.1f} s ({how})")
-                    for child in children[addr]:
-                        waiting[child].discard(addr)
-                        if not waiting[child]:
-                            submit(child)
-                else:
-                    err = future.exception()
-                    outcome.failures[addr] = err if isinstance(err, InstanceFailed) else (
-                        f"{type(err).__name__}: {err}")
-                    progress.set(addr, "failed")
-                    live.console.print(f"[red]failed {addr}[/red]")
-                    blocked, todo = set(), list(children[addr])
-                    while todo:
-                        child = todo.pop()
-                        if child not in blocked:
-                            blocked.add(child)
-                            todo.extend(children[child])
-                            progress.set(child, "failed")
-                    outcome.skipped.extend(sorted(blocked - set(outcome.skipped)))
-                future.release()
-                live.update(progress.table())
-        client.unsubscribe_topic(EVENT_TOPIC)
+                  "scratch": options.scratch, "shell_env": SHELL_ENV}
+        gpus = _cluster_has_gpus(client, options)
+        _Scheduler(client, outcome, records, common, gpus).run(console, jobs)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
         # also after an interruption: what finished is kept, and a next run skips it
         sync_workspace(root, the_plan, outcome.results, remote_name)
-    outcome.wall_s = time.perf_counter() - start
+        outcome.wall_s = time.perf_counter() - start
+        write_run_record(run_dir / "run.json", outcome, options, jobs)
     console.print()
     report(outcome, console)
+    console.print(f"Run record: {(run_dir / 'run.json').relative_to(root)}")
     return outcome
+
+
+def push_local_parents(root: Path, the_plan: Plan, remote: str) -> dict[str, dict]:
+    """Upstream instances that are up to date here: their outputs go to the remote for the
+    workers, and their records (lock entries, uncached files) travel with the tasks."""
+    local_parents = sorted({p for a in the_plan.to_run for p in the_plan.instances[a].parents}
+                           - set(the_plan.to_run))
+    if local_parents:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            repo.push(targets=local_parents, remote=remote)
+    return {p: local_record(root, the_plan.instances[p]) for p in local_parents}
+
+
+class _Scheduler:
+    """Submits each instance once its upstream instances are done, with their results as
+    plain arguments, and follows the futures. (Results kept as futures on the workers would
+    die with a worker, and Dask would re-run finished instances to recreate them.)"""
+
+    def __init__(self, client, outcome: Outcome, records: dict[str, dict], common: dict,
+                 gpus: bool) -> None:
+        from distributed import as_completed
+
+        self.client, self.outcome, self.records = client, outcome, records
+        self.common, self.gpus = common, gpus
+        self.plan = outcome.plan
+        to_run = set(self.plan.to_run)
+        self.waiting = {a: set(self.plan.instances[a].parents) & to_run for a in self.plan.to_run}
+        self.children: dict[str, list[str]] = {a: [] for a in self.plan.to_run}
+        for addr, parents in self.waiting.items():
+            for parent in parents:
+                self.children[parent].append(addr)
+        self.running = as_completed()
+        self.by_key: dict[str, str] = {}
+        self.progress = _Progress(self.plan)
+
+    def on_event(self, event) -> None:
+        _, msg = event
+        if msg.get("event") == "start":
+            self.outcome.starts[msg["addr"]] += 1
+            self.progress.set(msg["addr"], "running")
+
+    def submit(self, addr: str) -> None:
+        inst = self.plan.instances[addr]
+        spec = {**self.common, "addr": addr, "name": inst.name, "lockfile": inst.lockfile,
+                "uncached": list(inst.uncached)}
+        future = self.client.submit(
+            run_instance, spec, *(self.records[p] for p in inst.parents),
+            key=f"{_safe(addr)}-{uuid.uuid4().hex[:8]}",
+            resources={"GPU": 1} if self.gpus and inst.model else None, pure=False, retries=0,
+        )
+        self.by_key[future.key] = addr
+        self.running.add(future)
+
+    def finished(self, addr: str, result: dict, say) -> None:
+        self.outcome.results[addr] = result
+        self.records[addr] = {"addr": addr, "lock": result["lock"],
+                              "uncached": result["uncached"], "pull": True}
+        self.progress.set(addr, "done")
+        how = "computed" if result["computed"] else "restored from the remote"
+        say(f"done  {addr}  on {where(result)}  {result['total_s']:.1f} s ({how})")
+        for child in self.children[addr]:
+            self.waiting[child].discard(addr)
+            if not self.waiting[child]:
+                self.submit(child)
+
+    def failed(self, addr: str, err: BaseException, say) -> None:
+        self.outcome.failures[addr] = err if isinstance(err, InstanceFailed) else (
+            f"{type(err).__name__}: {err}")
+        self.progress.set(addr, "failed")
+        say(f"[red]failed {addr}[/red]")
+        blocked, todo = set(), list(self.children[addr])
+        while todo:
+            child = todo.pop()
+            if child not in blocked:
+                blocked.add(child)
+                todo.extend(self.children[child])
+                self.progress.set(child, "failed")
+        self.outcome.skipped.extend(sorted(blocked - set(self.outcome.skipped)))
+
+    def run(self, console, jobs=None) -> None:
+        """Until every instance finished or failed; ``jobs`` (SLURM) is polled meanwhile."""
+        from rich.live import Live
+
+        self.client.subscribe_topic(EVENT_TOPIC, self.on_event)
+        for addr in self.plan.to_run:
+            if not self.waiting[addr]:
+                self.submit(addr)
+        caption = jobs.summary if jobs is not None else lambda: None
+        with Live(self.progress.table(caption()), console=console, refresh_per_second=2,
+                  transient=False) as live:
+            while not self.running.is_empty():
+                if jobs is not None:
+                    jobs.poll(live.console.print)
+                batch = self.running.next_batch(block=False) if self.running.has_ready() else []
+                for future in batch:
+                    addr = self.by_key[future.key]
+                    if future.status == "finished":
+                        self.finished(addr, future.result(), live.console.print)
+                    else:
+                        self.failed(addr, future.exception(), live.console.print)
+                    future.release()
+                if not batch:
+                    time.sleep(0.2)
+                live.update(self.progress.table(caption()))
+        self.client.unsubscribe_topic(EVENT_TOPIC)
+
+
+def where(result: dict) -> str:
+    """Where an instance ran, for its "done" line: the SLURM job and GPUs, or the worker."""
+    if result.get("slurm_job"):
+        gpus = result.get("cuda_visible_devices")
+        return (f"SLURM job {result['slurm_job']} (worker {result['worker_name']}"
+                + (f", CUDA_VISIBLE_DEVICES={gpus}" if gpus else "") + ")")
+    return result["worker"]
+
+
+RECORD_KEYS = ("worker", "worker_name", "host", "slurm_job", "cuda_visible_devices", "computed",
+               "clone_s", "pull_s", "repro_s", "push_s", "total_s")
+
+
+def write_run_record(path: Path, outcome: Outcome, options: ClusterOptions, jobs) -> None:
+    """run.json: the settings, and per instance where it ran, how often it started, its
+    timings; per SLURM job its worker. For a look after the run (and the tests)."""
+    record = {
+        "commit": outcome.plan.commit, "settings": options.model_dump(mode="json"),
+        "wall_s": outcome.wall_s, "ok": outcome.ok,
+        "instances": {addr: {**{k: r.get(k) for k in RECORD_KEYS},
+                             "starts": outcome.starts.get(addr, 0)}
+                      for addr, r in outcome.results.items()},
+        "failures": {addr: str(err) for addr, err in outcome.failures.items()},
+        "skipped": outcome.skipped, "slurm_jobs": jobs.record() if jobs is not None else [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
 
 
 def _dashboard_up(client) -> bool:

@@ -29,6 +29,7 @@ from stages.scratch_project import (
     stage_command,
     stages_run,
 )
+from tests.e2e_helpers import output_files
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +45,6 @@ def _new_project(path: Path, remote: Path | None) -> Path:
         sh(["git", "add", "-A"], root)
         sh(["git", "commit", "-q", "-m", "remote"], root)
     return root
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    """Every file under artifacts/ and results/ (every store, every metrics.json)."""
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for top in ("artifacts", "results")
-        for p in sorted((root / top).rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    }
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +145,7 @@ def test_results_byte_identical_to_serial_repro(serial, distributed):
     serial_root, n_instances = serial
     assert outcome.ok, (outcome.failures, outcome.skipped)
     assert len(outcome.results) == n_instances
-    reference, ours = _files(serial_root), _files(root)
+    reference, ours = output_files(serial_root), output_files(root)
     assert sorted(ours) == sorted(reference)
     assert sum(p.endswith("metrics.json") for p in ours) == 2
     assert sum(p.endswith("zarr.json") for p in ours) > 10
@@ -196,7 +187,7 @@ def test_second_run_computes_nothing_and_remote_is_complete(serial, distributed,
         " ".join(result.stderr.split()), result.stderr
     assert _commands(counts) == before
     assert json.loads(sh(["dvc", "status", "--json"], clone).stdout or "{}") == {}
-    assert _files(clone) == _files(root)
+    assert output_files(clone) == output_files(root)
     # and in the distributed workspace itself nothing is left to do
     again = _cli(["distribute"], root)
     assert "nothing to run" in again.stderr
