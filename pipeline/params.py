@@ -587,22 +587,33 @@ def format_validation_error(err: ValidationError, source: str,
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if len(e["loc"]) < 2 and e["type"] == "value_error":
+        if e["type"] == "value_error" and _is_model(_model_at(root or Params, e["loc"])):
             # a check across keys (of a section or of sections): its message names the keys
             lines.extend(f"{source}: {line}" for line in msg.splitlines())
             continue
         if e["type"] == "extra_forbidden":
-            parent = e["loc"][:-1]
-            model: type[BaseModel] = root or Params
-            for part in parent:
-                field = model.model_fields.get(str(part))
-                model = field.annotation if field is not None else model  # type: ignore[assignment]
-            allowed = ", ".join(model.model_fields) if isinstance(model, type) else "?"
+            model = _model_at(root or Params, e["loc"][:-1])
+            allowed = ", ".join(model.model_fields) if _is_model(model) else "?"
             msg = f"unknown key (allowed: {allowed})"
         elif "input" in e and e["type"] != "missing" and short(e["input"]) not in msg:
             msg = f"{msg} (got {short(e['input'])})"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
+
+
+def _model_at(root: type[BaseModel], loc: tuple) -> object:
+    """The annotation that a validation error's location names, walked from ``root``."""
+    model: object = root
+    for part in loc:
+        field = model.model_fields.get(str(part)) if _is_model(model) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def _is_model(obj: object) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
