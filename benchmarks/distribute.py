@@ -34,13 +34,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         serial = make_project(Path(tmp) / "serial", REDUCED_DEMO, categories=categories,
-                              n_train=3, n_test=6)
+                              n_train=3, n_test=6, make_data=False)
         start = time.perf_counter()
         n_serial = len(stages_run(sh(["dvc", "repro"], serial).stdout))
         serial_s = time.perf_counter() - start
 
         project = make_project(Path(tmp) / "dist", REDUCED_DEMO, categories=categories,
-                               n_train=3, n_test=6)
+                               n_train=3, n_test=6, make_data=False)
         sh(["dvc", "remote", "add", "-d", "team", str(Path(tmp) / "remote")], project)
         sh(["git", "commit", "-q", "-am", "remote"], project)
         start = time.perf_counter()

@@ -38,7 +38,9 @@ CLEAN_ENV: dict[str, str] = {}  # the environment for `cmds-ad` subprocesses
 
 
 def _new_project(path: Path, remote: Path | None) -> Path:
-    root = make_project(path, REDUCED_DEMO, categories=CATEGORIES, n_train=3, n_test=6)
+    # the demo data is the first stage's output, made by the run (serial or distributed)
+    root = make_project(path, REDUCED_DEMO, categories=CATEGORIES, n_train=3, n_test=6,
+                        make_data=False)
     if remote is not None:
         sh(["dvc", "remote", "add", "-d", "team", str(remote)], root)
         sh(["git", "add", "-A"], root)
@@ -96,7 +98,7 @@ def serial(env) -> tuple[Path, int]:
     base, _ = env
     root = _new_project(base / "serial", None)
     ran = stages_run(sh(["dvc", "repro"], root).stdout)
-    assert len(ran) > 20, ran  # 10 a category, validate_params and report
+    assert len(ran) > 20, ran  # 11 a category (demo_data first), validate_params and report
     return root, len(ran)
 
 
@@ -206,9 +208,11 @@ def test_failing_instance_reported_once_with_its_log(distributed, env):
     root, _, _, _ = distributed
     _, counts = env
     before = _commands(counts)
+    # a teammate records damaged demo data for dome (its stage's output) and pushes it
     shutil.rmtree(root / "data/demo/dome/test")
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-q", "-m", "break dome"], root)
+    sh(["dvc", "commit", "-f", "upstream/dvc.yaml:demo_data@dome"], root)
+    sh(["git", "commit", "-q", "-am", "break dome"], root)
+    sh(["dvc", "push"], root)
     try:
         result = _cli(["distribute", "--workers", "2"], root)
         out = " ".join(result.stderr.split())
@@ -220,6 +224,7 @@ def test_failing_instance_reported_once_with_its_log(distributed, env):
         assert (_commands(counts) - before) == Counter({"prepare dome": 1})
     finally:
         sh(["git", "revert", "--no-edit", "HEAD"], root)
+        sh(["dvc", "checkout", "-q"], root)
 
 
 def test_bad_input_is_refused_before_anything_runs(distributed, tmp_path):
