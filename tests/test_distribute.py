@@ -208,6 +208,8 @@ def test_failing_instance_reported_once_with_its_log(distributed, env):
     root, _, _, _ = distributed
     _, counts = env
     before = _commands(counts)
+    sh(["git", "add", "-A"], root)  # the lock files of the distributed run
+    sh(["git", "commit", "-q", "-m", "distributed run"], root)
     # a teammate records damaged demo data for dome (its stage's output) and pushes it
     shutil.rmtree(root / "data/demo/dome/test")
     sh(["dvc", "commit", "-f", "upstream/dvc.yaml:demo_data@dome"], root)
