@@ -117,13 +117,13 @@ def run_demo(options, categories, folder: Path) -> tuple[float, int, float, list
     from stages.distribute import distribute
 
     serial = make_project(folder / "serial", REDUCED_DEMO, categories=categories,
-                          n_train=3, n_test=6)
+                          n_train=3, n_test=6, make_data=False)
     start = time.perf_counter()
     n_serial = len(stages_run(sh(["dvc", "repro"], serial).stdout))
     serial_s = time.perf_counter() - start
 
     project = make_project(folder / "dist", REDUCED_DEMO, categories=categories,
-                           n_train=3, n_test=6)
+                           n_train=3, n_test=6, make_data=False)
     sh(["dvc", "remote", "add", "-d", "team", str(folder / "remote")], project)
     sh(["git", "commit", "-q", "-am", "remote"], project)
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Pipeline costs: full `dvc repro`, re-score after a fusion-weight change, no-op repro.
 
-Runs in a scratch git + DVC copy of the project (the working copy is untouched).
+Runs in a clone of this repository (stages/scratch_project.py; the working copy is untouched);
+the full `dvc repro` includes the demo_data stage, as `make demo` does.
 
     python benchmarks/dvc_pipeline.py            # the full demo (3 categories, k = 1, 2, 4)
     python benchmarks/dvc_pipeline.py --quick    # one category, k = 1
@@ -62,7 +63,8 @@ def main() -> None:
     categories = ("disc",) if args.quick else ("disc", "dome", "slab")
     overrides = {"fewshot.shots": [1]} if args.quick else {}
     with tempfile.TemporaryDirectory() as tmp:
-        project = make_project(Path(tmp) / "p", overrides, categories=categories)
+        project = make_project(Path(tmp) / "p", overrides, categories=categories,
+                               make_data=False)
         full, out = timed(["dvc", "repro"], project)
         n_full = len(stages_run(out))
         # Two fusion-weight changes (new values each time, so DVC's run cache cannot restore

@@ -10,7 +10,8 @@ What it checks: that ``presets/paper.yaml`` (or ``--preset``) runs from ``prepar
 ``~/.cache/cmds-ad-paper-models``: ~7 GB, a few minutes the first time). Only the budgets are
 cut (one LoRA step, one denoising step, ensemble 1, a few mapper steps, k = 1, one image per
 shot); every protocol setting stays the preset's. The data are a tiny demo dataset in the MVTec
-3D-AD layout (2 train, 1 validation, 3 test samples) under an official category name.
+3D-AD layout (2 train, 1 validation, 3 test samples) under an official category name, beside the
+project (``<project>-data``, an absolute ``data.root`` as for a real dataset).
 
 It prints the wall time of each stage instance and of the whole ``dvc repro`` and exits
 non-zero, with the failing stage's output, on any error. The numbers it produces mean nothing
@@ -36,16 +37,14 @@ sys.path.insert(0, str(REPO))
 
 from stages.paper_models import ensure_paper_models  # noqa: E402
 from stages.scratch_project import (  # noqa: E402
-    PROJECT_DIRS,
-    PROJECT_FILES,
-    deep_update,
+    clone_repository,
     project_env,
     sh,
+    write_params,
 )
 
 CATEGORY = {"mvtec3d": "bagel", "eyecandies": "CandyCane"}
 DEMO_SOURCE = "disc"  # the demo object rendered under the official name
-DATA_DIR = "data/smoke"
 
 
 def budget_overrides(params: dict[str, Any]) -> dict[str, Any]:
@@ -88,38 +87,29 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 def make_paper_project(dest: Path, preset: Path, models: dict[str, str],
                        extra: dict[str, Any]) -> dict[str, Any]:
-    """A git + DVC copy of the project with the preset as params.yaml and a tiny dataset."""
-    from pipeline.data.demo import write_demo_dataset
+    """A clone of this repository with the preset as params.yaml, and a tiny dataset beside it
+    (``<dest>-data``, an absolute ``data.root``, as for a real dataset)."""
+    from pipeline.data.demo import write_demo_category
 
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        if (REPO / name).exists():
-            shutil.copy2(REPO / name, dest / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / ".gitignore").write_text("__pycache__/\n/.cache/\n/artifacts/\n")
     params = yaml.safe_load(preset.read_text())
     dataset = params["data"]["dataset"]
     if dataset != "mvtec3d":
         raise SystemExit(f"{preset}: data.dataset {dataset!r}: only the MVTec 3D-AD layout is "
                          "generated here")
     category = CATEGORY[dataset]
-    write_demo_dataset(dest / DATA_DIR, seed=0, categories=[DEMO_SOURCE],
-                       n_train=2, n_test=3, n_validation=1)
-    (dest / DATA_DIR / DEMO_SOURCE).rename(dest / DATA_DIR / category)
+    data_root = dest.with_name(f"{dest.name}-data")
+    write_demo_category(data_root / category, DEMO_SOURCE, seed=0, n_train=2, n_test=3,
+                        n_validation=1)
+    clone_repository(dest)
+    shutil.copy2(preset, dest / "params.yaml")
     overrides = {
-        "data.root": DATA_DIR, "data.categories": [category],
+        "data.root": str(data_root), "data.categories": [category],
         "models.diffusion": models["diffusion"], "models.normals": models["normals"],
         "models.backbone": models["backbone"],
         **budget_overrides(params), **extra,
     }
-    deep_update(params, overrides)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "init", "-q", "-b", "main"], dest)
-    sh(["dvc", "init", "-q"], dest)
-    sh(["git", "add", "-A"], dest)
-    sh(["git", "commit", "-q", "-m", "paper smoke project"], dest)
+    write_params(dest, overrides)
+    sh(["git", "commit", "-q", "-am", "paper smoke project"], dest)
     return overrides
 
 

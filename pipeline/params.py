@@ -34,6 +34,8 @@ EYECANDIES_CATEGORIES = (
     "CandyCane", "ChocolateCookie", "ChocolatePraline", "Confetto", "GummyBear",
     "HazelnutTruffle", "LicoriceSandwich", "Lollipop", "Marshmallow", "PeppermintCandy",
 )
+# the demo generator's categories (pipeline.data.demo.CATEGORIES; a test keeps them equal)
+DemoCategory = Literal["disc", "dome", "slab"]
 
 
 # Strict scalars: YAML's 1.0 or true is never taken for a count or a flag (DVC would name
@@ -78,6 +80,7 @@ class Section(BaseModel):
 # (double rows in the summary and its mean). Checked across sections by Params.
 SET_KEYS = (
     "data.categories",
+    "demo_data.categories",
     "fewshot.shots",
     "fewshot.seeds",
     "evaluate.limits",
@@ -129,6 +132,17 @@ class DataParams(Section):
         if bad:
             raise ValueError(f"distances must be > 0 (got {', '.join(bad)})")
         return v
+
+
+class DemoDataParams(Section):
+    """``demo_data``: the embedded synthetic dataset that the ``demo_data`` stage writes to
+    ``data/demo/<category>`` (one stage instance per entry; none with ``categories: []``, as in
+    the presets for real datasets)."""
+
+    categories: list[DemoCategory] = Field(default=["disc", "dome", "slab"])
+    n_train: int = Field(10, ge=1)
+    n_test: int = Field(24, ge=2)  # at least one good and one defective test image
+    seed: int = 0
 
 
 class FewshotParams(Section):
@@ -508,6 +522,7 @@ class EvaluateParams(Section):
 
 class Params(Section):
     data: DataParams
+    demo_data: DemoDataParams = DemoDataParams()
     fewshot: FewshotParams = FewshotParams()
     models: ModelsParams = ModelsParams()
     augment: AugmentParams = AugmentParams()
@@ -529,6 +544,9 @@ class Params(Section):
             # A real dataset must use its official category names; a local dataset (the demo)
             # may name its own, as long as the folder exists. A missing root is reported by
             # the data layer when a stage reads it.
+            # a demo category the demo_data stage will write is known before it exists
+            if category in self.demo_data.categories:
+                continue
             if category not in known and root.is_dir() and not (root / category).is_dir():
                 raise ValueError(
                     f"data.categories: unknown category {category!r} "

@@ -365,6 +365,25 @@ def rows_csv(rows: Sequence[Row], columns: Sequence[Column], first: str) -> str:
     return buf.getvalue()
 
 
+def mean_metrics(rows: Sequence[Row], columns: Sequence[Column]) -> dict[str, dict]:
+    """The ``mean`` rows as DVC metrics: ``{"k1": {"I-AUROC": 96.1, "AUPRO@30%": ...}}``, in %
+    (4 decimals, as the CSV), with ``"<title> std"`` beside each value where several seeds
+    give a standard deviation; None where a metric is undefined."""
+    def num(v: float | None) -> float | None:
+        return None if v is None or math.isnan(v) else round(v, 4)
+
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r.name != "mean":
+            continue
+        entry = out.setdefault(f"k{r.shots}", {})
+        for c, cell in zip(columns, r.cells):
+            entry[c.title] = num(cell.mean)
+            if cell.n > 1:
+                entry[f"{c.title} std"] = num(cell.std)
+    return out
+
+
 def summary_png(rows: Sequence[Row], columns: Sequence[Column], dataset: str,
                 headline: int | None = None) -> bytes:
     """Grouped bars: per category (and the mean), one bar per k, for I-AUROC and the first

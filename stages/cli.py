@@ -240,34 +240,29 @@ def _timings(module: str, marks: list[float], figures: object, imported: int) ->
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Output folder (MVTec 3D-AD layout).")],
+    category: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Write only this category (repeat for more); default: all."),
+    ] = None,
+    n_train: Annotated[int, typer.Option(min=1, help="Training images per category.")] = 10,
+    n_test: Annotated[int, typer.Option(min=2, help="Test images per category.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     eyecandies: Annotated[
         Optional[Path], typer.Option(help="Also write one category in the Eyecandies layout here.")
     ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Generate the embedded demo dataset (synthetic objects with 2D, 3D and mixed defects)."""
-    from pipeline.artifacts import atomic_dir
-    from pipeline.data.demo import write_demo_dataset, write_demo_eyecandies
-    from pipeline.outputs import check_out_folder, mark
-    from pipeline.params import data_root_of
+    """Generate the embedded demo dataset (synthetic objects with 2D, 3D and mixed defects)
+    into OUT/<category>; the demo_data stage runs it once per entry of `demo_data.categories`."""
+    from pipeline.data.demo import CATEGORIES
+    from stages.demo_data import write
 
+    unknown = [c for c in category or () if c not in CATEGORIES]
+    if unknown:
+        _fail(f"--category: unknown demo category {unknown[0]!r} (have {', '.join(CATEGORIES)})")
     try:
-        # The demo data is a data root: it may be the configured one, never a folder above it.
-        root = data_root_of()
-        above = ("the folder of the data root", None if root is None else root.parent)
-        check_out_folder(out, "demo-data", force, [above])
-        if eyecandies is not None:
-            check_out_folder(eyecandies, "demo-data", force, [above, ("the --out folder", out)])
-            if out.resolve() in eyecandies.resolve().parents:
-                raise InputError(f"--eyecandies {eyecandies}: inside the output folder {out}")
-        with atomic_dir(out) as tmp:
-            write_demo_dataset(tmp, seed=seed)
-            mark(tmp, "demo-data")
-        if eyecandies is not None:
-            with atomic_dir(eyecandies) as tmp:
-                write_demo_eyecandies(tmp, seed=seed)
-                mark(tmp, "demo-data")
+        write(out, category or list(CATEGORIES), seed=seed, n_train=n_train, n_test=n_test,
+              eyecandies=eyecandies, force=force)
     except CmdsAdError as err:
         _fail(str(err))
 
@@ -379,14 +374,39 @@ def report(params: ParamsOpt = Path("params.yaml")) -> None:
     _run_stage("report", params)
 
 
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1,
+                                      help="Experiments run at once (DVC queue workers).")]
+
+
+@app.command("sweep")
+def sweep(
+    set_param: Annotated[list[str], typer.Option(
+        "--set-param", "-S",
+        help="As for `dvc exp run -S`: key=value, or key=v1,v2,... for one experiment per "
+             "value (several such give their grid).")],
+    jobs: JobsOpt = 1,
+) -> None:
+    """Queue DVC experiments (`dvc exp run --queue -S ...`), run the queue, and exit non-zero
+    naming any experiment that failed; compare them with `dvc exp show`."""
+    from stages.sweep import sweep as run
+
+    try:
+        done = run([set_param], jobs)
+    except CmdsAdError as err:
+        _fail(str(err))
+    typer.echo(f"ran {len(done)} experiments: {', '.join(done)} (compare: dvc exp show)")
+
+
 @app.command("sweep-lambda")
 def sweep_lambda(
     values: Annotated[str, typer.Option(help="Comma-separated weights.")] = "0,0.05,0.1,0.2,0.5,1",
     params: ParamsOpt = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/sensitivity"),
+    jobs: JobsOpt = 1,
     force: ForceOpt = False,
 ) -> None:
-    """Sweep the estimated-stream weight with `dvc exp run` (only score/evaluate re-run); plot."""
+    """Sensitivity of the estimated-stream weight: one queued DVC experiment per value
+    (lambda_1 = lambda_2; only score/evaluate/report run), then a CSV and a plot."""
     from stages.sensitivity import run_sweep
 
     try:
@@ -395,7 +415,7 @@ def sweep_lambda(
         _fail(f"--values: not a comma-separated list of numbers: {values!r}")
     try:
         _claim_out(out, "sweep-lambda", force)
-        run_sweep(weights, params, out)
+        run_sweep(weights, params, out, jobs)
     except CmdsAdError as err:
         _fail(str(err))
 

@@ -103,3 +103,8 @@ def evaluation(category: str, shots: int, seed: int) -> Path:
 def summary() -> Path:
     """Directory with summary.md/.csv, ablations.md/.csv and the overview figure."""
     return RESULTS / "summary"
+
+
+def summary_metrics() -> Path:
+    """The summary as DVC metrics: per k, the mean over categories of every metric (in %)."""
+    return RESULTS / "summary.json"

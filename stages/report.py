@@ -10,6 +10,8 @@ Writes  results/summary/ (atomically):
                                   categories per k
         summary.png               bars per category and k (I-AUROC, headline AUPRO at the
                                   first limit)
+        results/summary.json      the mean rows of summary.csv as DVC metrics (per k, every
+                                  column, in %): what `dvc exp show` compares
 and prints the summary table to the terminal. AUPRO: the columns titled ``AUPRO@L%`` are the
 headline computation (``evaluate.headline_aupro``: exact, or thr<T> = the published T-threshold
 approximation); the others follow, titled ``AUPRO@L% exact`` / ``AUPRO@L% thr99``. The CSVs
@@ -29,7 +31,7 @@ from rich.table import Table
 
 from pipeline import report as R
 from pipeline.ablations import ABLATIONS
-from pipeline.artifacts import atomic_dir
+from pipeline.artifacts import atomic_dir, atomic_write_text
 from pipeline.errors import InputError
 from pipeline.params import Params
 from stages import layout
@@ -119,4 +121,6 @@ def run(params: Params) -> None:
                                       abl_intro).encode())
         R.write_bytes(out / "ablations.csv", R.rows_csv(abl_rows, columns, "variant").encode())
         R.write_bytes(out / "summary.png", R.summary_png(rows, columns, dataset, headline))
+    summary = json.dumps(R.mean_metrics(rows, columns), indent=2)
+    atomic_write_text(layout.summary_metrics(), summary + "\n")
     _print_table(_only(rows, columns, shown), shown)

@@ -1,7 +1,13 @@
-"""A throw-away git + DVC copy of this project with its own (small) demo data.
+"""Throw-away projects for the end-to-end tests and benchmarks: a ``git clone`` of this
+repository, as a user gets it.
 
-Used by the pipeline tests and ``benchmarks/dvc_pipeline.py`` to exercise ``dvc repro`` end to
-end without touching the working copy.
+``make_project`` clones this repository (HEAD), lays the working tree's uncommitted changes
+over it (modified tracked files and untracked files git does not ignore, so a developer's edits
+are what is tested) and commits them, sets the parameters of the run (``params.yaml``, written
+as ``dvc exp run -S`` writes it) and commits them, and makes the demo data the way the README
+says: ``dvc repro`` of the ``demo_data`` stage. The clone keeps the repository's own
+``.gitignore``, ``.dvcignore`` and DVC files, so data and results stay out of git exactly as
+for a user. ``copy_project`` copies a finished project (``cp -a``) for a test that changes it.
 """
 
 from __future__ import annotations
@@ -14,14 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = (
-    "dvc.yaml", "upstream/dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore",
-    "checkpoints/README.md",  # fit_mapper's dependency (fit_mapper.checkpoints)
-)
-PROJECT_DIRS = ("pipeline", "stages")
+# run state, not source: a developer's own dvc.lock (from `make demo` in the checkout) would
+# describe outputs the clone does not have
+NOT_OVERLAID = ("dvc.lock",)
 # The reduced demo of the end-to-end tests and benchmarks: k = 1 and the smallest budgets that
 # still train something.
 REDUCED_DEMO = {
@@ -33,17 +35,18 @@ REDUCED_DEMO = {
     "estimate_normals.ensemble": 1,
     "fit_mapper.steps": {1: 15},
 }
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "cmds-ad test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "cmds-ad test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
 
 
 def project_env() -> dict[str, str]:
     """Environment for dvc/git subprocesses: this interpreter's scripts on PATH, offline."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CMDS_AD_QUIET="1",
-        GIT_AUTHOR_NAME="cmds-ad test", GIT_AUTHOR_EMAIL="test@example.invalid",
-        GIT_COMMITTER_NAME="cmds-ad test", GIT_COMMITTER_EMAIL="test@example.invalid",
-    )
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               CMDS_AD_QUIET="1", **GIT_IDENTITY)
     env["PYTHONPATH"] = str(REPO)
     return env
 
@@ -72,9 +75,43 @@ def deep_update(base: dict, overrides: Mapping[str, Any]) -> dict:
 
 
 def write_params(project: Path, overrides: Mapping[str, Any]) -> None:
-    path = project / "params.yaml"
-    params = deep_update(yaml.safe_load(path.read_text()), overrides)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    """Set dotted keys in the project's params.yaml through DVC's own YAML writer (the one
+    ``dvc exp run -S`` uses), so the rest of the file keeps its bytes and comments."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(project / "params.yaml") as params:
+        deep_update(params, overrides)
+
+
+def _worktree_files(repo: Path) -> tuple[list[str], list[str]]:
+    """(files to copy, tracked files deleted) of the working tree against HEAD: modified and
+    untracked files that git does not ignore."""
+    def listing(*args: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", "-z", *args], cwd=repo, check=True,
+                             capture_output=True).stdout.decode()
+        return [p for p in out.split("\0") if p and Path(p).name not in NOT_OVERLAID]
+
+    deleted = set(listing("--deleted"))
+    changed = listing("--modified", "--others", "--exclude-standard")
+    return sorted(set(changed) - deleted), sorted(deleted)
+
+
+def clone_repository(dest: Path, source: Path = REPO) -> Path:
+    """``git clone`` of ``source`` at ``dest``, its uncommitted work committed on top."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sh(["git", "clone", "-q", str(source), str(dest)], dest.parent)
+    copy, deleted = _worktree_files(source)
+    for rel in copy:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, target)
+    for rel in deleted:
+        (dest / rel).unlink(missing_ok=True)
+    if copy or deleted:
+        sh(["git", "add", "-A"], dest)
+        sh(["git", "commit", "-q", "--allow-empty", "-m", "uncommitted work of the checkout"],
+           dest)
+    return dest
 
 
 def make_project(
@@ -83,27 +120,30 @@ def make_project(
     categories: Sequence[str] = ("disc",),
     n_train: int = 10,
     n_test: int = 24,
-    track_data_in_git: bool = True,
+    make_data: bool = True,
 ) -> Path:
-    """Create a git + DVC project at ``dest`` with demo data for ``categories``."""
-    from pipeline.data.demo import write_demo_dataset
+    """A clone of this repository at ``dest`` with ``data.categories`` (and the demo data's)
+    set to ``categories`` and the demo sized ``n_train``/``n_test``, then ``overrides``
+    (dotted keys), committed; with ``make_data`` the demo data is made by its stage
+    (``dvc repro upstream/dvc.yaml:demo_data``) and its dvc.lock entry committed."""
+    clone_repository(dest)
+    write_params(dest, {
+        "data.categories": list(categories), "demo_data.categories": list(categories),
+        "demo_data.n_train": n_train, "demo_data.n_test": n_test, **(overrides or {}),
+    })
+    sh(["git", "commit", "-q", "-am", "test configuration"], dest)
+    if make_data:
+        sh(["dvc", "repro", "upstream/dvc.yaml:demo_data"], dest)
+        sh(["git", "add", "-A"], dest)
+        sh(["git", "commit", "-q", "-m", "demo data"], dest)
+    return dest
 
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, dest / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / ".gitignore").write_text("__pycache__/\n/.cache/\n/artifacts/\n")
-    write_params(dest, {"data.categories": list(categories), **(overrides or {})})
-    write_demo_dataset(dest / "data" / "demo", seed=0, categories=list(categories),
-                       n_train=n_train, n_test=n_test)
-    sh(["git", "init", "-q", "-b", "main"], dest)
-    sh(["git", "config", "user.name", "cmds-ad test"], dest)
-    sh(["git", "config", "user.email", "test@example.invalid"], dest)
-    sh(["dvc", "init", "-q"], dest)
-    sh(["git", "add", "-A"] if track_data_in_git else ["git", "add", "-A", ":!data"], dest)
-    sh(["git", "commit", "-q", "-m", "scratch project"], dest)
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a project (``cp -a``: times and modes kept, DVC cache included) that a test
+    may change without touching ``src``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", str(src), str(dest)], check=True)
     return dest
 
 

@@ -34,3 +34,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def reduced_demo(tmp_path_factory) -> Path:
+    """The reduced demo (``disc``, k = 1, REDUCED_DEMO budgets, 3 train and 6 test images) in a
+    clone of this repository, reproduced once per session with `dvc repro` and committed
+    (dvc.lock files included). Shared: a test module that changes it works on a copy
+    (``copy_project``), which DVC sees unchanged."""
+    from stages.scratch_project import REDUCED_DEMO, make_project, sh
+
+    root = make_project(tmp_path_factory.mktemp("reduced-demo") / "cmds-ad", REDUCED_DEMO,
+                        n_train=3, n_test=6, make_data=False)
+    sh(["dvc", "repro"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-q", "-m", "reduced demo run"], root)
+    return root

@@ -148,3 +148,37 @@ def test_eyecandies_generator_is_deterministic(tmp_path):
     masks = sorted((tmp_path / "a").rglob("*_mask.png"))
     assert [m.name for m in masks] == ["00_mask.png", "01_mask.png"]
     assert not np.asarray(Image.open(masks[0])).any() and np.asarray(Image.open(masks[1])).any()
+
+
+def test_a_category_does_not_depend_on_the_others(tmp_path):
+    # the demo_data stage writes one category per instance
+    write_demo_dataset(tmp_path / "all", seed=0, categories=["disc", "slab"], n_train=2, n_test=3)
+    write_demo_dataset(tmp_path / "one", seed=0, categories=["slab"], n_train=2, n_test=3)
+    assert tree_digest(tmp_path / "all/slab") == tree_digest(tmp_path / "one/slab")
+
+
+def test_demo_data_command_writes_categories_atomically(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    out = tmp_path / "data/demo"
+    args = ["demo-data", str(out), "--category", "dome", "--n-train", "2", "--n-test", "3"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    write_demo_dataset(tmp_path / "ref", seed=0, categories=["dome"], n_train=2, n_test=3)
+    assert tree_digest(out / "dome") == tree_digest(tmp_path / "ref/dome")
+    assert sorted(p.name for p in out.iterdir()) == ["dome"]  # no temporary left
+    # a second run replaces the folder whole
+    (out / "dome/stray.txt").write_text("x")
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert tree_digest(out / "dome") == tree_digest(tmp_path / "ref/dome")
+    bad = CliRunner().invoke(app, ["demo-data", str(out), "--category", "disk"])
+    assert bad.exit_code == 1 and "unknown demo category 'disk'" in bad.output
+
+
+def test_params_know_the_demo_categories():
+    from typing import get_args
+
+    from pipeline.params import DemoCategory
+
+    assert set(get_args(DemoCategory)) == set(CATEGORIES)

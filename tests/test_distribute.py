@@ -39,7 +39,9 @@ CLEAN_ENV: dict[str, str] = {}  # the environment for `cmds-ad` subprocesses
 
 
 def _new_project(path: Path, remote: Path | None) -> Path:
-    root = make_project(path, REDUCED_DEMO, categories=CATEGORIES, n_train=3, n_test=6)
+    # the demo data is the first stage's output, made by the run (serial or distributed)
+    root = make_project(path, REDUCED_DEMO, categories=CATEGORIES, n_train=3, n_test=6,
+                        make_data=False)
     if remote is not None:
         sh(["dvc", "remote", "add", "-d", "team", str(remote)], root)
         sh(["git", "add", "-A"], root)
@@ -87,7 +89,7 @@ def serial(env) -> tuple[Path, int]:
     base, _ = env
     root = _new_project(base / "serial", None)
     ran = stages_run(sh(["dvc", "repro"], root).stdout)
-    assert len(ran) > 20, ran  # 10 a category, validate_params and report
+    assert len(ran) > 20, ran  # 11 a category (demo_data first), validate_params and report
     return root, len(ran)
 
 
@@ -197,9 +199,13 @@ def test_failing_instance_reported_once_with_its_log(distributed, env):
     root, _, _, _ = distributed
     _, counts = env
     before = _commands(counts)
+    sh(["git", "add", "-A"], root)  # the lock files of the distributed run
+    sh(["git", "commit", "-q", "-m", "distributed run"], root)
+    # a teammate records damaged demo data for dome (its stage's output) and pushes it
     shutil.rmtree(root / "data/demo/dome/test")
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-q", "-m", "break dome"], root)
+    sh(["dvc", "commit", "-f", "upstream/dvc.yaml:demo_data@dome"], root)
+    sh(["git", "commit", "-q", "-am", "break dome"], root)
+    sh(["dvc", "push"], root)
     try:
         result = _cli(["distribute", "--workers", "2"], root)
         out = " ".join(result.stderr.split())
@@ -211,6 +217,7 @@ def test_failing_instance_reported_once_with_its_log(distributed, env):
         assert (_commands(counts) - before) == Counter({"prepare dome": 1})
     finally:
         sh(["git", "revert", "--no-edit", "HEAD"], root)
+        sh(["dvc", "checkout", "-q"], root)
 
 
 def test_bad_input_is_refused_before_anything_runs(distributed, tmp_path):

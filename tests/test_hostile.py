@@ -611,10 +611,15 @@ OUT_CASES = {
     "import-official into the data root": (
         ["import-official", "release", "-c", "disc", "-k", "1", "-o", "data/demo", "--force"],
         ["data/demo: refused as an output folder: it is the data root"]),
-    "demo-data into a user's folder": (["demo-data", "mine"], ["mine: the folder holds files"]),
-    "demo-data above the data root": (["demo-data", "data", "--force"],
-                                      ["it is the folder of the data root"]),
-    "demo-data into the project's parent": (["demo-data", ".."], ["it holds the current folder"]),
+    "demo-data's Eyecandies into a user's folder": (
+        ["demo-data", "new", "--category", "disc", "--eyecandies", "mine"],
+        ["mine: the folder holds files"]),
+    "demo-data's Eyecandies above the data root": (
+        ["demo-data", "new", "--category", "disc", "--eyecandies", "data", "--force"],
+        ["it is the folder of the data root"]),
+    "demo-data's Eyecandies into the project's parent": (
+        ["demo-data", "new", "--category", "disc", "--eyecandies", ".."],
+        ["it holds the current folder"]),
     "demo-models into a user's folder": (["demo-models", "mine"], ["mine: the folder holds"]),
     "demo-models into the project": (["demo-models", ".", "--force"], ["the current folder"]),
     "sweep-lambda into a user's folder": (["sweep-lambda", "--out", "mine"],

@@ -73,21 +73,21 @@ def test_import_official_never_replaces_a_users_folder_or_the_project(project):
     assert (project / "mine" / "notes.txt").read_text() == "the user's"
 
 
-def test_demo_data_writes_its_own_folder_again_and_nothing_else(project, monkeypatch):
-    import pipeline.data.demo as demo
-
-    real = demo.write_demo_dataset
-    monkeypatch.setattr(demo, "write_demo_dataset", lambda out, seed=0: real(
-        out, seed=seed, categories=["disc"], n_train=1, n_test=1, n_validation=0))
-    code, output = invoke("demo-data", "mine")
-    assert code == 1 and "did not write (notes.txt)" in output
-    assert invoke("demo-data", "data/demo") == (0, "")
-    assert sorted(p.name for p in (project / "data/demo").iterdir()) == [MARKER, "disc"]
-    assert invoke("demo-data", "data/demo")[0] == 0  # its own output: replaced
-    code, output = invoke("demo-data", "data")
+def test_demo_data_writes_its_own_folders_again_and_nothing_else(project):
+    small = ["--category", "disc", "--n-train", "1", "--n-test", "2"]
+    (project / "mine" / "disc").mkdir(parents=True)
+    (project / "mine" / "disc" / "notes.txt").write_text("the user's")
+    code, output = invoke("demo-data", "mine", *small)
+    assert code == 1 and "mine/disc: the folder holds files" in output and "(notes.txt)" in output
+    assert invoke("demo-data", "data/demo", *small) == (0, "")
+    assert sorted(p.name for p in (project / "data/demo/disc").iterdir()) == [
+        MARKER, "test", "train", "validation"]
+    assert invoke("demo-data", "data/demo", *small)[0] == 0  # its own output: replaced
+    code, output = invoke("demo-data", "new", *small, "--eyecandies", "data")
     assert code == 1 and "the folder of the data root" in output
-    assert invoke("demo-data", "mine", "--force")[0] == 0
-    assert not (project / "mine" / "notes.txt").exists()
+    assert not (project / "new").exists()  # checked before anything was written
+    assert invoke("demo-data", "mine", *small, "--force")[0] == 0
+    assert not (project / "mine" / "disc" / "notes.txt").exists()
     assert sorted(p.name for p in project.iterdir()) == ["data", "mine", "params.yaml"]
 
 

@@ -61,3 +61,66 @@ def test_readme_protocol_table_names_every_official_item_and_strict_key():
     assert [int(r) for r in rows] == list(range(1, 15))
     for key in STRICT_KEYS:
         assert f"**`{key}:" in section, key
+
+
+PARAMS_FILES = ["params.yaml", *sorted(f"presets/{p.name}" for p in (REPO / "presets").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("name", PARAMS_FILES)
+def test_params_file_is_written_as_dvc_set_param_writes_it(name, tmp_path):
+    """`dvc exp run -S` rewrites the whole file with its own YAML writer (block lists, empty
+    nulls, plain strings; a comment right after a block list is dropped): the shipped files are
+    its fixed point, so an -S edit is a one-line diff. DVC's writer is called as `-S` calls it
+    (dvc.utils.hydra.apply_overrides)."""
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    text = (REPO / name).read_text()
+    path.write_text(text)
+    value = yaml.safe_load(text)["score"]["lambda_1"]
+    apply_overrides(str(path), [f"score.lambda_1={value!r}"])
+    assert path.read_text() == text
+    # a dict with integer keys is set as a dict, merged into the file's (Hydra refuses
+    # `-S fit_mapper.steps.1=7`: its keys are strings)
+    apply_overrides(str(path), ["score.lambda_1=0.375", "fit_mapper.steps={1: 7}"])
+    changed = [b.strip() for a, b in zip(text.splitlines(), path.read_text().splitlines())
+               if a != b]
+    assert len(changed) == 2 and changed[0].startswith("steps: {1: 7, 2: "), changed
+    assert changed[1] == "lambda_1: 0.375"
+    assert len(path.read_text().splitlines()) == len(text.splitlines())
+
+
+def _list_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys += _list_keys(value, f"{dotted}.")
+        elif isinstance(value, list):
+            keys.append(dotted)
+    return keys
+
+
+@pytest.mark.parametrize("name", PARAMS_FILES)
+def test_every_list_can_be_set_with_set_param(name, tmp_path):
+    """`-S key=[]` and `-S key=[...]` on every list: DVC's writer (ruamel) corrupts the file
+    where a block list's key carries an end-of-line comment and the list becomes empty
+    ("n_train: 10 n_test: 24" on one line), so the files put such comments on a line above."""
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    text = (REPO / name).read_text()
+    original = yaml.safe_load(text)
+    path = tmp_path / "params.yaml"
+    for key in _list_keys(original):
+        for value in ([], [7, 8]):
+            path.write_text(text)
+            apply_overrides(str(path), [f"{key}={value}"])
+            expected = yaml.safe_load(text)
+            section, leaf = key.rsplit(".", 1)
+            node = expected
+            for part in section.split("."):
+                node = node[part]
+            node[leaf] = value
+            assert yaml.safe_load(path.read_text()) == expected, (key, value)

@@ -103,6 +103,14 @@ def test_report_tables(tmp_path: Path, monkeypatch, capsys) -> None:
     assert "CMDS-AD summary" in printed and "carrot" in printed and "mean" in printed
     assert "AUPRO@30% thr99" in printed and "AUPRO@5% thr99" not in printed
 
+    # the DVC metrics file: the mean rows of summary.csv, every column, per k
+    summary = json.loads(layout.summary_metrics().read_text())
+    assert sorted(summary) == ["k1", "k4"]
+    for k in ("1", "4"):
+        for title, value in summary[f"k{k}"].items():
+            assert value == pytest.approx(float(rows[(k, "mean")][title]), abs=1e-4), title
+    assert "AUPRO@30%" in summary["k4"] and "AUPRO@1% thr99 std" in summary["k4"]
+
 
 def test_published_headline_leads_the_tables(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
@@ -147,6 +155,9 @@ def test_report_single_seed_and_undefined(tmp_path: Path, monkeypatch) -> None:
     assert rows[("1", "tire")]["I-AUROC"] == "" and rows[("1", "mean")]["I-AUROC"] == ""
     assert rows[("4", "mean")]["I-AUROC"] != "" and rows[("1", "mean")]["I-AUROC std"] == ""
     assert "n/a" in md
+    summary = json.loads(layout.summary_metrics().read_text())
+    assert summary["k1"]["I-AUROC"] is None and summary["k4"]["I-AUROC"] is not None
+    assert not [key for key in summary["k1"] if key.endswith(" std")]  # one seed: no std
 
 
 def test_report_is_deterministic(tmp_path: Path, monkeypatch) -> None:

@@ -403,30 +403,44 @@ def write_demo_dataset(
 ) -> Path:
     """Write the demo dataset in the MVTec 3D-AD layout under ``out``; returns ``out``."""
     out = Path(out)
-    categories = list(categories) if categories is not None else list(CATEGORIES)
-    for category in categories:
-        if category not in CATEGORIES:
-            raise ValueError(f"unknown demo category {category!r} (have {', '.join(CATEGORIES)})")
-        spec = CATEGORIES[category]
-        camera = Camera(*spec["shape"], spec["focal"])
-        root = out / category
-        jobs = [("train", "good", i) for i in range(n_train)]
-        jobs += [("validation", "good", i) for i in range(n_validation)]
-        counters: dict[str, int] = {}
-        for kind in defect_plan(n_test):
-            jobs.append(("test", kind, counters.get(kind, 0)))
-            counters[kind] = counters.get(kind, 0) + 1
-        for split, kind, index in jobs:
-            rng = _rng(seed, category, split, kind, index)
-            sample = render_sample(category, camera, rng, None if kind == "good" else kind)
-            stem = f"{index:03d}"
-            base = root / split / kind
-            _save_png(base / "rgb" / f"{stem}.png", sample.rgb)
-            _save_xyz(base / "xyz" / f"{stem}.tiff", sample.xyz)
-            if split == "test" and not (kind == "good" and category in GOOD_GT_MISSING):
-                code = 0 if kind == "good" else DEFECT_CODES[kind]
-                _save_png(base / "gt" / f"{stem}.png", (sample.gt * code).astype(np.uint8))
+    for category in list(categories) if categories is not None else list(CATEGORIES):
+        write_demo_category(out / category, category, seed, n_train, n_test, n_validation)
     return out
+
+
+def write_demo_category(
+    root: str | Path,
+    category: str,
+    seed: int = 0,
+    n_train: int = DEMO_TRAIN_IMAGES,
+    n_test: int = DEMO_TEST_IMAGES,
+    n_validation: int = 3,
+) -> Path:
+    """Write one demo category's ``train``, ``validation`` and ``test`` folders into ``root``.
+    Each sample derives from (seed, category, split, kind, index) alone, so a category's files
+    do not depend on which other categories are written."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown demo category {category!r} (have {', '.join(CATEGORIES)})")
+    root = Path(root)
+    spec = CATEGORIES[category]
+    camera = Camera(*spec["shape"], spec["focal"])
+    jobs = [("train", "good", i) for i in range(n_train)]
+    jobs += [("validation", "good", i) for i in range(n_validation)]
+    counters: dict[str, int] = {}
+    for kind in defect_plan(n_test):
+        jobs.append(("test", kind, counters.get(kind, 0)))
+        counters[kind] = counters.get(kind, 0) + 1
+    for split, kind, index in jobs:
+        rng = _rng(seed, category, split, kind, index)
+        sample = render_sample(category, camera, rng, None if kind == "good" else kind)
+        stem = f"{index:03d}"
+        base = root / split / kind
+        _save_png(base / "rgb" / f"{stem}.png", sample.rgb)
+        _save_xyz(base / "xyz" / f"{stem}.tiff", sample.xyz)
+        if split == "test" and not (kind == "good" and category in GOOD_GT_MISSING):
+            code = 0 if kind == "good" else DEFECT_CODES[kind]
+            _save_png(base / "gt" / f"{stem}.png", (sample.gt * code).astype(np.uint8))
+    return root
 
 
 EYECANDIES_LIGHTS = (
