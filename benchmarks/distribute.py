@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from stages.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
+from tools.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_REPEATS = 3
@@ -51,7 +51,7 @@ def one_node_slurm(folder: Path):
 
 def cluster_options(cluster: str, workers: int, partition: str | None = None,
                     memory_mb: int | None = None):
-    from stages.distribute import ClusterOptions
+    from scheduler.settings import ClusterOptions
 
     if cluster == "local":
         return ClusterOptions(cluster="local", jobs=workers)
@@ -64,8 +64,8 @@ def cluster_options(cluster: str, workers: int, partition: str | None = None,
 def worker_startup(options, folder: Path) -> list[dict[str, float]]:
     """Per worker, seconds from the cluster's start: job submitted, job running, worker
     connected (local workers: connected only)."""
-    from stages.distribute import start_cluster
-    from stages.distribute_slurm import squeue_states
+    from scheduler.cluster import start_cluster
+    from scheduler.slurm import squeue_states
 
     t0 = time.perf_counter()
     client, cluster, _ = start_cluster(options, folder)
@@ -114,7 +114,7 @@ def run_demo(options, categories, folder: Path) -> tuple[float, int, float, list
     the distributed instances' results)."""
     from rich.console import Console
 
-    from stages.distribute import distribute
+    from scheduler.run import distribute
 
     serial = make_project(folder / "serial", REDUCED_DEMO, categories=categories,
                           n_train=3, n_test=6, make_data=False)

@@ -1,6 +1,6 @@
 """Pipeline costs: full `dvc repro`, re-score after a fusion-weight change, no-op repro.
 
-Runs in a clone of this repository (stages/scratch_project.py; the working copy is untouched);
+Runs in a clone of this repository (tools/scratch_project.py; the working copy is untouched);
 the full `dvc repro` includes the demo_data stage, as `make demo` does.
 
     python benchmarks/dvc_pipeline.py            # the full demo (3 categories, k = 1, 2, 4)
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.scratch_project import make_project, sh, stages_run, write_params
+from tools.scratch_project import make_project, sh, stages_run, write_params
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, str]:

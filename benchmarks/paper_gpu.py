@@ -81,7 +81,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.models.diffusion import ModelClock  # noqa: E402
 from pipeline.params import Params, parse_params  # noqa: E402
-from stages.scratch_project import deep_update  # noqa: E402
+from tools.scratch_project import deep_update  # noqa: E402
 
 GIB = 2**30
 
@@ -277,7 +277,7 @@ def component_spec(spec: dict, tiny: bool) -> dict:
 
 def build_on(device: torch.device, spec: dict, dtype: torch.dtype, tiny: bool) -> Any:
     """A component with random weights, allocated on the device (no folder, no CPU copy)."""
-    from stages.paper_models import build_component
+    from tools.paper_models import build_component
 
     with torch.device(device):
         module = build_component(component_spec(spec, tiny))
@@ -285,7 +285,7 @@ def build_on(device: torch.device, spec: dict, dtype: torch.dtype, tiny: bool) -
 
 
 def text_parts(ctx: Context, dtype: torch.dtype) -> tuple[Any, Any]:
-    from stages.paper_models import build_tokenizer, load_fixture
+    from tools.paper_models import build_tokenizer, load_fixture
 
     comps = load_fixture("sd21_base")["components"]
     spec = dict(comps["tokenizer"])
@@ -301,7 +301,7 @@ def build_sd(ctx: Context, dtype: torch.dtype) -> Any:
     """SD 2.1-base as the img2img pipeline augment loads (its parts also train the LoRA)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from stages.paper_models import build_scheduler, load_fixture
+    from tools.paper_models import build_scheduler, load_fixture
 
     comps = load_fixture("sd21_base")["components"]
     tokenizer, encoder = text_parts(ctx, dtype)
@@ -318,7 +318,7 @@ def build_sd(ctx: Context, dtype: torch.dtype) -> Any:
 def build_marigold(ctx: Context, dtype: torch.dtype) -> Any:
     from diffusers import MarigoldNormalsPipeline
 
-    from stages.paper_models import build_scheduler, load_fixture
+    from tools.paper_models import build_scheduler, load_fixture
 
     sd, fixture = load_fixture("sd21_base")["components"], load_fixture("marigold_normals_v1_1")
     index, comps = fixture["model_index"], fixture["components"]
@@ -342,7 +342,7 @@ def build_backbone(ctx: Context) -> Any:
     import timm
 
     from pipeline.models.backbones import _finish, backbone_dtype
-    from stages.paper_models import load_fixture
+    from tools.paper_models import load_fixture
 
     fixture = load_fixture("dino_vitb8")
     f = ctx.params.extract_features
@@ -356,7 +356,7 @@ def build_backbone(ctx: Context) -> Any:
 
 def feature_shape(ctx: Context) -> tuple[int, int]:
     """(channels per layer, grid side) of the backbone's features at data.size."""
-    from stages.paper_models import load_fixture
+    from tools.paper_models import load_fixture
 
     arch = load_fixture("dino_vitb8")["architecture"]
     width = TINY_DINO["embed_dim"] if ctx.sizes.tiny else arch["embed_dim"]
@@ -373,7 +373,8 @@ def precision(ctx: Context, name: str) -> torch.dtype:
 # ------------------------------------------------------------------------------ the parts
 def run_augment(ctx: Context, option: str | None) -> list[Row]:
     """Pivotal tuning (textual inversion, LoRA) and img2img, as ``stages.augment.run``."""
-    from pipeline.augment import OBJECT_TEMPLATES, deterministic_torch, lora_snapshot, train_lora
+    from pipeline.augment.lora_files import lora_snapshot
+    from pipeline.augment.lora_training import OBJECT_TEMPLATES, deterministic_torch, train_lora
     from stages.augment import _lora_config
 
     s, a = ctx.sizes, ctx.params.augment
@@ -420,7 +421,8 @@ def lora_rows(ctx: Context, params: Params, clock: StepClock) -> list[Row]:
 
 def img2img_row(ctx: Context, pipe: Any, token: str) -> Row:
     """The trained pipeline cast to augment.precision generating one shot's images."""
-    from pipeline.augment import generate, shot_seeds, to_square, use_euler_ancestral
+    from pipeline.augment.generation import generate, shot_seeds, use_euler_ancestral
+    from pipeline.augment.images import to_square
 
     a, s = ctx.params.augment, ctx.sizes
     dtype = precision(ctx, a.precision)
@@ -448,7 +450,7 @@ def img2img_row(ctx: Context, pipe: Any, token: str) -> Row:
 
 def run_marigold(ctx: Context, option: str | None) -> list[Row]:
     """Marigold on a real image at its original resolution and on a generated one."""
-    from pipeline.augment import to_square
+    from pipeline.augment.images import to_square
     from pipeline.device import inference_dtype
     from pipeline.normals_estimation import MarigoldRun, image_seeds, predict_normals
     from stages.estimate_normals import _DTYPES, _resolve_resolution

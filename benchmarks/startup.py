@@ -28,7 +28,7 @@ what the instance costs under ``dvc repro``.
 
 (b) and (c) rewrite the instance's outputs with the same bytes (the stages are deterministic);
 in a project of your own, commit first. Without ``--project`` a scratch project is made with
-``stages.scratch_project.make_project`` (the demo preset, one category, k = 1) and finished
+``tools.scratch_project.make_project`` (the demo preset, one category, k = 1) and finished
 with ``dvc repro`` (a few minutes, printed), then measured. The load average is printed before
 and after: the development machine is shared, so compare runs of one day.
 """
@@ -52,7 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.scratch_project import REDUCED_DEMO, make_project, project_env  # noqa: E402
+from tools.scratch_project import REDUCED_DEMO, make_project, project_env  # noqa: E402
 
 TIMINGS_PREFIX = "cmds-ad-timings "  # stages/cli.py's timing line
 DEMO = {"fewshot.shots": [1]}

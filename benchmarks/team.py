@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.scratch_project import (
+from tools.scratch_project import (
     REDUCED_DEMO,
     make_project,
     project_env,

@@ -27,21 +27,16 @@ import numpy as np
 from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
 import torch
 
-from pipeline.augment import (
+from pipeline.augment.generation import generate, shot_seeds, use_euler_ancestral
+from pipeline.augment.images import resize_rgb, to_square
+from pipeline.augment.lora_files import lora_snapshot, save_empty_lora, write_lora
+from pipeline.augment.lora_training import (
     OBJECT_TEMPLATES,
     LoraTraining,
     TextualInversion,
     deterministic_torch,
-    generate,
-    lora_snapshot,
     lora_summary,
-    resize_rgb,
-    save_empty_lora,
-    shot_seeds,
-    to_square,
     train_lora,
-    use_euler_ancestral,
-    write_lora,
 )
 from pipeline.device import pick_device
 from pipeline.errors import InputError, ParamsError

@@ -388,7 +388,7 @@ def sweep(
 ) -> None:
     """Queue DVC experiments (`dvc exp run --queue -S ...`), run the queue, and exit non-zero
     naming any experiment that failed; compare them with `dvc exp show`."""
-    from stages.sweep import sweep as run
+    from experiments.sweep import sweep as run
 
     try:
         done = run([set_param], jobs)
@@ -407,7 +407,7 @@ def sweep_lambda(
 ) -> None:
     """Sensitivity of the estimated-stream weight: one queued DVC experiment per value
     (lambda_1 = lambda_2; only score/evaluate/report run), then a CSV and a plot."""
-    from stages.sensitivity import run_sweep
+    from experiments.sensitivity import run_sweep
 
     try:
         weights = [float(v) for v in values.split(",") if v.strip()]
@@ -554,8 +554,8 @@ def distribute(
 ) -> None:
     """Run the out-of-date stage instances as Dask tasks, each in a worker's own clone.
     Settings come from distribute.yaml (its distribute: block), then from these options."""
-    from stages.distribute import distribute as run_distributed
-    from stages.distribute_settings import resolve_options
+    from scheduler.run import distribute as run_distributed
+    from scheduler.settings import resolve_options
 
     overrides = dict(cluster=cluster, jobs=jobs, gpus=gpus, gres=gres, cores=cores,
                      memory=memory, partition=partition, account=account, walltime=walltime,

@@ -42,7 +42,7 @@ def reduced_demo(tmp_path_factory) -> Path:
     clone of this repository, reproduced once per session with `dvc repro` and committed
     (dvc.lock files included). Shared: a test module that changes it works on a copy
     (``copy_project``), which DVC sees unchanged."""
-    from stages.scratch_project import REDUCED_DEMO, make_project, sh
+    from tools.scratch_project import REDUCED_DEMO, make_project, sh
 
     root = make_project(tmp_path_factory.mktemp("reduced-demo") / "cmds-ad", REDUCED_DEMO,
                         n_train=3, n_test=6, make_data=False)

@@ -13,7 +13,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline import augment as aug
+from pipeline.augment import generation, lora_files
+from pipeline.augment import images as image_ops
+from pipeline.augment import lora_training as training
 from pipeline.artifacts import StoreWriter, open_store
 from pipeline.errors import InputError, ModelError, ParamsError
 from pipeline.models import diffusion as md
@@ -80,22 +82,22 @@ def test_stage_end_to_end_is_byte_identical(project: Path, cache: Path) -> None:
     assert store.attrs["ids"] == ["gen/good/000/0", "gen/good/000/1", "gen/good/001/0",
                                   "gen/good/001/1"]
     assert store.attrs["source_ids"] == ["good/000", "good/000", "good/001", "good/001"]
-    assert store.attrs["seeds"] == [aug.image_seed(0, 2, 0, i, j) for i in (0, 1) for j in (0, 1)]
+    assert store.attrs["seeds"] == [generation.image_seed(0, 2, 0, i, j) for i in (0, 1) for j in (0, 1)]
     assert len(set(store.attrs["seeds"])) == 4
     assert store.attrs["base_model"] == "demo:tiny-sd"
     assert store.attrs["stage"] == "augment" and store.attrs["params"]["n_per_shot"] == 2
     assert not np.array_equal(rgb[0], rgb[1])  # different seeds, different images
-    meta = aug.read_lora_metadata(out / "lora.safetensors")
-    assert meta[aug.BASE_MODEL_KEY] == "demo:tiny-sd" and meta[aug.STATUS_KEY] == "trained"
+    meta = lora_files.read_lora_metadata(out / "lora.safetensors")
+    assert meta[lora_files.BASE_MODEL_KEY] == "demo:tiny-sd" and meta[lora_files.STATUS_KEY] == "trained"
     assert stats["lora_steps"] == 3 and stats["images"] == 4
     # The artifact reproduces: a fresh pipeline + the saved LoRA + the recorded seeds give the
     # stored images again.
     pipe, source = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    assert aug.load_lora(pipe, out / "lora.safetensors", base_model="demo:tiny-sd")
-    aug.use_euler_ancestral(pipe)
+    assert lora_files.load_lora(pipe, out / "lora.safetensors", base_model="demo:tiny-sd")
+    generation.use_euler_ancestral(pipe)
     shot = open_store(layout.prepared("bagel") / "train.zarr")["rgb"][1]
     with md.demo_threads(CPU, source):
-        full, again = aug.generate(pipe, shot, "a photo of sks bagel", store.attrs["seeds"][2:],
+        full, again = generation.generate(pipe, shot, "a photo of sks bagel", store.attrs["seeds"][2:],
                                    strength=0.4, guidance=4.0, inference_steps=5,
                                    resolution=32, out_size=SIZE)
     assert np.array_equal(again, rgb[2:])
@@ -109,7 +111,7 @@ def test_stage_end_to_end_is_byte_identical(project: Path, cache: Path) -> None:
 
 def test_lora_changes_output_and_reloads_identically(tmp_path: Path, cache: Path) -> None:
     images = [np.full((32, 32, 3), v, np.uint8) for v in (40, 200)]
-    cfg = aug.LoraTraining(rank=4, targets=("to_q", "to_k", "to_v", "to_out.0"),
+    cfg = training.LoraTraining(rank=4, targets=("to_q", "to_k", "to_v", "to_out.0"),
                            train_text_encoder=True, lr=1e-2, steps=3, resolution=32,
                            color_jitter=0.1, seed=0)
     pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
@@ -124,11 +126,11 @@ def test_lora_changes_output_and_reloads_identically(tmp_path: Path, cache: Path
             return p.unet(sample, t, text).sample
 
     before = output(pipe)
-    losses = aug.train_lora(pipe, images, "a photo of sks bagel", cfg)
+    losses = training.train_lora(pipe, images, "a photo of sks bagel", cfg)
     assert len(losses) == 3 and all(np.isfinite(losses))
     after = output(pipe)
     assert (after - before).abs().max() > 1e-4  # the LoRA changes the model
-    aug.save_lora(pipe, tmp_path, "lora.safetensors", md.DEMO_SD, train_text_encoder=True)
+    lora_files.save_lora(pipe, tmp_path, "lora.safetensors", md.DEMO_SD, train_text_encoder=True)
     keys = load_file(tmp_path / "lora.safetensors").keys()
     assert any(k.startswith("unet.") for k in keys)
     assert any(k.startswith("text_encoder.") for k in keys)
@@ -138,7 +140,7 @@ def test_lora_changes_output_and_reloads_identically(tmp_path: Path, cache: Path
     fresh.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")  # plain diffusers API
     assert torch.allclose(output(fresh), after, atol=1e-6)
     other, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    assert aug.load_lora(other, tmp_path / "lora.safetensors", base_model=md.DEMO_SD)
+    assert lora_files.load_lora(other, tmp_path / "lora.safetensors", base_model=md.DEMO_SD)
     assert torch.allclose(output(other), after, atol=1e-5)
 
 
@@ -146,12 +148,12 @@ def _one_step_lora(folder: Path, cache: Path, base_model: str, train_text_encode
                    seed: int) -> Path:
     """A LoRA trained for one step on one flat image and saved under ``base_model``."""
     images = [np.full((32, 32, 3), 90 + 30 * seed, np.uint8)]
-    cfg = aug.LoraTraining(rank=4, targets=("to_q", "to_v"),
+    cfg = training.LoraTraining(rank=4, targets=("to_q", "to_v"),
                            train_text_encoder=train_text_encoder, lr=1e-3, steps=1,
                            resolution=32, color_jitter=0.0, seed=seed)
     pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    aug.train_lora(pipe, images, "x", cfg)
-    return aug.save_lora(pipe, folder, "lora.safetensors", base_model, train_text_encoder)
+    training.train_lora(pipe, images, "x", cfg)
+    return lora_files.save_lora(pipe, folder, "lora.safetensors", base_model, train_text_encoder)
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -163,7 +165,7 @@ def test_lora_from_another_base_model_is_rejected(tmp_path: Path, cache: Path) -
     path = _one_step_lora(tmp_path, cache, "someone/other-base", False, seed=1)
     fresh, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
     with pytest.raises(ModelError, match=f"{path}.*'someone/other-base'"):
-        aug.load_lora(fresh, path, base_model=md.DEMO_SD)
+        lora_files.load_lora(fresh, path, base_model=md.DEMO_SD)
     # No recorded id, but tensors that do not fit this UNet (another architecture).
     _, tensors = _read_safetensors(path)
     down = next(k for k in tensors if "down" in k or "lora_A" in k)
@@ -172,9 +174,9 @@ def test_lora_from_another_base_model_is_rejected(tmp_path: Path, cache: Path) -
     bad.parent.mkdir()
     save_file(tensors, str(bad), metadata={"format": "pt"})
     with pytest.raises(ModelError, match=f"{bad}.*does not fit"):
-        aug.load_lora(fresh, bad)
+        lora_files.load_lora(fresh, bad)
     with pytest.raises(ModelError, match="LoRA file not found"):
-        aug.load_lora(fresh, tmp_path / "missing.safetensors")
+        lora_files.load_lora(fresh, tmp_path / "missing.safetensors")
 
 
 def test_lora_file_equals_a_full_reserialisation(tmp_path: Path, cache: Path) -> None:
@@ -182,10 +184,10 @@ def test_lora_file_equals_a_full_reserialisation(tmp_path: Path, cache: Path) ->
     # must equal re-serialising every tensor with the merged metadata (the former way).
     path = _one_step_lora(tmp_path, cache, md.DEMO_SD, True, seed=2)
     metadata, tensors = _read_safetensors(path)
-    assert metadata[aug.BASE_MODEL_KEY] == md.DEMO_SD and metadata[aug.STATUS_KEY] == "trained"
+    assert metadata[lora_files.BASE_MODEL_KEY] == md.DEMO_SD and metadata[lora_files.STATUS_KEY] == "trained"
     again = tmp_path / "again.safetensors"
     save_file(tensors, str(again), metadata=metadata)
-    aug.canonicalise_safetensors(again)
+    lora_files.canonicalise_safetensors(again)
     assert again.read_bytes() == path.read_bytes()
 
 
@@ -226,9 +228,9 @@ def test_n_per_shot_zero_writes_empty_outputs(project: Path, cache: Path) -> Non
     store = open_store(out / "generated.zarr")
     assert store["rgb"].shape == (0, SIZE, SIZE, 3) and store.attrs["ids"] == []
     assert stats["lora_steps"] == 0
-    assert aug.read_lora_metadata(out / "lora.safetensors")[aug.STATUS_KEY] == "empty"
+    assert lora_files.read_lora_metadata(out / "lora.safetensors")[lora_files.STATUS_KEY] == "empty"
     pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    assert aug.load_lora(pipe, out / "lora.safetensors") is False
+    assert lora_files.load_lora(pipe, out / "lora.safetensors") is False
 
 
 def test_k_without_shots_entry_names_fewshot_shots(project: Path, cache: Path) -> None:
@@ -280,20 +282,20 @@ def test_train_split_option_reads_raw_training_images(project: Path, cache: Path
 
 def test_colour_jitter_is_seeded_and_bounded() -> None:
     x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
-    a = aug.colour_jitter(x, 0.3, torch.Generator().manual_seed(5))
-    b = aug.colour_jitter(x, 0.3, torch.Generator().manual_seed(5))
-    c = aug.colour_jitter(x, 0.3, torch.Generator().manual_seed(6))
+    a = image_ops.colour_jitter(x, 0.3, torch.Generator().manual_seed(5))
+    b = image_ops.colour_jitter(x, 0.3, torch.Generator().manual_seed(5))
+    c = image_ops.colour_jitter(x, 0.3, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
-    assert torch.equal(aug.colour_jitter(x, 0.0, torch.Generator()), x)
+    assert torch.equal(image_ops.colour_jitter(x, 0.0, torch.Generator()), x)
 
 
 # --------------------------------------------------------------------------------------------
 # Pivotal tuning (textual inversion + LoRA), the published recipe
 
 
-def _pivotal_cfg(**overrides: object) -> aug.LoraTraining:
-    inversion = aug.TextualInversion(token="<bagel>", steps=3, lr=5e-2, accumulation=2,
+def _pivotal_cfg(**overrides: object) -> training.LoraTraining:
+    inversion = training.TextualInversion(token="<bagel>", steps=3, lr=5e-2, accumulation=2,
                                      init_std=0.017, norm_target=0.4, continue_lr=1e-2)
     values = dict(rank=4, targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"),
                   train_text_encoder=True, lr=1e-2, steps=2, resolution=32,
@@ -301,7 +303,7 @@ def _pivotal_cfg(**overrides: object) -> aug.LoraTraining:
                   lr_schedule="linear", warmup_steps=1, grad_clip=1.0, timestep_fraction=0.8,
                   hflip=0.5, interpolation="bilinear", cache_latents=True, inversion=inversion)
     values.update(overrides)
-    return aug.LoraTraining(**values)
+    return training.LoraTraining(**values)
 
 
 def _images() -> list[np.ndarray]:
@@ -310,7 +312,7 @@ def _images() -> list[np.ndarray]:
             for v in (40, 200)]
 
 
-PROMPTS = [t.format("<bagel>") for t in aug.OBJECT_TEMPLATES]
+PROMPTS = [t.format("<bagel>") for t in training.OBJECT_TEMPLATES]
 
 
 def test_textual_inversion_changes_only_the_new_token_row(cache: Path) -> None:
@@ -318,7 +320,7 @@ def test_textual_inversion_changes_only_the_new_token_row(cache: Path) -> None:
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     n = len(pipe.tokenizer)
     cfg = _pivotal_cfg()
-    losses = aug.train_lora(pipe, _images(), PROMPTS, cfg)
+    losses = training.train_lora(pipe, _images(), PROMPTS, cfg)
     assert len(losses) == 3 + 2 and all(np.isfinite(losses))
     assert len(pipe.tokenizer) == n + 1
     token_id = pipe.tokenizer.convert_tokens_to_ids("<bagel>")
@@ -333,14 +335,14 @@ def test_textual_inversion_changes_only_the_new_token_row(cache: Path) -> None:
     assert token_id in ids
     # A token that is already in the vocabulary cannot be learned.
     other, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    bad = _pivotal_cfg(inversion=aug.TextualInversion(token="sks", steps=1))
+    bad = _pivotal_cfg(inversion=training.TextualInversion(token="sks", steps=1))
     with pytest.raises(ParamsError, match="augment.placeholder_token"):
-        aug.train_lora(other, _images(), ["x"], bad)
+        training.train_lora(other, _images(), ["x"], bad)
 
 
 def test_lora_targets_include_geglu_and_text_encoder(cache: Path, tmp_path: Path) -> None:
     pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    unet_params, text_params = aug.add_lora(pipe, _pivotal_cfg())
+    unet_params, text_params = training.add_lora(pipe, _pivotal_cfg())
     names = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")]
     assert any(n.endswith("ff.net.0.proj") for n in names)  # GEGLU's Linear
     assert {n.rsplit(".", 1)[-1] for n in names if "attn" in n} >= {"to_q", "to_k", "to_v"}
@@ -350,11 +352,11 @@ def test_lora_targets_include_geglu_and_text_encoder(cache: Path, tmp_path: Path
                                         .rsplit(".", 1)[0])).__name__ == "GEGLU"
     assert geglu.r["default"] == 4 and geglu.scaling["default"] == 1.0
     te_names = [n for n, m in pipe.text_encoder.named_modules() if hasattr(m, "lora_A")]
-    assert {n.rsplit(".", 1)[-1] for n in te_names} == set(aug.TEXT_ENCODER_TARGETS)
+    assert {n.rsplit(".", 1)[-1] for n in te_names} == set(training.TEXT_ENCODER_TARGETS)
     assert unet_params and text_params
     # Without the text encoder and with today's targets: attention only.
     plain, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    _, none = aug.add_lora(plain, _pivotal_cfg(targets=("to_q", "to_k", "to_v", "to_out.0"),
+    _, none = training.add_lora(plain, _pivotal_cfg(targets=("to_q", "to_k", "to_v", "to_out.0"),
                                                 train_text_encoder=False))
     assert none == []
     assert not any(n.endswith("ff.net.0.proj") for n, m in plain.unet.named_modules()
@@ -366,47 +368,47 @@ def test_optimiser_schedule_warmup_and_clip_reach_the_optimiser() -> None:
                        weight_decay=1e-3)
     unet_p, te_p = [torch.nn.Parameter(torch.zeros(3))], [torch.nn.Parameter(torch.zeros(2))]
     emb = torch.nn.Parameter(torch.zeros(4, 2))
-    groups = aug.tuning_param_groups(unet_p, te_p, emb, cfg)
-    optimizer, scheduler = aug.make_tuning_optimizer(groups, cfg)
+    groups = training.tuning_param_groups(unet_p, te_p, emb, cfg)
+    optimizer, scheduler = training.make_tuning_optimizer(groups, cfg)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder", "token"]
     assert all(g["weight_decay"] == 1e-3 for g in optimizer.param_groups)
     base = [4e-4, 4e-5, 1e-2]  # continue_lr of _pivotal_cfg
-    aug.advance_schedule(scheduler)  # stepped before the first update, as lora_pti
+    training.advance_schedule(scheduler)  # stepped before the first update, as lora_pti
     assert np.allclose([g["lr"] for g in optimizer.param_groups], [b / 100 for b in base])
     for _ in range(99):
-        aug.advance_schedule(scheduler)
+        training.advance_schedule(scheduler)
     assert np.allclose([g["lr"] for g in optimizer.param_groups], base)
     for _ in range(450):
-        aug.advance_schedule(scheduler)
+        training.advance_schedule(scheduler)
     assert np.allclose([g["lr"] for g in optimizer.param_groups], [b * 0.5 for b in base])
     # No continued inversion: no token group. A constant schedule without warm-up stays put.
-    groups = aug.tuning_param_groups(unet_p, [], emb, _pivotal_cfg(
-        inversion=aug.TextualInversion(token="<t>", continue_lr=0.0)))
+    groups = training.tuning_param_groups(unet_p, [], emb, _pivotal_cfg(
+        inversion=training.TextualInversion(token="<t>", continue_lr=0.0)))
     assert [g["name"] for g in groups] == ["unet"]
-    opt, sched = aug.make_tuning_optimizer(groups, _pivotal_cfg(lr_schedule="constant",
+    opt, sched = training.make_tuning_optimizer(groups, _pivotal_cfg(lr_schedule="constant",
                                                                 warmup_steps=0))
-    aug.advance_schedule(sched)
+    training.advance_schedule(sched)
     assert opt.param_groups[0]["lr"] == 1e-2
     with pytest.raises(ParamsError, match="augment.lr_schedule"):
-        aug.make_lr_scheduler(opt, "cosine", 0, 10)
+        training.make_lr_scheduler(opt, "cosine", 0, 10)
     # Gradient clipping to a global norm of 1.
     p = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
     p[0].grad, p[1].grad = torch.full((4,), 3.0), torch.full((3,), 4.0)
-    assert aug.clip_gradients(p, 1.0) == pytest.approx(float(np.sqrt(36 + 48)))
+    assert training.clip_gradients(p, 1.0) == pytest.approx(float(np.sqrt(36 + 48)))
     assert float(torch.cat([q.grad for q in p]).norm()) == pytest.approx(1.0, rel=1e-5)
-    assert aug.clip_gradients(p, 0.0) is None
+    assert training.clip_gradients(p, 0.0) is None
     # Timesteps below 0.8 T.
     gen = torch.Generator().manual_seed(0)
-    t = torch.cat([aug.sample_timestep(1000, 0.8, gen) for _ in range(2000)])
+    t = torch.cat([training.sample_timestep(1000, 0.8, gen) for _ in range(2000)])
     assert int(t.max()) < 800 and int(t.max()) > 780 and int(t.min()) >= 0
     # lora_pti's clip_ti_decay moves the norm towards the target by min(1, 100 lr).
     row = torch.tensor([3.0, 4.0])
-    assert float(aug.decay_token_norm(row, 2e-3, 0.4).norm()) == pytest.approx(5 + 0.2 * (0.4 - 5))
+    assert float(training.decay_token_norm(row, 2e-3, 0.4).norm()) == pytest.approx(5 + 0.2 * (0.4 - 5))
 
 
 def _generate(pipe: object, seeds: list[int]) -> np.ndarray:
-    full, _ = aug.generate(pipe, _images()[0], "a low high light and real photo of <bagel>",
+    full, _ = generation.generate(pipe, _images()[0], "a low high light and real photo of <bagel>",
                            seeds, strength=0.5, guidance=4.0, inference_steps=4,
                            resolution=32, out_size=16)
     return full
@@ -415,31 +417,31 @@ def _generate(pipe: object, seeds: list[int]) -> np.ndarray:
 def test_lora_and_token_save_and_reload_give_identical_images(cache: Path, tmp_path: Path) -> None:
     pipe, source = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
     with md.demo_threads(CPU, source):
-        aug.train_lora(pipe, _images(), PROMPTS, _pivotal_cfg())
-        path = aug.save_lora(pipe, tmp_path, "lora.safetensors", md.DEMO_SD,
+        training.train_lora(pipe, _images(), PROMPTS, _pivotal_cfg())
+        path = lora_files.save_lora(pipe, tmp_path, "lora.safetensors", md.DEMO_SD,
                              train_text_encoder=True, token="<bagel>")
-        aug.use_euler_ancestral(pipe)
+        generation.use_euler_ancestral(pipe)
         expected = _generate(pipe, [42, 1024])
-    assert aug.read_lora_metadata(path)[aug.TOKEN_KEY] == "<bagel>"
-    tokens = load_file(tmp_path / aug.TOKEN_FILE)
+    assert lora_files.read_lora_metadata(path)[lora_files.TOKEN_KEY] == "<bagel>"
+    tokens = load_file(tmp_path / lora_files.TOKEN_FILE)
     assert list(tokens) == ["<bagel>"] and tokens["<bagel>"].shape == (1, 32)
     assert any("ff.net.0.proj" in k for k in load_file(path))
     fresh, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    assert aug.load_lora(fresh, path, base_model=md.DEMO_SD)
-    aug.use_euler_ancestral(fresh)
+    assert lora_files.load_lora(fresh, path, base_model=md.DEMO_SD)
+    generation.use_euler_ancestral(fresh)
     with md.demo_threads(CPU, source):
         again = _generate(fresh, [42, 1024])
         assert np.array_equal(again, expected)
         # Without the token the prompt means something else: the images differ.
         no_token, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
         no_token.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
-        aug.use_euler_ancestral(no_token)
+        generation.use_euler_ancestral(no_token)
         assert not np.array_equal(_generate(no_token, [42, 1024]), expected)
     # A LoRA that names a token whose file is gone is a clear error.
-    (tmp_path / aug.TOKEN_FILE).unlink()
+    (tmp_path / lora_files.TOKEN_FILE).unlink()
     other, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
     with pytest.raises(ModelError, match="token embedding file not found"):
-        aug.load_lora(other, path)
+        lora_files.load_lora(other, path)
 
 
 def test_published_like_stage_reads_original_rgb_and_fixed_seeds(project: Path, cache: Path) -> None:
@@ -470,13 +472,13 @@ def test_published_like_stage_reads_original_rgb_and_fixed_seeds(project: Path, 
     assert store.attrs["token"] == "<bagel>"
     assert store["rgb_full"].shape == (4, 32, 32, 3) and store["rgb"].shape == (4, SIZE, SIZE, 3)
     assert stats["lora_steps"] == 2 + 3
-    assert (out / aug.TOKEN_FILE).is_file()
+    assert (out / lora_files.TOKEN_FILE).is_file()
     # Reload LoRA + token into a fresh pipeline: the stored full-resolution images again.
     pipe, source = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
-    assert aug.load_lora(pipe, out / "lora.safetensors", base_model=md.DEMO_SD)
-    aug.use_euler_ancestral(pipe)
+    assert lora_files.load_lora(pipe, out / "lora.safetensors", base_model=md.DEMO_SD)
+    generation.use_euler_ancestral(pipe)
     with md.demo_threads(CPU, source):
-        full, small = aug.generate(pipe, shots[0], "a low high light and real photo of <bagel>",
+        full, small = generation.generate(pipe, shots[0], "a low high light and real photo of <bagel>",
                                    [42, 1024], strength=0.4, guidance=4.0, inference_steps=5,
                                    resolution=32, out_size=SIZE)
     assert np.array_equal(full, store["rgb_full"][2:]) and np.array_equal(small, store["rgb"][2:])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.scratch_project import (
+from tools.scratch_project import (
     REDUCED_DEMO,
     make_project,
     project_env,
@@ -100,7 +100,7 @@ def distributed(env):
     import psutil
     from distributed import Client, LocalCluster
 
-    from stages.distribute import ClusterOptions, distribute
+    from scheduler.run import ClusterOptions, distribute
 
     base, counts = env
     root = _new_project(base / "distributed", base / "remote")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from stages.distribute_settings import (
+from scheduler.settings import (
     ClusterOptions,
     DistributeError,
     gres_gpus,
     resolve_options,
     walltime_seconds,
 )
-from stages.distribute_slurm import job_kinds, job_kwargs
+from scheduler.slurm import job_kinds, job_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,7 @@ class _Client:
 
 
 def _jobs(monkeypatch, tmp_path, states: dict):
-    from stages import distribute_slurm
+    from scheduler import slurm as distribute_slurm
 
     monkeypatch.setattr(distribute_slurm, "squeue_states", lambda: states)
     cluster, client = _Cluster({"gpu-0": "11", "cpu-0": "12"}), _Client()

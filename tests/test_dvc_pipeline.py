@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import open_store
-from stages.scratch_project import copy_project, project_env, sh, stages_run, write_params
+from tools.scratch_project import copy_project, project_env, sh, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.scratch_project import (
+from tools.scratch_project import (
     REDUCED_DEMO,
     make_project,
     project_env,

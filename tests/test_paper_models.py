@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.paper_models import (
+from tools.paper_models import (
     build_component,
     build_dino,
     build_scheduler,
@@ -95,7 +95,7 @@ def test_tokenizer_has_clip_size_and_special_ids(tmp_path):
 def _paper_smoke():
     import importlib.util
 
-    from stages.paper_models import REPO
+    from tools.paper_models import REPO
 
     spec = importlib.util.spec_from_file_location("paper_smoke", REPO / "benchmarks" / "paper_smoke.py")
     module = importlib.util.module_from_spec(spec)
@@ -108,8 +108,8 @@ def test_smoke_overrides_cut_only_budgets_and_validate(preset):
     import yaml
 
     from pipeline.params import parse_params
-    from stages.paper_models import REPO
-    from stages.scratch_project import deep_update
+    from tools.paper_models import REPO
+    from tools.scratch_project import deep_update
 
     raw = yaml.safe_load((REPO / "presets" / preset).read_text())
     overrides = _paper_smoke().budget_overrides(raw)

@@ -1,4 +1,4 @@
-"""stages/scratch_project.py: the end-to-end tests' projects are clones of the repository with
+"""tools/scratch_project.py: the end-to-end tests' projects are clones of the repository with
 the working tree's uncommitted work on top (fast: a tiny source repository)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from stages.scratch_project import REPO, clone_repository, sh, write_params
+from tools.scratch_project import REPO, clone_repository, sh, write_params
 
 
 def _source(root: Path) -> Path:

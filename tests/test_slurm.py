@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stages.distribute import MODEL_STAGES
-from stages.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
+from scheduler.plan import MODEL_STAGES
+from tools.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
 from tests import slurm_cluster
 from tests.e2e_helpers import commands_run, counting_shim, output_files
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.scratch_project import copy_project, make_project, sh, stages_run
+from tools.scratch_project import copy_project, make_project, sh, stages_run
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from pipeline.params import load_params
 from pipeline.progress import info
 from pipeline.report import metric_columns
 from stages import layout
-from stages.sweep import Experiment, sweep
+from experiments.sweep import Experiment, sweep
 
 
 def summary_rows(values: Sequence[float], runs: Sequence[Experiment]) -> list[tuple[float, int, dict]]:

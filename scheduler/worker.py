@@ -1,6 +1,6 @@
 """One stage instance in a worker's clone: the process that ``cmds-ad distribute`` starts.
 
-    python -m stages.distribute_worker SPEC.json
+    python -m scheduler.worker SPEC.json
 
 SPEC names the clone, the instance's DVC address, the remote, and what its upstream instances
 produced (their lock entries and their ``cache: false`` files, which no remote holds). The

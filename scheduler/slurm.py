@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from stages.distribute_settings import ClusterOptions, DistributeError, walltime_seconds
+from scheduler.settings import ClusterOptions, DistributeError, walltime_seconds
 
 COMMAND_TIMEOUT_S = 60
 NO_LIMIT = ("UNLIMITED", "INFINITE", "NONE")
