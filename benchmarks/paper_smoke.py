@@ -6,7 +6,7 @@
 
 What it checks: that ``presets/paper.yaml`` (or ``--preset``) runs from ``prepare`` to
 ``report`` without a shape, dtype or config error on models built from the published configs
-(``tests/fixtures/paper_models/``, written once by ``stages/paper_models.py`` under
+(``tests/fixtures/paper_models/``, written once by ``tools/paper_models.py`` under
 ``~/.cache/cmds-ad-paper-models``: ~7 GB, a few minutes the first time). Only the budgets are
 cut (one LoRA step, one denoising step, ensemble 1, a few mapper steps, k = 1, one image per
 shot); every protocol setting stays the preset's. The data are a tiny demo dataset in the MVTec
@@ -35,8 +35,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.paper_models import ensure_paper_models  # noqa: E402
-from stages.scratch_project import (  # noqa: E402
+from tools.paper_models import ensure_paper_models  # noqa: E402
+from tools.scratch_project import (  # noqa: E402
     clone_repository,
     project_env,
     sh,
