@@ -57,9 +57,7 @@ _LIBRARY_IMPORTS = "import diffusers, peft, transformers, torch"
 PIVOTAL_KEYS = ("lora_targets", "train_text_encoder", "lr", "text_encoder_lr", "weight_decay",
                 "lr_schedule", "grad_clip", "timestep_fraction", "interpolation",
                 "color_jitter", "hflip", "cache_latents", "train_prompts", "placeholder_token",
-                "textual_inversion_lr", "textual_inversion_accumulation",
-                "textual_inversion_init_std", "textual_inversion_norm", "continue_inversion_lr",
-                "prompt")
+                "textual_inversion", "prompt")
 # What a stage process imports before run() (the stages import these lazily, inside run()):
 # modules, then the lazily loaded classes of diffusers and transformers the stages use.
 _MODULES = ("torch", "diffusers", "peft", "transformers", "zarr", "stages.augment",
@@ -197,7 +195,8 @@ def main() -> None:
         paper = yaml.safe_load((REPO / "presets" / "paper.yaml").read_text())["augment"]
         steps = raw["augment"]["steps"]
         raw["augment"].update({k: paper[k] for k in PIVOTAL_KEYS})
-        raw["augment"].update(textual_inversion_steps=steps, lr_warmup_steps=max(1, steps // 10))
+        raw["augment"]["textual_inversion"] = {**paper["textual_inversion"], "steps": steps}
+        raw["augment"]["lr_warmup_steps"] = max(1, steps // 10)
     cache = (REPO / raw["models"]["cache_dir"]).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as tmp:
         project = Path(tmp)
@@ -234,7 +233,7 @@ def main() -> None:
     print(f"device: {pick_device()}  models: {params.models.diffusion}, {params.models.normals}")
     print(f"python start + `{_LIBRARY_IMPORTS}`: {library_s:.2f} s; a stage process's imports "
           f"before run(): {statistics.median(imports):.2f} s (median; not counted below)")
-    print(f"augment: k={args.shots}, {a.textual_inversion_steps} textual inversion + "
+    print(f"augment: k={args.shots}, {a.textual_inversion.steps} textual inversion + "
           f"{a.steps} LoRA steps at {a.resolution} px, "
           f"{int(aug['images'])} images ({a.n_per_shot}/shot, {a.inference_steps} steps x "
           f"strength {a.strength})")

@@ -378,7 +378,7 @@ def run_augment(ctx: Context, option: str | None) -> list[Row]:
     from stages.augment import _lora_config
 
     s, a = ctx.sizes, ctx.params.augment
-    params = ctx.with_params({"augment.textual_inversion_steps": s.ti_steps,
+    params = ctx.with_params({"augment.textual_inversion.steps": s.ti_steps,
                               "augment.steps": s.lora_steps})
     token = a.placeholder_token.format(category=ctx.category)
     prompts = ([a.prompt.format(category=ctx.category, token=token)] if a.train_prompts == "fixed"
@@ -398,8 +398,8 @@ def run_augment(ctx: Context, option: str | None) -> list[Row]:
 def lora_rows(ctx: Context, params: Params, clock: StepClock) -> list[Row]:
     """Split train_lora's intervals: cached latents, inversion micro-steps, LoRA steps."""
     a, w = params.augment, ctx.sizes.warmup_steps
-    text_trains = a.train_text_encoder or a.continue_inversion_lr > 0
-    counts = [int(a.cache_latents), a.textual_inversion_steps, int(not text_trains), a.steps]
+    text_trains = a.train_text_encoder or a.textual_inversion.continue_lr > 0
+    counts = [int(a.cache_latents), a.textual_inversion.steps, int(not text_trains), a.steps]
     if len(clock.intervals) != sum(counts):
         raise RuntimeError(f"train_lora timed {len(clock.intervals)} intervals, expected "
                            f"{sum(counts)} {counts}: its clock calls changed; update lora_rows")
@@ -707,10 +707,10 @@ def instance_seconds(u: Mapping[str, float], params: Params, n_train: int, n_tes
     a, f = params.augment, params.extract_features
     generated = k * a.n_per_shot
     trained_on = n_train if a.train_on == "train_split" else k
-    encodes = trained_on if a.cache_latents else a.textual_inversion_steps + a.steps
+    encodes = trained_on if a.cache_latents else a.textual_inversion.steps + a.steps
     return {
         "augment": (encodes * u["cache_latents"] + a.steps * u["lora"]
-                    + a.textual_inversion_steps * u["textual_inversion"]
+                    + a.textual_inversion.steps * u["textual_inversion"]
                     + generated * u["img2img"]),
         "estimate_normals (generated)": generated * u["marigold_generated"],
         "extract_features (generated)": generated * 2 * (1 + f.noisy_copies) * u["dino"],
@@ -842,7 +842,7 @@ def extrapolation_table(extra: Mapping[str, Any]) -> list[str]:
 
 FORMULAS = (
     "augment = train images (train_split; each encoded once) x cache latents + "
-    "textual_inversion_steps x micro-step + steps x LoRA step + 5k x img2img image; "
+    "textual_inversion.steps x micro-step + steps x LoRA step + 5k x img2img image; "
     "estimate_normals (real) = (union of the shots + test images) x Marigold original; "
     "(generated) = 5k x Marigold generated; extract_features (real) = (shots x 3 modalities x "
     "(1 + noisy_copies) + test x 3) x forward; (generated) = 5k x 2 x (1 + noisy_copies) x "

@@ -54,7 +54,7 @@ def budget_overrides(params: dict[str, Any]) -> dict[str, Any]:
         "fewshot.shots": [1],
         "fewshot.seeds": [0],
         "augment.steps": 1,
-        "augment.textual_inversion_steps": 1,  # the pivotal-tuning recipe's first phase
+        "augment.textual_inversion.steps": 1,  # the pivotal-tuning recipe's first phase
         "augment.n_per_shot": 1,
         # img2img runs int(steps * strength) denoising steps: the fewest that give one
         "augment.inference_steps": max(1, math.ceil(1 / strength - 1e-9)),

@@ -169,6 +169,26 @@ class ModelsParams(Section):
     cache_dir: str = ".cache/models"
 
 
+class TextualInversionParams(Section):
+    """``augment.textual_inversion``: learning the placeholder token, phase 1 of pivotal tuning
+    (the fields of ``pipeline.augment.lora_training.TextualInversion``, the token aside)."""
+
+    steps: Int = Field(0, ge=0)  # micro-steps (one image each); 0 = no inversion phase
+    lr: Float = Field(2e-3, gt=0)
+    accumulation: Int = Field(1, ge=1)  # micro-steps per optimiser step
+    init_std: Float = Field(0.017, ge=0)
+    norm_target: Float = Field(0.0, ge=0)  # clip_ti_decay target norm; 0 = off
+    continue_lr: Float = Field(0.0, ge=0)  # the row keeps learning with LoRA; 0 = it freezes
+
+
+# augment's flat textual-inversion keys before they became one section (issue 24)
+RENAMED_AUGMENT_KEYS = {
+    "textual_inversion_steps": "steps", "textual_inversion_lr": "lr",
+    "textual_inversion_accumulation": "accumulation", "textual_inversion_init_std": "init_std",
+    "textual_inversion_norm": "norm_target", "continue_inversion_lr": "continue_lr",
+}
+
+
 class AugmentParams(Section):
     """``augment``: pivotal tuning (textual inversion, then LoRA) and img2img (DESIGN 1.3).
 
@@ -200,12 +220,7 @@ class AugmentParams(Section):
     cache_latents: Bool = False  # augment, caption and encode each image once (lora_pti)
     train_prompts: Literal["fixed", "object"] = "fixed"  # the prompt, or the object templates
     placeholder_token: str = "sks"  # may contain {category}
-    textual_inversion_steps: Int = Field(0, ge=0)
-    textual_inversion_lr: Float = Field(2e-3, gt=0)
-    textual_inversion_accumulation: Int = Field(1, ge=1)
-    textual_inversion_init_std: Float = Field(0.017, ge=0)
-    textual_inversion_norm: Float = Field(0.0, ge=0)  # clip_ti_decay target norm; 0 = off
-    continue_inversion_lr: Float = Field(0.0, ge=0)  # 0 = the token freezes after inversion
+    textual_inversion: TextualInversionParams = TextualInversionParams()
     prompt: str = "a photo of sks {category}"  # may contain {category} and {token}
     strength: Float = Field(0.2, gt=0, le=1)
     guidance: Float = Field(4.0, ge=0)
@@ -215,6 +230,17 @@ class AugmentParams(Section):
     precision: Literal["float16", "float32"] = "float16"  # generation on CUDA (CPU: float32)
     train_precision: Literal["float16", "float32"] = "float16"  # base weights, training on CUDA
     seed: Seed = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        old = [key for key in RENAMED_AUGMENT_KEYS if isinstance(data, dict) and key in data]
+        if old:
+            raise ValueError("\n".join(
+                f"augment.{key}: now augment.textual_inversion.{RENAMED_AUGMENT_KEYS[key]} (the "
+                "textual inversion keys are one section: textual_inversion: {steps: ..., ...})"
+                for key in old))
+        return data
 
     @model_validator(mode="after")
     def _generation(self) -> AugmentParams:
@@ -248,7 +274,7 @@ class AugmentParams(Section):
         return self
 
     def learns_token(self) -> bool:
-        return self.textual_inversion_steps > 0 or self.continue_inversion_lr > 0
+        return self.textual_inversion.steps > 0 or self.textual_inversion.continue_lr > 0
 
 
 def _template(template: str, key: str, **values: str) -> str:

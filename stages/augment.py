@@ -93,12 +93,7 @@ def _lora_config(params: Params, token: str) -> LoraTraining:
     a = params.augment
     inversion = None
     if a.learns_token():
-        inversion = TextualInversion(
-            token=token, steps=a.textual_inversion_steps, lr=a.textual_inversion_lr,
-            accumulation=a.textual_inversion_accumulation,
-            init_std=a.textual_inversion_init_std, norm_target=a.textual_inversion_norm,
-            continue_lr=a.continue_inversion_lr,
-        )
+        inversion = TextualInversion(token=token, **a.textual_inversion.model_dump())
     return LoraTraining(
         rank=a.lora_rank, targets=tuple(a.lora_targets), train_text_encoder=a.train_text_encoder,
         lr=a.lr, steps=a.steps, resolution=a.resolution, color_jitter=tuple(a.color_jitter),
@@ -152,7 +147,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     pipe, source = load_img2img(base, params.models.cache_dir, device, train_dtype)
     load_s = time.perf_counter() - loading
     info(f"augment {category} k={shots} seed={seed}: base model {source.spec} ({source.kind}) "
-         f"on {device}; {a.textual_inversion_steps} textual inversion steps, LoRA rank "
+         f"on {device}; {a.textual_inversion.steps} textual inversion steps, LoRA rank "
          f"{a.lora_rank}, {a.steps} steps on "
          f"{'the k shots' if a.train_on == 'shots' else 'the full training split'}; "
          f"{a.n_per_shot} images per shot; prompt {prompt!r}")

@@ -458,8 +458,8 @@ def test_published_like_stage_reads_original_rgb_and_fixed_seeds(project: Path, 
         cache, project / "data", image_source="original", n_per_shot=2,
         image_seeds=[42, 1024, 2026], placeholder_token="<{category}>",
         prompt="a low high light and real photo of {token}", train_prompts="object",
-        textual_inversion_steps=2, textual_inversion_accumulation=2, textual_inversion_norm=0.4,
-        continue_inversion_lr=1e-4, train_text_encoder=True, text_encoder_lr=1e-4,
+        textual_inversion={"steps": 2, "accumulation": 2, "norm_target": 0.4,
+                           "continue_lr": 1e-4}, train_text_encoder=True, text_encoder_lr=1e-4,
         lora_targets=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"],
         lr_schedule="linear", lr_warmup_steps=1, grad_clip=1.0, timestep_fraction=0.8,
         color_jitter=[0.1, 0.1], hflip=0.5, cache_latents=True, interpolation="bilinear",
@@ -498,5 +498,5 @@ def test_bad_pivotal_params_name_the_key(project: Path, cache: Path) -> None:
     # The demo vocabulary already holds "sks" as one token: it cannot be a new TI token.
     with pytest.raises(ParamsError, match="augment.placeholder_token"):
         stage.run(make_params(cache, project, placeholder_token="sks",
-                              textual_inversion_steps=1), "bagel", 1, 0)
+                              textual_inversion={"steps": 1}), "bagel", 1, 0)
     assert not (project / "artifacts" / "augment").exists()

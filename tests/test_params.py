@@ -254,3 +254,26 @@ def test_exponent_floats_are_numbers_as_in_yaml_1_2(tmp_path):
     path.write_text("data:\n  categories: [disc]\naugment:\n  lr: 1e-3\nfit_mapper:\n  lr: 2E-4\n")
     params = load_params(path)
     assert params.augment.lr == 0.001 and params.fit_mapper.lr == 0.0002
+
+
+def test_renamed_textual_inversion_keys_say_where_they_went():
+    raw = _demo_raw()
+    del raw["augment"]["textual_inversion"]
+    raw["augment"].update(textual_inversion_steps=1000, continue_inversion_lr=1e-4)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert "augment.textual_inversion_steps: now augment.textual_inversion.steps" in lines[0]
+    assert "augment.continue_inversion_lr: now augment.textual_inversion.continue_lr" in lines[1]
+
+
+def test_textual_inversion_section_checks_its_keys():
+    raw = _demo_raw()
+    raw["augment"]["textual_inversion"]["accumulation"] = 0
+    with pytest.raises(ParamsError, match=r"augment\.textual_inversion\.accumulation"):
+        parse_params(raw)
+    raw = _demo_raw()
+    raw["augment"]["textual_inversion"]["norm"] = 0.4
+    with pytest.raises(ParamsError, match=r"augment\.textual_inversion\.norm: unknown key"):
+        parse_params(raw)
