@@ -6,11 +6,14 @@ Stage modules are imported lazily so ``cmds-ad --help`` answers at once.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -114,18 +117,37 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+@contextmanager
+def _one_line_errors(instance: str | None = None) -> Iterator[None]:
+    """User errors, and running out of memory or disk, become one line on stderr and exit 1;
+    ``instance`` (a stage instance, e.g. "score disc k=1 seed=0") prefixes resource errors."""
+    from pipeline.errors import ResourceError
+
+    prefix = f"{instance}: " if instance else ""
+    try:
+        yield
+    except ResourceError as err:
+        _fail(f"{prefix}{err}")
+    except CmdsAdError as err:
+        _fail(str(err))
+    except (MemoryError, RuntimeError, OSError) as err:
+        message = _resource_message(err)
+        if message is None:
+            raise
+        _fail(f"{prefix}{message}")
+
+
 def _run_stage(module: str, params_path: Path, **kwargs) -> None:
-    """Validate params and the instance, then call ``stages.<module>.run``; user errors, and
-    running out of memory or disk, become one line.
+    """Validate params and the instance, then call ``stages.<module>.run``; errors as
+    :func:`_one_line_errors` says.
 
     With ``CMDS_AD_TIMINGS=1`` the phases of this process go to stderr (:func:`_timings`)."""
     marks = [time.perf_counter()]
-    from pipeline.errors import ResourceError
     from pipeline.params import load_params
 
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     instance = " ".join([module.replace("_", "-"), *_instance_words(**kwargs)])
-    try:
+    with _one_line_errors(instance):
         params = load_params(params_path)
         _check_instance(params, **kwargs)
         marks.append(time.perf_counter())
@@ -134,15 +156,6 @@ def _run_stage(module: str, params_path: Path, **kwargs) -> None:
         modules = len(sys.modules)
         figures = stage.run(params, **kwargs)
         marks.append(time.perf_counter())
-    except ResourceError as err:
-        _fail(f"{instance}: {err}")
-    except CmdsAdError as err:
-        _fail(str(err))
-    except (MemoryError, RuntimeError, OSError) as err:
-        message = _resource_message(err)
-        if message is None:
-            raise
-        _fail(f"{instance}: {message}")
     if os.environ.get("CMDS_AD_TIMINGS", "") not in ("", "0"):
         _timings(module, marks, figures, len(sys.modules) - modules)
 
@@ -260,11 +273,9 @@ def demo_data(
     unknown = [c for c in category or () if c not in CATEGORIES]
     if unknown:
         _fail(f"--category: unknown demo category {unknown[0]!r} (have {', '.join(CATEGORIES)})")
-    try:
+    with _one_line_errors():
         write(out, category or list(CATEGORIES), seed=seed, n_train=n_train, n_test=n_test,
               eyecandies=eyecandies, force=force)
-    except CmdsAdError as err:
-        _fail(str(err))
 
 
 def _require_npz(file: Path) -> None:
@@ -293,85 +304,59 @@ def metrics(
     an NPZ file; print JSON."""
     from stages.evaluate import metrics_command
 
-    try:
+    with _one_line_errors():
         _require_npz(file)
         metrics_command(file, aupro_thresholds or ())
-    except CmdsAdError as err:
-        _fail(str(err))
 
 
-@app.command("prepare")
-def prepare(category: CategoryArg, params: ParamsOpt = Path("params.yaml")) -> None:
-    """Stage: read, preprocess and store one category; choose and record the shots."""
-    _run_stage("prepare", params, category=category)
+# The DVC stages' commands: module -> (the instance its arguments name, help). "": none,
+# "category", "k": a category, k and seed, "maybe_k": a category and, for generated images, k
+# and seed.
+STAGE_COMMANDS = {
+    "validate_params": ("", "Stage: validate the whole parameter file before any work."),
+    "prepare": ("category", "Stage: read, preprocess and store one category; choose the shots."),
+    "augment": ("k", "Stage: fine-tune a LoRA on the shots and generate augmented images."),
+    "estimate_normals": ("maybe_k", "Stage: Marigold normals of real (or generated) images."),
+    "extract_features": ("maybe_k", "Stage: backbone features of real (or generated) images."),
+    "fit_mapper": ("k", "Stage: train the four cross-modal feature mappers."),
+    "infer": ("k", "Stage: run the four mappers on the test set; store the raw stream maps."),
+    "score": ("k", "Stage: fuse, mask, smooth and normalise the stream maps (no torch)."),
+    "evaluate": ("k", "Stage: metrics, curves, heatmaps and fusion ablations of one instance."),
+    "report": ("", "Stage: summary tables (mean over categories per k) and the overview figure."),
+}
+PARAMS_FILE = Path("params.yaml")
 
 
-@app.command("augment")
-def augment(
-    category: CategoryArg, shots: ShotsOpt, seed: SeedOpt = 0, params: ParamsOpt = Path("params.yaml")
-) -> None:
-    """Stage: fine-tune a LoRA on the shots and generate augmented images."""
-    _run_stage("augment", params, category=category, shots=shots, seed=seed)
+def _keyword(name: str, annotation: Any,
+             default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=default)
 
 
-@app.command("estimate-normals")
-def estimate_normals(
-    category: CategoryArg,
-    shots: MaybeShotsOpt = None,
-    seed: MaybeSeedOpt = None,
-    params: ParamsOpt = Path("params.yaml"),
-) -> None:
-    """Stage: Marigold normals of real images (or, with --shots, of generated images)."""
-    _run_stage("estimate_normals", params, category=category, shots=shots, seed=seed)
+# The command-line arguments of each form of STAGE_COMMANDS (before --params).
+_CATEGORY = _keyword("category", CategoryArg)
+INSTANCE_ARGUMENTS = {
+    "": [],
+    "category": [_CATEGORY],
+    "k": [_CATEGORY, _keyword("shots", ShotsOpt), _keyword("seed", SeedOpt, 0)],
+    "maybe_k": [_CATEGORY, _keyword("shots", MaybeShotsOpt, None),
+                _keyword("seed", MaybeSeedOpt, None)],
+}
 
 
-@app.command("extract-features")
-def extract_features(
-    category: CategoryArg,
-    shots: MaybeShotsOpt = None,
-    seed: MaybeSeedOpt = None,
-    params: ParamsOpt = Path("params.yaml"),
-) -> None:
-    """Stage: frozen-backbone features of RGB and normal images (or of generated images)."""
-    _run_stage("extract_features", params, category=category, shots=shots, seed=seed)
+def _stage_command(module: str, form: str) -> Callable[..., None]:
+    """The command function of ``stages.<module>``: typer reads its arguments from the
+    signature, which is the form's arguments and --params."""
+    def command(params: Path, **instance: Any) -> None:
+        _run_stage(module, params, **instance)
+
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*INSTANCE_ARGUMENTS[form], _keyword("params", ParamsOpt, PARAMS_FILE)])
+    return command
 
 
-@app.command("fit-mapper")
-def fit_mapper(
-    category: CategoryArg, shots: ShotsOpt, seed: SeedOpt = 0, params: ParamsOpt = Path("params.yaml")
-) -> None:
-    """Stage: train the four cross-modal feature mappers."""
-    _run_stage("fit_mapper", params, category=category, shots=shots, seed=seed)
-
-
-@app.command("infer")
-def infer(
-    category: CategoryArg, shots: ShotsOpt, seed: SeedOpt = 0, params: ParamsOpt = Path("params.yaml")
-) -> None:
-    """Stage: run the four mappers on the test set; store the raw stream maps."""
-    _run_stage("infer", params, category=category, shots=shots, seed=seed)
-
-
-@app.command("score")
-def score(
-    category: CategoryArg, shots: ShotsOpt, seed: SeedOpt = 0, params: ParamsOpt = Path("params.yaml")
-) -> None:
-    """Stage: fuse, mask, smooth and normalise the stream maps; image scores (no torch)."""
-    _run_stage("score", params, category=category, shots=shots, seed=seed)
-
-
-@app.command("evaluate")
-def evaluate(
-    category: CategoryArg, shots: ShotsOpt, seed: SeedOpt = 0, params: ParamsOpt = Path("params.yaml")
-) -> None:
-    """Stage: metrics, curves, heatmaps and fusion ablations of one category and k."""
-    _run_stage("evaluate", params, category=category, shots=shots, seed=seed)
-
-
-@app.command("report")
-def report(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Stage: summary tables (mean over categories per k) and the overview figure."""
-    _run_stage("report", params)
+for _module, (_form, _help) in STAGE_COMMANDS.items():
+    app.command(_module.replace("_", "-"), help=_help)(_stage_command(_module, _form))
 
 
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1,
@@ -390,10 +375,8 @@ def sweep(
     naming any experiment that failed; compare them with `dvc exp show`."""
     from experiments.sweep import sweep as run
 
-    try:
+    with _one_line_errors():
         done = run([set_param], jobs)
-    except CmdsAdError as err:
-        _fail(str(err))
     typer.echo(f"ran {len(done)} experiments: {', '.join(done)} (compare: dvc exp show)")
 
 
@@ -413,11 +396,9 @@ def sweep_lambda(
         weights = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
         _fail(f"--values: not a comma-separated list of numbers: {values!r}")
-    try:
+    with _one_line_errors():
         _claim_out(out, "sweep-lambda", force)
         run_sweep(weights, params, out, jobs)
-    except CmdsAdError as err:
-        _fail(str(err))
 
 
 @app.command("import-official")
@@ -439,19 +420,11 @@ def import_official(
         _fail(f"--dataset: {dataset!r} is not one of mvtec3d, eyecandies")
     if name_problem(category):
         _fail(f"--category: {name_problem(category)}")
-    try:
+    with _one_line_errors():
         _claim_out(out, "import-official", force, ("the checkpoint folder", ckpt_root))
         convert(ckpt_root, dataset, category, shots, out)
         atomic_write_text(out / MARKER, "written by cmds-ad import-official\n")
-    except CmdsAdError as err:
-        _fail(str(err))
     typer.echo(f"{out}: four mappers converted from {ckpt_root} ({category}, k={shots})")
-
-
-@app.command("validate-params")
-def validate_params(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Stage: validate the whole parameter file (every section and key) before any work."""
-    _run_stage("validate_params", params)
 
 
 @app.command("demo-models")
@@ -486,13 +459,11 @@ def demo_models(
     # One thread: the layers are tiny, and the run is then deterministic on this machine.
     torch.set_num_threads(1)
     start = time.perf_counter()
-    try:
+    with _one_line_errors():
         _claim_out(out, "demo-models", force)
         with atomic_dir(out) as tmp:
             train_demo_marigold(tmp, cfg, log=typer.echo)
             mark(tmp, "demo-models")
-    except CmdsAdError as err:
-        _fail(str(err))
     typer.echo(f"{out}: demo normals model trained in {time.perf_counter() - start:.0f} s")
 
 
@@ -562,11 +533,10 @@ def distribute(
                      sbatch=sbatch, cpu_jobs=cpu_jobs, cpu_partition=cpu_partition,
                      scratch=scratch)
     try:
-        options = resolve_options(settings, overrides)
-        outcome = run_distributed(Path.cwd(), options, targets or (), remote=remote,
-                                  git_url=git_url)
-    except CmdsAdError as err:
-        _fail(str(err))
+        with _one_line_errors():
+            options = resolve_options(settings, overrides)
+            outcome = run_distributed(Path.cwd(), options, targets or (), remote=remote,
+                                      git_url=git_url)
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: the instances that finished are in your workspace and on "
                     "the remote; `cmds-ad distribute` again runs the others", fg="red", err=True)
