@@ -25,7 +25,7 @@ Each part reports seconds per unit (step, image, forward) after a warm-up, and i
 ``torch.cuda.max_memory_allocated`` reset before each part (each phase of augment), or on a
 CPU the peak resident set size reset the same way (``/proc/self/clear_refs``). Parts run in
 one process, each with the torch settings it found at start restored afterwards (augment
-switches on deterministic algorithms for good, as its own stage process may).
+runs with deterministic kernels, ``pipeline.determinism.deterministic``, as its stage does).
 
 The figures are then extrapolated to the preset's full budgets: per (category, k), per
 category, and for the whole MVTec 3D-AD and Eyecandies tables (10 categories x k = 1, 2, 4),
@@ -374,7 +374,8 @@ def precision(ctx: Context, name: str) -> torch.dtype:
 def run_augment(ctx: Context, option: str | None) -> list[Row]:
     """Pivotal tuning (textual inversion, LoRA) and img2img, as ``stages.augment.run``."""
     from pipeline.augment.lora_files import lora_snapshot
-    from pipeline.augment.lora_training import OBJECT_TEMPLATES, deterministic_torch, train_lora
+    from pipeline.augment.lora_training import OBJECT_TEMPLATES, train_lora
+    from pipeline.determinism import deterministic
     from stages.augment import _lora_config
 
     s, a = ctx.sizes, ctx.params.augment
@@ -383,15 +384,15 @@ def run_augment(ctx: Context, option: str | None) -> list[Row]:
     token = a.placeholder_token.format(category=ctx.category)
     prompts = ([a.prompt.format(category=ctx.category, token=token)] if a.train_prompts == "fixed"
                else [t.format(token) for t in OBJECT_TEMPLATES])
-    deterministic_torch(ctx.device)
-    pipe = build_sd(ctx, precision(ctx, a.train_precision))
-    images = [ctx.image(a.resolution, a.resolution) for _ in range(s.train_images)]
-    clock = StepClock(ctx.device, ctx.memory)
-    train_lora(pipe, images, prompts, _lora_config(params, token), clock)
-    rows = lora_rows(ctx, params, clock)
-    if option is None:
-        lora_snapshot(pipe, a.train_text_encoder, token if a.learns_token() else None)
-        rows.append(img2img_row(ctx, pipe, token))
+    with deterministic(ctx.device, warn_only=True):  # as the augment stage runs
+        pipe = build_sd(ctx, precision(ctx, a.train_precision))
+        images = [ctx.image(a.resolution, a.resolution) for _ in range(s.train_images)]
+        clock = StepClock(ctx.device, ctx.memory)
+        train_lora(pipe, images, prompts, _lora_config(params, token), clock)
+        rows = lora_rows(ctx, params, clock)
+        if option is None:
+            lora_snapshot(pipe, a.train_text_encoder, token if a.learns_token() else None)
+            rows.append(img2img_row(ctx, pipe, token))
     return rows
 
 
@@ -485,23 +486,23 @@ def run_marigold(ctx: Context, option: str | None) -> list[Row]:
 
 def run_features(ctx: Context, option: str | None) -> list[Row]:
     """The backbone's forward passes as extract_features makes them (clean and noisy input)."""
+    from pipeline.determinism import deterministic
     from pipeline.features import encode
 
     f, s = ctx.params.extract_features, ctx.sizes
-    if ctx.device.type == "cuda":  # as stages.extract_features._backbone sets them
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    backbone = build_backbone(ctx)
-    batch = f.batch_size
-    size = ctx.params.data.size
-    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * f.noise_sigma
-    encode(backbone, x, "rgb")  # warm-up
+    with deterministic(ctx.device, warn_only=True):  # as stages.extract_features runs
+        backbone = build_backbone(ctx)
+        batch = f.batch_size
+        size = ctx.params.data.size
+        x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * f.noise_sigma
+        encode(backbone, x, "rgb")  # warm-up
 
-    def batches() -> None:
-        for i in range(s.feature_batches):  # half clean, half with a noisy copy's noise
-            encode(backbone, x, "rgb", noise if i % 2 else None)
+        def batches() -> None:
+            for i in range(s.feature_batches):  # half clean, half with a noisy copy's noise
+                encode(backbone, x, "rgb", noise if i % 2 else None)
 
-    seconds, peak, _ = ctx.measure(batches)
+        seconds, peak, _ = ctx.measure(batches)
     n = batch * s.feature_batches
     return [Row("extract_features", f"DINO ViT-B/8 forward, {f.precision}, batch {batch}, "
                 f"{size} x {size}, blocks {f.layers}", "image", seconds / n, n, peak, "dino")]
@@ -609,7 +610,8 @@ def score_rows(ctx: Context, streams: dict[str, np.ndarray]) -> list[Row]:
     gt = np.zeros((n, size, size), np.uint8)
     gt[labels == 1, size // 3 : size // 2, size // 3 : size // 2] = 1
     metric_s, metric_peak, _ = ctx.measure(lambda: evaluate_maps(
-        maps, gt, labels, scores, p.evaluate.limits, p.evaluate.aupro_thresholds))
+        maps, gt, labels, scores, limits=p.evaluate.limits,
+        aupro_thresholds=p.evaluate.aupro_thresholds))
     return [Row("score", f"fusion {p.score.fusion}, {p.score.smoothing} smoothing (CPU)", "image",
                 seconds / n, n, peak, "score"),
             Row("evaluate", "I-AUROC, P-AUROC, AUPRO exact + thr99 (CPU)", "image",

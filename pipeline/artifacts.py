@@ -451,6 +451,15 @@ class Store:
     def names(self) -> list[str]:
         return list(self._arrays)
 
+    @property
+    def ids(self) -> list[str]:
+        """The sample ids (attribute ``ids``): one per row of every per-sample array."""
+        ids = self.attrs.get("ids")
+        if not isinstance(ids, list):
+            raise InputError(f"{self.path}: attribute 'ids' (the sample ids) is missing; "
+                             "re-run the stage that writes this store")
+        return [str(i) for i in ids]
+
     def __len__(self) -> int:
         ids = self.attrs.get("ids")
         if ids is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import Store, StoreWriter
+from pipeline.background import BackgroundWriter, ReadAhead
 from pipeline.errors import InputError, ModelError
 from pipeline.models.backbones import Backbone
 from pipeline.progress import track
@@ -65,16 +65,14 @@ class Noise:
 def check_sources(sources: Sequence[Source]) -> tuple[int, int, int]:
     """Validate ids, shapes and dtypes of the inputs before any work; return (N, H, W)."""
     first = sources[0]
-    ids = list(first.store.attrs.get("ids", []))
+    ids = first.store.ids
     shape: tuple[int, ...] | None = None
     for src in sources:
         path = src.store.path
-        if "ids" not in src.store.attrs:
-            raise InputError(f"{path}: attribute 'ids' missing")
-        if list(src.store.attrs["ids"]) != ids:
+        if src.store.ids != ids:
             raise InputError(
                 f"sample ids differ between {first.store.path} and {path} "
-                f"({len(ids)} vs {len(src.store.attrs['ids'])} ids); re-run the stage that wrote {path}"
+                f"({len(ids)} vs {len(src.store.ids)} ids); re-run the stage that wrote {path}"
             )
         if src.array not in src.store:
             if not ids:
@@ -241,28 +239,19 @@ def extract_store(
 
         if n == 0:  # nothing to encode: the array shapes come from one blank image
             declare(*backbone.probe(height, width))
-        # One worker each keeps batches in order; at most one read ahead and one write behind.
-        with ThreadPoolExecutor(1, "features-read") as reader, ThreadPoolExecutor(1, "features-write") as out:
-            pending_read: Future | None = (
-                reader.submit(_read, sources, 0, min(n, batch_size)) if starts else None
-            )
-            pending_write: Future | None = None
-            for start in track(starts, description):
-                assert pending_read is not None
-                images = pending_read.result()
-                nxt = start + batch_size
-                pending_read = reader.submit(_read, sources, nxt, min(n, nxt + batch_size)) if nxt < n else None
+        # Batches in order, at most one read ahead and one write behind (helper threads).
+        def read(step: int) -> dict[str, torch.Tensor]:
+            return _read(sources, starts[step], min(n, starts[step] + batch_size))
+
+        with ReadAhead(read, len(starts)) as batches, BackgroundWriter(max_pending=1) as out:
+            for start, images in track(zip(starts, batches), description, total=len(starts)):
                 tic = time.perf_counter()
                 features = _encode_batch(backbone, sources, images, start, noise)
                 encode_s += time.perf_counter() - tic
                 if start == 0:  # shapes from the first real batch: no extra forward pass
                     maps = [features[f"{sources[0].modality}_{layer}"] for layer in range(3)]
                     declare([int(m.shape[1]) for m in maps], [int(s) for s in maps[0].shape[-2:]])
-                if pending_write is not None:
-                    pending_write.result()
-                pending_write = out.submit(write, features)
-            if pending_write is not None:
-                pending_write.result()
+                out.submit(write, features)
     if stats is not None:
         stats["encode_s"] = encode_s
     return feature_attrs

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -362,18 +363,37 @@ def evaluate(
                 f"roc_maps: shape {roc_maps.shape} does not match anomaly_maps {maps.shape}"
             )
 
-    undefined: dict[str, str] = {}
+    undefined: dict[str, str] = {}  # metric -> why it is None
     result: dict = {}
+    roc = _image_metrics(image_scores, labels, result, undefined)
+    pro, pro_points, n_regions = _pixel_metrics(maps, roc_maps, gt, limits, counts, result,
+                                                undefined)
+    result["aupro_thresholds"] = list(counts)
+    result["n_images"] = len(maps)
+    result["n_defective"] = int((labels == 1).sum())
+    result["n_regions"] = n_regions
+    result["undefined"] = undefined
+    return Evaluation(metrics=result, roc=roc, pro=pro, pro_points=pro_points)
+
+
+def _image_metrics(image_scores: np.ndarray, labels: np.ndarray, result: dict,
+                   undefined: dict[str, str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """I-AUROC into ``result``; returns the image ROC curve (None without both classes)."""
     n_good, n_bad = int((labels == 0).sum()), int((labels == 1).sum())
-    roc = None
     if n_good and n_bad:
         result["i_auroc"] = auroc(image_scores, labels)
-        roc = roc_curve_points(image_scores, labels)
-    else:
-        result["i_auroc"] = None
-        missing = "good" if not n_good else "defective"
-        undefined["i_auroc"] = f"no {missing} image in the set"
+        return roc_curve_points(image_scores, labels)
+    result["i_auroc"] = None
+    missing = "good" if not n_good else "defective"
+    undefined["i_auroc"] = f"no {missing} image in the set"
+    return None
 
+
+def _pixel_metrics(maps: np.ndarray, roc_maps: np.ndarray | None, gt: np.ndarray,
+                   limits: list[float], counts: Sequence[int], result: dict,
+                   undefined: dict[str, str]) -> tuple[ExactPro | None, dict, int]:
+    """P-AUROC and every AUPRO into ``result``; returns the exact PRO curve, the approximate
+    curves by threshold count and the number of defect regions."""
     stats = pixel_stats(maps, gt)
     n_neg, n_pos = len(stats.neg), len(stats.pos)
     why = "no defect pixel in gt" if not n_pos else "no defect-free pixel in gt"
@@ -401,22 +421,11 @@ def evaluate(
                 result[key] = pro.area_to(limit) / limit
             else:
                 result[key] = trapezoid_to(*pro_points[t], limit) / limit
-    result["aupro_thresholds"] = list(counts)
-    result["n_images"] = len(maps)
-    result["n_defective"] = n_bad
-    result["n_regions"] = stats.n_regions
-    result["undefined"] = undefined
-    return Evaluation(metrics=result, roc=roc, pro=pro, pro_points=pro_points)
+    return pro, pro_points, stats.n_regions
 
 
-def evaluate_maps(
-    anomaly_maps: np.ndarray,
-    gt: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray | None = None,
-    limits: Sequence[float] = DEFAULT_LIMITS,
-    aupro_thresholds: Sequence[int] | None = DEFAULT_THRESHOLDS,
-) -> dict:
+def evaluate_maps(anomaly_maps: np.ndarray, gt: np.ndarray, labels: np.ndarray,
+                  scores: np.ndarray | None = None, **options: Any) -> dict:
     """I-AUROC, P-AUROC and AUPRO at each FPR limit of a set of anomaly maps.
 
     ``anomaly_maps`` (N, H, W) float; ``gt`` (N, H, W), non-zero = defect; ``labels`` (N,)
@@ -426,6 +435,7 @@ def evaluate_maps(
     approximation of T thresholds (``aupro@<limit>_thr<T>``), from the same sort. Other keys:
     ``i_auroc``, ``p_auroc``, ``aupro_thresholds`` (the list of T), ``n_images``,
     ``n_defective``, ``n_regions`` and ``undefined`` (metric -> reason for every metric that
-    is ``None``).
+    is ``None``). ``options``: ``limits`` (default ``DEFAULT_LIMITS``) and
+    ``aupro_thresholds``, as :func:`evaluate` takes them.
     """
-    return evaluate(anomaly_maps, gt, labels, scores, limits, aupro_thresholds).metrics
+    return evaluate(anomaly_maps, gt, labels, scores, **options).metrics

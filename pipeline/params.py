@@ -6,7 +6,6 @@ raised as :class:`ParamsError` with the dotted key path, e.g. ``score.fusion``.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -353,7 +352,7 @@ class FitMapperParams(Section):
     noise_on: Literal["source", "both"] = "both"
     # train: fit the mappers; official: convert the released checkpoints found under
     # `checkpoints` (pipeline/official.py) instead. `checkpoints` is always a path because
-    # upstream/dvc.yaml lists it as a dependency, so DVC hashes the files (README).
+    # upstream/dvc.yaml lists it as a dependency, so DVC hashes the files (docs/reproducing.md).
     mappers: Literal["train", "official"] = "train"
     checkpoints: str = Field("checkpoints", min_length=1)
     seed: Seed = 0

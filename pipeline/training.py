@@ -10,9 +10,7 @@ is given (real stream) and over all pixels otherwise (estimated stream).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +20,10 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.artifacts import Store, open_store
+from pipeline.determinism import deterministic
 from pipeline.errors import InputError
 from pipeline.models.mapper import Mapper, build_mapper, resize_layers
 from pipeline.progress import track
-
-# cuBLAS reads this when its first handle is created; deterministic training needs it on CUDA.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 N_LAYERS = 3
 DIRECTIONS = ("2d_to_3d", "3d_to_2d")
@@ -56,7 +52,7 @@ def feature_meta(store: Store, modalities: Sequence[str]) -> FeatureMeta:
     for key in ("ids", "backbone", "grid", "channels"):
         if key not in store.attrs:
             raise InputError(f"{store.path}: attribute {key!r} missing (not a feature store?)")
-    ids = [str(i) for i in store.attrs["ids"]]
+    ids = store.ids
     channels = [int(c) for c in store.attrs["channels"]]
     grid = [int(g) for g in store.attrs["grid"]]
     if len(channels) != N_LAYERS:
@@ -108,7 +104,7 @@ def open_prepared_with_fg(path: Path, purpose: str) -> tuple[Store, list[str]]:
     if "fg" not in store:
         raise InputError(f"{path}: no foreground mask array 'fg' (needed {purpose}); "
                          "re-run the prepare stage")
-    return store, [str(i) for i in store.attrs.get("ids", [])]
+    return store, store.ids
 
 
 def read_rows(store: Store, name: str, rows: Sequence[int]) -> np.ndarray:
@@ -221,19 +217,6 @@ def mapping_loss(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
     return total
 
 
-@contextmanager
-def deterministic() -> Iterator[None]:
-    """Deterministic kernels for the duration of training; restores the previous setting,
-    warn-only flag included (``deterministic_torch`` of the augment stage sets it)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
-
-
 def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
     """Sample indices epoch by epoch (a fresh permutation each epoch), batch_size per step."""
     pool: list[int] = []
@@ -283,7 +266,7 @@ def train_stream(data: StreamData, config: TrainConfig, seed: int, device: torch
                                               weight_decay=config.weight_decay)
     losses: dict[str, list[float]] = {d: [] for d in DIRECTIONS}
     gen = torch.Generator().manual_seed(derive_seed(seed, 0))
-    with deterministic():
+    with deterministic(device):
         batches = _batches(len(data), config.batch_size, config.steps, gen)
         for step, rows in enumerate(track(batches, description, total=config.steps)):
             rgb = _gather(data.rgb, rows, gen, device, config.resolution)

@@ -9,6 +9,12 @@ from pathlib import Path
 
 from scheduler.settings import ClusterOptions, DistributeError
 
+
+def _no_scheduler(options: ClusterOptions, err: Exception) -> DistributeError:
+    return DistributeError(f"no Dask scheduler answers at {options.cluster} "
+                           f"(within {options.connect_timeout:g} s): {err}")
+
+
 def check_cluster(options: ClusterOptions) -> None:
     """Fail within seconds, before any work: no answer at an address; on SLURM no sbatch, or
     jobs that SLURM would refuse or never start."""
@@ -22,10 +28,7 @@ def check_cluster(options: ClusterOptions) -> None:
             socket.create_connection((host.strip("[]"), int(port)),
                                      timeout=options.connect_timeout).close()
         except (OSError, ValueError) as err:
-            raise DistributeError(
-                f"no Dask scheduler answers at {options.cluster} "
-                f"(within {options.connect_timeout:g} s): {err}"
-            ) from None
+            raise _no_scheduler(options, err) from None
 
 
 def start_cluster(options: ClusterOptions, run_dir: Path):
@@ -51,11 +54,8 @@ def start_cluster(options: ClusterOptions, run_dir: Path):
         return client, cluster, SlurmJobs(cluster, client, run_dir / "slurm")
     try:
         client = Client(options.cluster, timeout=f"{options.connect_timeout}s")
-    except (OSError, TimeoutError) as err:
-        raise DistributeError(
-            f"no Dask scheduler answers at {options.cluster} "
-            f"(within {options.connect_timeout:g} s): {err}"
-        ) from None
+    except (OSError, TimeoutError) as err:  # it stopped answering since check_cluster
+        raise _no_scheduler(options, err) from None
     return client, None, None
 
 
@@ -64,7 +64,6 @@ def cluster_has_gpus(client, options: ClusterOptions) -> bool:
         return options.worker_gpus > 0
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
-
 
 
 def dashboard_up(client) -> bool:

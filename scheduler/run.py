@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.cluster import cluster_has_gpus, dashboard_up, check_cluster, start_cluster
-from scheduler.plan import Instance, Plan, check_clean, local_record, plan, resolve_remote
+from scheduler.plan import Plan, check_clean, local_record, plan, resolve_remote
 from scheduler.settings import ClusterOptions
 from scheduler.task import EVENT_TOPIC, SHELL_ENV, InstanceFailed, safe_name, run_instance
 
@@ -105,6 +105,7 @@ def _distribute(root: Path, options: ClusterOptions, targets: Sequence[str],
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
+    # 1. Check and plan, before any work
     check_cluster(options)
     the_plan = plan(root, targets)
     check_clean(root, the_plan.output_paths)
@@ -113,6 +114,7 @@ def _distribute(root: Path, options: ClusterOptions, targets: Sequence[str],
     if not the_plan.to_run:
         console.print("Every stage instance is up to date: nothing to run.")
         return outcome
+    # 2. Up-to-date upstream outputs to the remote, for the workers; the cluster
     run_dir = root / RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     records = push_local_parents(root, the_plan, remote_name)
     client, cluster, jobs = start_cluster(options, run_dir)
@@ -126,15 +128,18 @@ def _distribute(root: Path, options: ClusterOptions, targets: Sequence[str],
                   "remote": remote_name, "remote_config": remote_config,
                   "scratch": options.scratch, "shell_env": SHELL_ENV}
         gpus = cluster_has_gpus(client, options)
+        # 3. Each instance once its upstream is done, until all finished or failed
         _Scheduler(client, outcome, records, common, gpus).run(console, jobs)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-        # also after an interruption: what finished is kept, and a next run skips it
+        # 4. The finished instances into this workspace, and the run record; also after an
+        # interruption: what finished is kept, and a next run skips it
         sync_workspace(root, the_plan, outcome.results, remote_name)
         outcome.wall_s = time.perf_counter() - start
         write_run_record(run_dir / "run.json", outcome, options, jobs)
+    # 5. What ran, what failed, what did not run
     console.print()
     report(outcome, console)
     console.print(f"Run record: {(run_dir / 'run.json').relative_to(root)}")

@@ -19,14 +19,13 @@ empty (M = 0) and ``lora.safetensors`` is an empty marker (no tensors, metadata
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
 import torch
 
+from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
 from pipeline.augment.generation import generate, shot_seeds, use_euler_ancestral
 from pipeline.augment.images import resize_rgb, to_square
 from pipeline.augment.lora_files import lora_snapshot, save_empty_lora, write_lora
@@ -34,10 +33,11 @@ from pipeline.augment.lora_training import (
     OBJECT_TEMPLATES,
     LoraTraining,
     TextualInversion,
-    deterministic_torch,
     lora_summary,
     train_lora,
 )
+from pipeline.background import BackgroundWriter
+from pipeline.determinism import deterministic
 from pipeline.device import pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.models.diffusion import ModelClock, demo_threads, load_img2img, model_info
@@ -50,7 +50,7 @@ LORA_FILE = "lora.safetensors"
 
 def read_shot_images(category: str, ids: list[str], size: int) -> np.ndarray:
     store = open_store(layout.prepared(category) / "train.zarr")
-    stored = list(store.attrs.get("ids", []))
+    stored = store.ids
     rgb = store["rgb"]
     if rgb.dtype.name != "uint8" or tuple(rgb.shape[1:]) != (size, size, 3):
         raise InputError(
@@ -109,52 +109,25 @@ def _dtype(device: torch.device, name: str) -> torch.dtype:
     return getattr(torch, name) if device.type == "cuda" else torch.float32
 
 
-def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, float]:
-    """Train the LoRA, generate, write the artifacts; returns timing figures (benchmark)."""
-    started = time.perf_counter()
-    a = params.augment
-    size = params.data.size
-    shot_ids = layout.read_shot_ids(category, shots, seed)
-    shot_rgb = list(read_shot_images(category, shot_ids, size))
-    out_dir = layout.augmented(category, shots, seed)
-    base = params.models.diffusion
-    section = section_dict(a)
+def _write_disabled(params: Params, out_dir: Path, section: dict) -> None:
+    """``augment.n_per_shot: 0``: an empty LoRA marker and an empty generated store, so the
+    stage's declared outputs exist."""
+    base, size, resolution = params.models.diffusion, params.data.size, params.augment.resolution
+    with atomic_dir(out_dir) as tmp:
+        save_empty_lora(tmp / LORA_FILE, base)
+        with StoreWriter(tmp / "generated.zarr",
+                         attrs=_generated_attrs([], [], [], section, {"model": base}, {})) as w:
+            w.create("rgb", n=0, sample_shape=(size, size, 3), dtype="uint8")
+            w.create("rgb_full", n=0, sample_shape=(resolution, resolution, 3), dtype="uint8")
 
-    if a.n_per_shot == 0:
-        info(f"augment {category} k={shots}: augment.n_per_shot is 0, augmentation disabled")
-        with atomic_dir(out_dir) as tmp:
-            save_empty_lora(tmp / LORA_FILE, base)
-            with StoreWriter(tmp / "generated.zarr",
-                             attrs=_generated_attrs([], [], [], section, {"model": base}, {})) as w:
-                w.create("rgb", n=0, sample_shape=(size, size, 3), dtype="uint8")
-                w.create("rgb_full", n=0, sample_shape=(a.resolution, a.resolution, 3),
-                         dtype="uint8")
-        return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
-                "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}
 
-    # the templates and the step count were checked with the parameters (pipeline/params.py)
-    token = a.placeholder_token.format(category=category)
-    prompt = a.prompt.format(category=category, token=token)
-    train_prompts = [prompt] if a.train_prompts == "fixed" else \
-        [t.format(token) for t in OBJECT_TEMPLATES]
-    seeds_per_shot = shot_seeds(a.image_seeds, a.n_per_shot, a.seed, shots, seed, len(shot_ids))
-    if a.image_source == "original":
-        shot_rgb = read_original_shots(params, category, shot_ids)
-    device = pick_device()
-    deterministic_torch(device)  # before CUDA initialises (cuBLAS reads its workspace setting)
-    train_dtype, gen_dtype = _dtype(device, a.train_precision), _dtype(device, a.precision)
-    loading = time.perf_counter()
-    pipe, source = load_img2img(base, params.models.cache_dir, device, train_dtype)
-    load_s = time.perf_counter() - loading
-    info(f"augment {category} k={shots} seed={seed}: base model {source.spec} ({source.kind}) "
-         f"on {device}; {a.textual_inversion.steps} textual inversion steps, LoRA rank "
-         f"{a.lora_rank}, {a.steps} steps on "
-         f"{'the k shots' if a.train_on == 'shots' else 'the full training split'}; "
-         f"{a.n_per_shot} images per shot; prompt {prompt!r}")
+def _check_model(a: Any, pipe: Any, spec: str, token: str, prompt: str) -> None:
+    """What only the loaded model can tell: the resolution fits its VAE (an error); the prompt
+    or the tokenizer do not know the placeholder token (a note)."""
     if a.resolution % pipe.vae_scale_factor:
         raise ParamsError(
             f"augment.resolution: {a.resolution} is not a multiple of the VAE's scale factor "
-            f"{pipe.vae_scale_factor} ({source.spec})"
+            f"{pipe.vae_scale_factor} ({spec})"
         )
     if token not in prompt:
         info(f"note: augment.prompt {prompt!r} does not contain augment.placeholder_token "
@@ -163,51 +136,93 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     if not a.learns_token() and token not in vocab and f"{token}</w>" not in vocab:
         info(f"note: placeholder token {token!r} is not one token of this tokenizer")
 
-    if a.train_on == "shots":
-        train_images = [resize_rgb(img, a.resolution, a.interpolation) for img in shot_rgb]
-    else:
-        train_images = read_training_split(params, category, a.resolution, a.interpolation)
 
+def _training_images(params: Params, category: str, shot_rgb: list[np.ndarray]) -> list[np.ndarray]:
+    a = params.augment
+    if a.train_on == "shots":
+        return [resize_rgb(img, a.resolution, a.interpolation) for img in shot_rgb]
+    return read_training_split(params, category, a.resolution, a.interpolation)
+
+
+def _generate_and_write(pipe: Any, a: Any, shot_rgb: list[np.ndarray], prompt: str,
+                        seeds_per_shot: list[list[int]], writer: StoreWriter, size: int,
+                        background: BackgroundWriter, clock: ModelClock, label: str) -> None:
+    """img2img variations of each shot on this thread; their appends to ``writer`` queued on
+    the background thread (in shot order)."""
+    for index in track(range(len(shot_rgb)), f"generating {label}"):
+        full, small = generate(  # [n, R, R, 3] and [n, S, S, 3] uint8
+            pipe, shot_rgb[index], prompt, seeds_per_shot[index], strength=a.strength,
+            guidance=a.guidance, inference_steps=a.inference_steps, resolution=a.resolution,
+            out_size=size, generator_device=a.generator_device, clock=clock,
+        )
+        background.submit(writer.append, "rgb", small)
+        background.submit(writer.append, "rgb_full", full)
+
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, float]:
+    """Train the LoRA, generate, write the artifacts; returns timing figures (benchmark)."""
+    started = time.perf_counter()
+    a, size, base = params.augment, params.data.size, params.models.diffusion
+    out_dir, section = layout.augmented(category, shots, seed), section_dict(a)
+    # 1. The shots (and nothing more when augmentation is off)
+    shot_ids = layout.read_shot_ids(category, shots, seed)
+    shot_rgb = list(read_shot_images(category, shot_ids, size))
+    if a.n_per_shot == 0:
+        info(f"augment {category} k={shots}: augment.n_per_shot is 0, augmentation disabled")
+        _write_disabled(params, out_dir, section)
+        return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
+                "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}
+    # 2. Prompts and seeds (the templates and the step count were checked with the params)
+    token = a.placeholder_token.format(category=category)
+    prompt = a.prompt.format(category=category, token=token)
+    train_prompts = [prompt] if a.train_prompts == "fixed" else \
+        [t.format(token) for t in OBJECT_TEMPLATES]
+    seeds_per_shot = shot_seeds(a.image_seeds, a.n_per_shot, a.seed, shots, seed, len(shot_ids))
+    if a.image_source == "original":
+        shot_rgb = read_original_shots(params, category, shot_ids)
     # Every image's id, source shot and seed are known before any is generated.
     gen_ids = [f"gen/{shot_id}/{j}" for shot_id in shot_ids for j in range(a.n_per_shot)]
     source_ids = [shot_id for shot_id in shot_ids for _ in range(a.n_per_shot)]
     seeds = [s for per_shot in seeds_per_shot for s in per_shot]
-    train_clock, gen_clock = ModelClock(device), ModelClock(device)
-    with demo_threads(device, source):
-        losses = train_lora(pipe, train_images, train_prompts, _lora_config(params, token),
-                            train_clock)
-        # A copy of what was learned, taken before the pipeline may change precision.
-        snapshot = lora_snapshot(pipe, a.train_text_encoder, token if a.learns_token() else None)
-        if gen_dtype != train_dtype:
-            pipe.to(dtype=gen_dtype)
-        use_euler_ancestral(pipe)
-        # The temporary output folder opens only now, so bad parameters found while training
-        # starts leave no folder behind.
-        with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as background:
-            # A helper thread writes the LoRA file and the generated store while the images
-            # are generated. It runs its jobs in submission order; a failed job re-raises
-            # below, so atomic_dir discards the folder.
-            attrs = _generated_attrs(gen_ids, source_ids, seeds, section, model_info(source),
-                                     {"lora": lora_summary(losses), "prompt": prompt,
-                                      "token": token,
-                                      "precision": str(pipe.dtype).replace("torch.", "")})
-            writer = StoreWriter(tmp / "generated.zarr", attrs=attrs)
-            jobs = [
-                background.submit(write_lora, snapshot, tmp, LORA_FILE, base),
-                background.submit(_open_generated, writer, len(gen_ids), size, a.resolution),
-            ]
-            for index in track(range(len(shot_ids)), f"generating {category} k={shots}"):
-                full, small = generate(
-                    pipe, shot_rgb[index], prompt, seeds_per_shot[index], strength=a.strength,
-                    guidance=a.guidance, inference_steps=a.inference_steps,
-                    resolution=a.resolution, out_size=size,
-                    generator_device=a.generator_device, clock=gen_clock,
-                )
-                jobs.append(background.submit(writer.append, "rgb", small))
-                jobs.append(background.submit(writer.append, "rgb_full", full))
-            jobs.append(background.submit(writer.__exit__, None, None, None))
-            for job in jobs:
-                job.result()
+    device = pick_device()
+    # before CUDA initialises (cuBLAS reads its workspace setting)
+    with deterministic(device, warn_only=True):
+        # 3. The base model
+        train_dtype, gen_dtype = _dtype(device, a.train_precision), _dtype(device, a.precision)
+        loading = time.perf_counter()
+        pipe, source = load_img2img(base, params.models.cache_dir, device, train_dtype)
+        load_s = time.perf_counter() - loading
+        info(f"augment {category} k={shots} seed={seed}: base model {source.spec} "
+             f"({source.kind}) on {device}; {a.textual_inversion.steps} textual inversion "
+             f"steps, LoRA rank {a.lora_rank}, {a.steps} steps on "
+             f"{'the k shots' if a.train_on == 'shots' else 'the full training split'}; "
+             f"{a.n_per_shot} images per shot; prompt {prompt!r}")
+        _check_model(a, pipe, source.spec, token, prompt)
+        train_images = _training_images(params, category, shot_rgb)
+        train_clock, gen_clock = ModelClock(device), ModelClock(device)
+        with demo_threads(device, source):
+            # 4. Train; a copy of what was learned, before the pipeline may change precision
+            losses = train_lora(pipe, train_images, train_prompts, _lora_config(params, token),
+                                train_clock)
+            snapshot = lora_snapshot(pipe, a.train_text_encoder,
+                                     token if a.learns_token() else None)
+            if gen_dtype != train_dtype:
+                pipe.to(dtype=gen_dtype)
+            use_euler_ancestral(pipe)
+            # 5. Generate; a helper thread writes the LoRA file and the store meanwhile. The
+            # output folder opens only now, so bad parameters found while training starts
+            # leave no folder behind; a failed write re-raises here and the folder goes.
+            with atomic_dir(out_dir) as tmp, BackgroundWriter() as background:
+                attrs = _generated_attrs(
+                    gen_ids, source_ids, seeds, section, model_info(source),
+                    {"lora": lora_summary(losses), "prompt": prompt, "token": token,
+                     "precision": str(pipe.dtype).replace("torch.", "")})
+                writer = StoreWriter(tmp / "generated.zarr", attrs=attrs)
+                background.submit(write_lora, snapshot, tmp, LORA_FILE, base)
+                background.submit(_open_generated, writer, len(gen_ids), size, a.resolution)
+                _generate_and_write(pipe, a, shot_rgb, prompt, seeds_per_shot, writer, size,
+                                    background, gen_clock, f"{category} k={shots}")
+                background.submit(writer.__exit__, None, None, None)
     return {"lora_steps": float(len(losses)), "lora_s": train_clock.seconds,
             "images": float(len(gen_ids)), "generate_s": gen_clock.seconds,
             "model_s": train_clock.seconds + gen_clock.seconds, "load_s": load_s,

@@ -18,9 +18,7 @@ meanwhile (see ``_write_normals``), so reading and writing add little to the mod
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from PIL import Image
 
 from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
+from pipeline.background import BackgroundWriter, ReadAhead
 from pipeline.data import list_samples, read_rgb
 from pipeline.data.preprocess import RGB_PAD_VALUE, pad_square
 from pipeline.device import inference_dtype, pick_device
@@ -57,19 +56,12 @@ _CARRIED_ATTRS = ("ids", "labels", "defect_types", "category", "dataset", "sourc
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # estimate_normals.precision
 
 
-def _check_ids(store: Any) -> list[str]:
-    ids = store.attrs.get("ids")
-    if not isinstance(ids, list):
-        raise InputError(f"{store.path}: attribute 'ids' (the sample ids) is missing")
-    return ids
-
-
 def _check_images(store: Any, name: str, side: int | None, why: str) -> int:
     """``store[name]`` must be (N, R, R, 3) uint8 with one image per id (R = ``side`` if
     given); returns R."""
     if name not in store:
         raise InputError(f"{store.path}: no array {name!r} ({why})")
-    images, n = store[name], len(store.attrs["ids"])
+    images, n = store[name], len(store.ids)
     shape = tuple(images.shape)
     square = images.ndim == 4 and shape[1] == shape[2] and shape[3] == 3
     if images.dtype.name != "uint8" or not square or (side is not None and shape[1] != side):
@@ -95,7 +87,7 @@ class _Source:
 def _store_source(store: Any, name: str, side: int | None, why: str) -> _Source:
     r = _check_images(store, name, side, why)
     array = store[name]  # opened once, not per batch
-    return _Source(store, [r] * len(store.attrs["ids"]), lambda a, b: array[a:b],
+    return _Source(store, [r] * len(store.ids), lambda a, b: array[a:b],
                    f"{store.path}:{name}")
 
 
@@ -103,7 +95,7 @@ def _dataset_source(store: Any, params: Params, category: str, split: str) -> _S
     """The original RGB of the store's samples, read from the dataset and padded square."""
     data = params.data
     refs = {r.id: r for r in list_samples(data.dataset, data.root, category, split)}
-    ids = store.attrs["ids"]
+    ids = store.ids
     missing = [i for i in ids if i not in refs]
     if missing:
         raise InputError(
@@ -139,7 +131,7 @@ class _Batch:
 def _plan(sources: list[_Source], batch_size: int) -> list[_Batch]:
     plan = []
     for index, source in enumerate(sources):
-        ids: list[str] = list(source.store.attrs["ids"])
+        ids: list[str] = list(source.store.ids)
         start = 0
         while start < len(ids):
             stop = start + 1
@@ -151,34 +143,17 @@ def _plan(sources: list[_Source], batch_size: int) -> list[_Batch]:
     return plan
 
 
-class _ReadAhead:
-    """The model input of each planned batch, read and converted on a helper thread one batch
-    ahead of its use, so each read overlaps the model call of the batch before it."""
-
-    def __init__(self, pool: ThreadPoolExecutor, sources: list[_Source], plan: list[_Batch]) -> None:
-        self._pool = pool
-        self._sources = sources
-        self._plan = plan
-
-    def __len__(self) -> int:
-        return len(self._plan)
-
-    def _read(self, step: int) -> torch.Tensor:
-        batch = self._plan[step]
-        rgb = self._sources[batch.source].read(batch.start, batch.stop)
+def _batch_reader(sources: list[_Source], plan: list[_Batch]) -> Callable[[int], torch.Tensor]:
+    """The model input of planned batch ``step`` (run on the read-ahead thread)."""
+    def read(step: int) -> torch.Tensor:
+        batch = plan[step]
+        rgb = sources[batch.source].read(batch.start, batch.stop)
         if rgb.shape[1:3] != (batch.side, batch.side):  # a file changed since planning
-            raise InputError(f"{self._sources[batch.source].described}: image "
+            raise InputError(f"{sources[batch.source].described}: image "
                              f"{batch.ids[batch.start]!r} changed size while being read")
         return model_input(rgb)
 
-    def __iter__(self) -> Iterator[tuple[_Batch, torch.Tensor]]:
-        upcoming = self._pool.submit(self._read, 0) if self._plan else None
-        for step, batch in enumerate(self._plan):
-            assert upcoming is not None
-            images = upcoming.result()
-            if step + 1 < len(self._plan):
-                upcoming = self._pool.submit(self._read, step + 1)
-            yield batch, images
+    return read
 
 
 class _Outputs:
@@ -238,35 +213,29 @@ def _write_normals(pipe: Any, source_info: dict, sources: list[_Source], outs: l
                    params: Params, run: MarigoldRun, clock: ModelClock, label: str) -> None:
     """Estimate the normals of ``sources`` batch by batch and write them to ``outs``.
 
-    The model runs on this thread. Helper threads read the next batch (:class:`_ReadAhead`)
-    and write the stores (:class:`_Outputs`) while the model works; at most one batch is read
-    ahead and one prediction waits to be written, so memory stays flat. (Call this with the
-    torch thread count already set: a thread takes it on its first torch operation.)
+    The model runs on this thread. Helper threads (``pipeline.background``) read the next
+    batch and write the stores (:class:`_Outputs`) while the model works; at most one batch
+    is read ahead and one prediction waits to be written, so memory stays flat. (Call this
+    with the torch thread count already set: a thread takes it on its first torch operation.)
     """
     p = params.estimate_normals
     precision = str(pipe.dtype).replace("torch.", "")
     outputs = _Outputs(
         outs, [_normals_attrs(source, source_info, params, precision, run) for source in sources],
-        [len(source.store.attrs["ids"]) for source in sources], params.data.size, run,
+        [len(source.store.ids) for source in sources], params.data.size, run,
     )
+    plan = _plan(sources, p.batch_size)
     with ExitStack() as stack:
         stack.push(outputs.abort)  # runs after the helper threads have stopped (LIFO)
-        reader, helper = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=1)
-        # After a failure, queued reads and writes are dropped rather than run.
-        stack.callback(reader.shutdown, cancel_futures=True)
-        stack.callback(helper.shutdown, cancel_futures=True)
-        batches = _ReadAhead(reader, sources, _plan(sources, p.batch_size))
-        pending: deque[Future[None]] = deque([helper.submit(outputs.open)])
-        for batch, images in track(batches, f"Marigold normals {label}", total=len(batches)):
+        batches = stack.enter_context(ReadAhead(_batch_reader(sources, plan), len(plan)))
+        writer = stack.enter_context(BackgroundWriter(max_pending=1))
+        writer.submit(outputs.open)
+        for batch, images in track(zip(plan, batches), f"Marigold normals {label}",
+                                   total=len(plan)):
             seeds = image_seeds(p.seed, batch.ids[batch.start : batch.stop], p.seeding)
             prediction = marigold_prediction(pipe, images, seeds, run, clock=clock)
-            last = batch.stop == len(batch.ids)
-            pending.append(helper.submit(outputs.write, batch.source, prediction, batch.side,
-                                         last))
-            while len(pending) > 1:
-                pending.popleft().result()  # re-raises a failed write here
-        while pending:
-            pending.popleft().result()
+            writer.submit(outputs.write, batch.source, prediction, batch.side,
+                          batch.stop == len(batch.ids))
 
 
 def _sources(params: Params, category: str, shots: int | None,
@@ -277,8 +246,6 @@ def _sources(params: Params, category: str, shots: int | None,
     if shots is None:
         stores = {split: open_store(layout.prepared(category) / f"{split}.zarr")
                   for split in ("train", "test")}
-        for store in stores.values():
-            _check_ids(store)
         if original:
             return {split: _dataset_source(store, params, category, split)
                     for split, store in stores.items()}
@@ -286,7 +253,6 @@ def _sources(params: Params, category: str, shots: int | None,
         return {split: _store_source(store, "rgb", size, why) for split, store in stores.items()}
     assert seed is not None
     store = open_store(layout.augmented(category, shots, seed) / "generated.zarr")
-    _check_ids(store)
     if original:
         # The generation-resolution images augment writes next to `rgb`.
         why = "the generated images at augment.resolution, read with estimate_normals.input: original"
@@ -322,7 +288,7 @@ def run(params: Params, category: str, shots: int | None = None,
     inputs = _sources(params, category, shots, seed)
     # Largest store first: the final shard write of the last store is the one write that no
     # model call hides.
-    splits = sorted(inputs, key=lambda split: -len(inputs[split].store.attrs["ids"]))
+    splits = sorted(inputs, key=lambda split: -len(inputs[split].store.ids))
     sources = [inputs[split] for split in splits]
 
     p = params.estimate_normals
@@ -351,5 +317,5 @@ def run(params: Params, category: str, shots: int | None = None,
             _write_normals(pipe, model_info(source), sources,
                            [layout.normals_generated(category, shots, seed)], params, marigold,
                            clock, f"{category}/{layout.run_key(shots, seed)}")
-    return {"images": float(sum(len(s.store.attrs["ids"]) for s in sources)),
+    return {"images": float(sum(len(s.store.ids) for s in sources)),
             "model_s": clock.seconds, "load_s": load_s, "total_s": time.perf_counter() - started}

@@ -34,6 +34,7 @@ import os
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,8 @@ from pipeline.errors import InputError
 from pipeline.params import Params
 from pipeline.progress import info, track
 from pipeline.scoring import STREAM_NAMES, finish_maps
+from pipeline.streams import open_streams
 from stages import layout
-from stages.score import open_streams
 
 PRO_PLOT_POINTS = 1000
 ABLATION_WORKERS = min(2, os.cpu_count() or 1)
@@ -85,13 +86,6 @@ def metrics_command(file: Path, extra_thresholds: Sequence[int] = ()) -> None:
 
 
 # ------------------------------------------------------------------------------ the stage
-
-
-def _ids(store: Store, path: Path) -> list[str]:
-    ids = store.attrs.get("ids")
-    if not isinstance(ids, list):
-        raise InputError(f"{path}: attribute 'ids' missing")
-    return [str(i) for i in ids]
 
 
 def _read(store: Store, path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -156,26 +150,41 @@ def _start_ablations(pool: ThreadPoolExecutor, streams: Store, path: Path, param
     return futures
 
 
-def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
-    p = params.evaluate
+@dataclass
+class _Inputs:
+    """One instance's test set, checked against its scores and streams."""
+
+    scores_path: Path
+    streams_path: Path
+    test_path: Path
+    scores: Store
+    streams: Store
+    test: Store
+    ids: list[str]
+    labels: np.ndarray        # (N,) int64
+    gt: np.ndarray            # (N, S, S) uint8
+    map_pro: np.ndarray       # (N, S, S)
+    map_roc: np.ndarray       # (N, S, S)
+    image_score: np.ndarray   # (N,) float64
+
+
+def _read_inputs(category: str, shots: int, seed: int) -> _Inputs:
+    """The scores, streams and test stores of an instance: same ids, one label per sample,
+    maps of the ground truth's size."""
     scores_path = layout.scores(category, shots, seed)
     streams_path = layout.streams(category, shots, seed)
     test_path = layout.prepared(category) / "test.zarr"
-    scores = open_store(scores_path)
-    test = open_store(test_path)
-    ids = _ids(scores, scores_path)
-    test_ids = _ids(test, test_path)
+    scores, test = open_store(scores_path), open_store(test_path)
+    ids, test_ids = scores.ids, test.ids
     require_same_ids(scores_path, ids, test_path, test_ids)
     streams, stream_ids, _, stream_size = open_streams(streams_path)
     require_same_ids(streams_path, stream_ids, test_path, test_ids)
     n = len(ids)
     if n == 0:
         raise InputError(f"{test_path}: empty test set, nothing to evaluate")
-    labels_attr = test.attrs.get("labels")
-    if not isinstance(labels_attr, list) or len(labels_attr) != n:
+    labels = test.attrs.get("labels")
+    if not isinstance(labels, list) or len(labels) != n:
         raise InputError(f"{test_path}: attribute 'labels' missing or not one per sample")
-    labels = np.asarray(labels_attr, dtype=np.int64)
-
     gt_array = test["gt"]
     if gt_array.ndim != 3 or gt_array.shape[0] != n:
         raise InputError(f"{test_path}: 'gt' has shape {tuple(gt_array.shape)}, expected (N, S, S)")
@@ -190,46 +199,67 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     if (n, stream_size, stream_size) != shape:
         raise InputError(f"{streams_path}: stream maps are {stream_size} x {stream_size}, the "
                          f"ground truth in {test_path} is {shape[1]} x {shape[2]}")
+    return _Inputs(scores_path, streams_path, test_path, scores, streams, test, ids,
+                   np.asarray(labels, dtype=np.int64), gt, map_pro, map_roc, image_score)
 
+
+def _write_heatmaps(folder: Path, x: _Inputs, chosen: Sequence[int], batch_size: int
+                    ) -> list[tuple[np.ndarray, str]]:
+    """Overlays of the raw fused map of the ``chosen`` images, on one colour scale for the
+    whole test set; returns them with their captions (for the overview)."""
+    n, vmax = len(x.ids), 0.0
+    for start in range(0, n, batch_size):
+        vmax = max(vmax, float(np.max(x.scores["map"][start:start + batch_size])))
+    folder.mkdir()
+    examples = []
+    for i in chosen:
+        image = R.overlay(np.asarray(x.test["rgb"][i]), np.asarray(x.scores["map"][i]), x.gt[i],
+                          vmax)
+        R.write_bytes(folder / f"{R.safe_name(x.ids[i])}.png", R.png_bytes(image))
+        kind = "good" if x.labels[i] == 0 else "defective"
+        examples.append((image, f"{x.ids[i]} ({kind})\nscore {x.image_score[i]:.3g}"))
+    return examples
+
+
+def _json_bytes(value: object) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+    p = params.evaluate
+    # 1. The inputs, checked
+    x = _read_inputs(category, shots, seed)
+    n = len(x.ids)
     info(f"evaluate {category} {layout.run_key(shots, seed)}: {n} test images")
+    # 2. The metrics of the configured maps
     try:
-        ev = M.evaluate(map_pro, gt, labels, scores=image_score, roc_maps=map_roc,
+        ev = M.evaluate(x.map_pro, x.gt, x.labels, scores=x.image_score, roc_maps=x.map_roc,
                         limits=p.limits, aupro_thresholds=p.aupro_thresholds)
     except InputError as err:
-        raise InputError(f"{scores_path} with {test_path}: {err}") from None
-    del map_roc
+        raise InputError(f"{x.scores_path} with {x.test_path}: {err}") from None
+    x.map_roc = np.zeros(0)  # not needed any more: freed before the ablations
     metrics = {**_public(ev.metrics), "category": category, "shots": shots, "seed": seed,
                "n_test": n}
-
-    # overlays of the raw fused map on one colour scale for the whole test set
-    vmax = 0.0
-    for start in range(0, n, params.score.batch_size):
-        vmax = max(vmax, float(np.max(scores["map"][start:start + params.score.batch_size])))
-    chosen = R.choose_examples(image_score, labels, p.heatmaps_per_class)
-    examples = []
+    chosen = R.choose_examples(x.image_score, x.labels, p.heatmaps_per_class)
     pro_limit = max(p.limits)
     roc_x, roc_y = ev.roc if ev.roc is not None else (np.zeros(0), np.zeros(0))
     pro_x, pro_y = ev.pro_plot(pro_limit, PRO_PLOT_POINTS)
     with ThreadPoolExecutor(max_workers=ABLATION_WORKERS) as pool, \
             atomic_dir(layout.evaluation(category, shots, seed)) as out:
-        pending = _start_ablations(pool, streams, streams_path, params, category, gt, labels,
-                                   _public(ev.metrics))
-        (out / "heatmaps").mkdir()
-        for i in chosen:
-            image = R.overlay(np.asarray(test["rgb"][i]), np.asarray(scores["map"][i]), gt[i], vmax)
-            R.write_bytes(out / "heatmaps" / f"{R.safe_name(ids[i])}.png", R.png_bytes(image))
-            kind = "good" if labels[i] == 0 else "defective"
-            examples.append((image, f"{ids[i]} ({kind})\nscore {image_score[i]:.3g}"))
+        # 3. The fusion ablations start on helper threads
+        pending = _start_ablations(pool, x.streams, x.streams_path, params, category, x.gt,
+                                   x.labels, _public(ev.metrics))
+        # 4. Heatmaps, the overview, the curves and metrics.json meanwhile
+        examples = _write_heatmaps(out / "heatmaps", x, chosen, params.score.batch_size)
         text = R.metrics_text(ev.metrics, p.limits, p.aupro_thresholds)
         title = f"{category}  k={shots}  seed={seed}  ({n} test images)"
         R.write_bytes(out / "overview.png", R.overview_png(
-            title, examples, ev.roc, (pro_x, pro_y), pro_limit, image_score, labels, text))
+            title, examples, ev.roc, (pro_x, pro_y), pro_limit, x.image_score, x.labels, text))
         R.write_bytes(out / "roc.csv", R.curve_csv(("fpr", "tpr"), roc_x, roc_y).encode())
         R.write_bytes(out / "pro.csv", R.curve_csv(("fpr", "pro"), pro_x, pro_y).encode())
-        R.write_bytes(out / "metrics.json",
-                      (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+        R.write_bytes(out / "metrics.json", _json_bytes(metrics))
+        # 5. The ablations' metrics
         ablations = {variant: future.result()
                      for variant, future in track(pending.items(), f"ablations {category}",
                                                   total=len(pending))}
-        R.write_bytes(out / "ablations.json",
-                      (json.dumps(ablations, indent=2, sort_keys=True) + "\n").encode())
+        R.write_bytes(out / "ablations.json", _json_bytes(ablations))

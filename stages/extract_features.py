@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.artifacts import Store, atomic_dir, open_store, provenance
+from pipeline.determinism import deterministic
 from pipeline.device import pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.features import Noise, Source, check_sources, extract_store
@@ -37,9 +36,6 @@ def _open(path: Path, maker: str, command: str) -> Store:
 
 def _backbone(params: Params) -> Backbone:
     device = pick_device()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # same inputs, same kernels, same bytes
-        torch.backends.cudnn.deterministic = True
     backbone = load_backbone(
         params.models.backbone, params.extract_features.layers, cache_dir=params.models.cache_dir
     )
@@ -127,10 +123,11 @@ def run_generated(params: Params, category: str, shots: int, seed: int) -> dict[
 def run(params: Params, category: str, shots: int | None = None,
         seed: int | None = None) -> dict[str, float]:
     """Write the features; returns the seconds spent loading the backbone (``load_s``)."""
-    if shots is None:
-        if seed is not None:
-            raise ParamsError("extract_features: --seed is only meaningful with --shots")
-        return run_real(params, category)
-    if shots < 1:
+    if shots is None and seed is not None:
+        raise ParamsError("extract_features: --seed is only meaningful with --shots")
+    if shots is not None and shots < 1:
         raise ParamsError(f"extract_features: --shots must be >= 1 (got {shots})")
-    return run_generated(params, category, shots, 0 if seed is None else seed)
+    with deterministic(pick_device(), warn_only=True):  # same inputs, same kernels, same bytes
+        if shots is None:
+            return run_real(params, category)
+        return run_generated(params, category, shots, 0 if seed is None else seed)

@@ -8,6 +8,8 @@ Writes  artifacts/mappers/<cat>/k<k>-s<seed>/{real,est}_{2d_to_3d,3d_to_2d}.safe
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.torch import save_file
@@ -47,49 +49,26 @@ def train_config(p: FitMapperParams, steps: int) -> TrainConfig:
                        tuple(p.layer_weights), p.batch_size, p.noise_on)
 
 
-def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
-    p = params.fit_mapper
-    if p.mappers == "official":
-        run_official(params, category, shots, seed)
-        return
-    steps = p.steps_for(shots)
-    shot_ids = layout.read_shot_ids(category, shots, seed)
-
-    train_path = layout.features(category) / "train.zarr"
-    train = open_store(train_path)
-    meta = feature_meta(train, ("rgb", "real", "est"))
-    rows = rows_of(train_path, meta.ids, shot_ids, str(layout.shots_file(category)))
-
+def _shot_masks(category: str, shot_ids: list[str], resolution: int, why: str) -> np.ndarray:
+    """The shots' foreground masks at the mappers' resolution (the real stream's loss region);
+    every shot must keep some foreground."""
     prep_path = layout.prepared(category) / "train.zarr"
-    prep, prep_ids = open_prepared_with_fg(prep_path, f"for the real-stream loss of {train_path}")
+    prep, prep_ids = open_prepared_with_fg(prep_path, why)
     fg = read_rows(prep, "fg", rows_of(prep_path, prep_ids, shot_ids,
                                        str(layout.shots_file(category))))
-    masks = resize_mask(fg, p.resolution)
+    masks = resize_mask(fg, resolution)
     empty = [sid for sid, m in zip(shot_ids, masks) if not m.any()]
     if empty:
         raise InputError(f"{prep_path}: shots {empty} have no foreground pixels at "
-                         f"fit_mapper.resolution={p.resolution}")
+                         f"fit_mapper.resolution={resolution}")
+    return masks
 
-    gen_path = layout.features_generated(category, shots, seed)
-    gen = open_store(gen_path)
-    gen_meta = feature_meta(gen, ("rgb", "est"))
-    check_same_features(meta, str(train_path), gen_meta)
-    gen_rows = list(range(len(gen_meta.ids)))
 
-    data = {stream: _stream_data(stream, train, rows, gen, gen_rows, masks if stream == "real"
-                                 else None, clean_targets=p.noise_on == "source")
-            for stream in STREAMS}
-    config = train_config(p, steps)
-    device = pick_device()
-    info(f"fit_mapper {category} {layout.run_key(shots, seed)}: {p.architecture}, {steps} steps, "
-         f"{len(shot_ids)} shots + {len(gen_rows)} generated, on {device}")
-
-    results = {
-        stream: train_stream(data[stream], config, derive_seed(p.seed, seed, index), device,
-                             description=f"fit {stream} mappers {category} k{shots}")
-        for stream, index in STREAMS.items()
-    }
-
+def _mapper_folder_config(p: FitMapperParams, category: str, shots: int, seed: int,
+                          results: dict, meta: Any, shot_ids: list[str], train_path: Path,
+                          gen_path: Path, gen_ids: list[str]) -> dict[str, Any]:
+    """``config.json`` of the mapper folder: each mapper's file, sides and sizes, the features
+    they were trained on, provenance."""
     mappers_cfg = {}
     for stream, result in results.items():
         for direction in DIRECTIONS:
@@ -100,41 +79,77 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
                 "source": src, "target": tgt,
                 "in_channels": m.in_channels, "out_channels": m.out_channels, "width": m.width,
             }
-    config_json = {
-        "architecture": p.architecture,
-        "category": category,
-        "shots": shots,
-        "seed": seed,
-        "resolution": p.resolution,
-        "backbone": meta.backbone,
-        "grid": meta.grid,
-        "channels": meta.channels,
-        "layers": meta.layers,
-        "backbone_source": meta.backbone_source,
-        "mappers": mappers_cfg,
-        "shot_ids": shot_ids,
+    return {
+        "architecture": p.architecture, "category": category, "shots": shots, "seed": seed,
+        "resolution": p.resolution, "backbone": meta.backbone, "grid": meta.grid,
+        "channels": meta.channels, "layers": meta.layers,
+        "backbone_source": meta.backbone_source, "mappers": mappers_cfg, "shot_ids": shot_ids,
         "feature_stores": {
             "train": {"path": str(train_path), "ids": shot_ids},
-            "generated": {"path": str(gen_path), "ids": gen_meta.ids},
+            "generated": {"path": str(gen_path), "ids": gen_ids},
         },
         "provenance": provenance("fit_mapper", section_dict(p)),
     }
 
-    # Wide format, one column per mapper: dvc.yaml plots x=step against the four columns.
+
+def _loss_csv(results: dict, steps: int) -> str:
+    """Wide format, one column per mapper: dvc.yaml plots x=step against the four columns."""
     names = [(s, d) for s in STREAMS for d in DIRECTIONS]
     lines = ["step," + ",".join(mapper_name(s, d) for s, d in names)]
     for step in range(steps):
         lines.append(f"{step}," + ",".join(f"{results[s].losses[d][step]:.6g}" for s, d in names))
-    atomic_write_text(layout.loss_curve(category, shots, seed), "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
-    with atomic_dir(layout.mappers(category, shots, seed)) as tmp:
+
+def _write_mappers(folder: Path, results: dict, architecture: str, config: dict) -> None:
+    with atomic_dir(folder) as tmp:
         for stream, result in results.items():
             for direction in DIRECTIONS:
                 state = {k: v.detach().cpu().contiguous()
                          for k, v in result.mappers[direction].state_dict().items()}
                 save_file(state, str(tmp / f"{mapper_name(stream, direction)}.safetensors"),
-                          metadata={"architecture": p.architecture})
-        atomic_write_json(tmp / "config.json", config_json)
+                          metadata={"architecture": architecture})
+        atomic_write_json(tmp / "config.json", config)
+
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+    p = params.fit_mapper
+    if p.mappers == "official":
+        run_official(params, category, shots, seed)
+        return
+    steps = p.steps_for(shots)
+    # 1. The shots' features (and masks) and the generated images' features, checked
+    shot_ids = layout.read_shot_ids(category, shots, seed)
+    train_path = layout.features(category) / "train.zarr"
+    train = open_store(train_path)
+    meta = feature_meta(train, ("rgb", "real", "est"))
+    rows = rows_of(train_path, meta.ids, shot_ids, str(layout.shots_file(category)))
+    masks = _shot_masks(category, shot_ids, p.resolution,
+                        f"for the real-stream loss of {train_path}")
+    gen_path = layout.features_generated(category, shots, seed)
+    gen = open_store(gen_path)
+    gen_meta = feature_meta(gen, ("rgb", "est"))
+    check_same_features(meta, str(train_path), gen_meta)
+    gen_rows = list(range(len(gen_meta.ids)))
+    # 2. The training pairs of each stream: real = shots, est = shots + generated
+    data = {stream: _stream_data(stream, train, rows, gen, gen_rows, masks if stream == "real"
+                                 else None, clean_targets=p.noise_on == "source")
+            for stream in STREAMS}
+    config = train_config(p, steps)
+    device = pick_device()
+    info(f"fit_mapper {category} {layout.run_key(shots, seed)}: {p.architecture}, {steps} steps, "
+         f"{len(shot_ids)} shots + {len(gen_rows)} generated, on {device}")
+    # 3. Train the two mappers of each stream
+    results = {
+        stream: train_stream(data[stream], config, derive_seed(p.seed, seed, index), device,
+                             description=f"fit {stream} mappers {category} k{shots}")
+        for stream, index in STREAMS.items()
+    }
+    # 4. The loss curves and the mapper folder
+    atomic_write_text(layout.loss_curve(category, shots, seed), _loss_csv(results, steps))
+    _write_mappers(layout.mappers(category, shots, seed), results, p.architecture,
+                   _mapper_folder_config(p, category, shots, seed, results, meta, shot_ids,
+                                         train_path, gen_path, gen_meta.ids))
 
 
 def run_official(params: Params, category: str, shots: int, seed: int) -> None:

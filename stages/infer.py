@@ -14,6 +14,8 @@ a change of a fusion weight, the fusion rule or the smoothing re-runs ``score`` 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,21 +52,8 @@ def _check_matches(config: dict, config_path: str, meta, store_path: str) -> Non
             )
 
 
-def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, float]:
-    """Write the stream maps; returns the seconds spent loading the mappers (``load_s``)."""
-    p = params.infer
-    mapper_dir = layout.mappers(category, shots, seed)
-    device = pick_device()
-    loading = time.perf_counter()
-    config, mappers = load_mappers(mapper_dir, device)
-    load_s = time.perf_counter() - loading
-    resolution = int(config.get("resolution", 0))
-    if resolution < 1:
-        raise InputError(f"{mapper_dir / 'config.json'}: missing or invalid 'resolution'")
-
-    feat_path = layout.features(category) / "test.zarr"
-    feats = open_store(feat_path)
-    meta = feature_meta(feats, MODALITIES)
+def _check_features_fit(config: dict, mapper_dir: Path, meta: Any, feat_path: Path) -> None:
+    """The test features come from the backbone and layers the mappers were trained on."""
     if "official" in config and config.get("backbone_source") is None:
         # Imported with `cmds-ad import-official` (no feature store at hand): the published
         # backbone and layers, whichever copy of its weights made the features.
@@ -74,9 +63,12 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     else:
         _check_matches(config, str(mapper_dir / "config.json"), meta, str(feat_path))
 
+
+def _test_labels_and_fg(category: str, feat_path: Path, ids: list[str]) -> tuple[list[int], Any]:
+    """The test set's labels and its foreground array (N, S, S), checked against ``ids``."""
     prep_path = layout.prepared(category) / "test.zarr"
     prep, prep_ids = open_prepared_with_fg(prep_path, f"to score {feat_path}")
-    require_same_ids(feat_path, meta.ids, prep_path, prep_ids)
+    require_same_ids(feat_path, ids, prep_path, prep_ids)
     labels = [int(v) for v in prep.attrs.get("labels", [])]
     if len(labels) != len(prep_ids):
         raise InputError(f"{prep_path}: attribute 'labels' has {len(labels)} entries for "
@@ -86,9 +78,27 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
             fg_array.shape[1] != fg_array.shape[2]:
         raise InputError(f"{prep_path}: 'fg' has shape {tuple(fg_array.shape)}, expected "
                          f"({len(prep_ids)}, S, S)")
-    size = int(fg_array.shape[1])
-    n = len(meta.ids)
+    return labels, fg_array
 
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, float]:
+    """Write the stream maps; returns the seconds spent loading the mappers (``load_s``)."""
+    p = params.infer
+    # 1. The mappers, and test features and foreground that fit them
+    mapper_dir = layout.mappers(category, shots, seed)
+    device = pick_device()
+    loading = time.perf_counter()
+    config, mappers = load_mappers(mapper_dir, device)
+    load_s = time.perf_counter() - loading
+    resolution = int(config.get("resolution", 0))
+    if resolution < 1:
+        raise InputError(f"{mapper_dir / 'config.json'}: missing or invalid 'resolution'")
+    feat_path = layout.features(category) / "test.zarr"
+    feats = open_store(feat_path)
+    meta = feature_meta(feats, MODALITIES)
+    _check_features_fit(config, mapper_dir, meta, feat_path)
+    labels, fg_array = _test_labels_and_fg(category, feat_path, meta.ids)
+    size, n = int(fg_array.shape[1]), len(meta.ids)
     attrs = {
         "ids": meta.ids,
         "labels": labels,
@@ -98,6 +108,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
                      backbone=meta.backbone),
     }
     info(f"infer {category} {layout.run_key(shots, seed)}: {n} test images on {device}")
+    # 2. The four stream maps, batch by batch, and the foreground beside them
     names = [f"{m}_{l}" for m in MODALITIES for l in range(N_LAYERS)]
     with StoreWriter(layout.streams(category, shots, seed), attrs=attrs,
                      shard_bytes=MAP_SHARD_BYTES) as w:
@@ -108,7 +119,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
         total = -(-n // p.batch_size)
         for start, batch in zip(range(0, n, p.batch_size),
                                 track(batches, f"infer {category}", total=total)):
-            features = {
+            features = {  # modality -> per layer [B, C_l, h, w] float32
                 m: [torch.from_numpy(np.asarray(batch[f"{m}_{l}"], dtype=np.float32)).to(device)
                     for l in range(N_LAYERS)]
                 for m in MODALITIES

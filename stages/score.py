@@ -12,39 +12,16 @@ mappers, so a change of a ``score`` parameter costs seconds. Streamed one batch
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from pipeline.artifacts import Store, StoreWriter, open_store, provenance
-from pipeline.errors import InputError
+from pipeline.artifacts import StoreWriter, provenance
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
 from pipeline.scoring import STREAM_NAMES, finish_maps
+from pipeline.streams import open_streams
 from stages import layout
 
 MAP_SHARD_BYTES = 4 * 2**20  # four full-resolution map arrays; see stages.infer
-
-
-def open_streams(path: Path) -> tuple[Store, list[str], list[int], int]:
-    """The stream store of ``infer`` with its ids, labels and map size, checked."""
-    streams = open_store(path)
-    ids = streams.attrs.get("ids")
-    labels = streams.attrs.get("labels")
-    if not isinstance(ids, list) or not isinstance(labels, list) or len(ids) != len(labels):
-        raise InputError(f"{path}: attributes 'ids' and 'labels' missing or of different lengths "
-                         "(re-run the infer stage)")
-    n = len(ids)
-    shape = None
-    for name in (*STREAM_NAMES, "fg"):
-        if name not in streams:
-            raise InputError(f"{path}: no array {name!r} (re-run the infer stage)")
-        found = tuple(streams[name].shape)
-        shape = shape or found
-        if len(found) != 3 or found[0] != n or found[1] != found[2] or found != shape:
-            raise InputError(f"{path}: array {name!r} has shape {found}, expected ({n}, S, S) "
-                             "like the other stream maps")
-    return streams, [str(i) for i in ids], [int(v) for v in labels], int(shape[1])
 
 
 def run(params: Params, category: str, shots: int, seed: int = 0) -> None:

@@ -36,9 +36,6 @@ from tools.scratch_project import (
 
 pytestmark = pytest.mark.slow
 
-# The end-to-end tests' reduced demo with one step fewer everywhere: the cases need a complete
-# run, not trained models.
-REDUCED = {**REDUCED_DEMO, "augment.steps": 1, "fit_mapper.steps": {1: 2}}
 KEY = "disc-1-0"
 UPSTREAM = "upstream/dvc.yaml:"
 METRICS = "results/evaluate/disc/k1-s0/metrics.json"
@@ -51,7 +48,7 @@ FEATURES = "artifacts/features/disc/test.zarr"
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> Path:
     """The project before its first run (what the data-file cases copy from)."""
-    return make_project(tmp_path_factory.mktemp("hostile") / "project", REDUCED,
+    return make_project(tmp_path_factory.mktemp("hostile") / "project", REDUCED_DEMO,
                         n_train=3, n_test=6)
 
 

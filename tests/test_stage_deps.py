@@ -20,6 +20,7 @@ DVC_FILES = ("upstream/dvc.yaml", "dvc.yaml")
 PLUMBING = {
     "pipeline/__init__.py",
     "pipeline/artifacts.py",
+    "pipeline/background.py",  # helper threads for reading and writing
     "pipeline/device.py",
     "pipeline/errors.py",
     "pipeline/limits.py",

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from pipeline.data.preprocess import resize_nearest
-from pipeline.training import deterministic, resize_mask
+from pipeline.determinism import deterministic
+from pipeline.training import resize_mask
 
 
 def test_resize_mask_samples_cell_centres():
@@ -28,7 +29,7 @@ def test_resize_mask_agrees_with_the_preprocessing_nearest_resize():
 
 
 def test_deterministic_restores_the_warn_only_flag_too():
-    # augment's deterministic_torch leaves warn-only determinism on; training inside the same
+    # an outer deterministic(warn_only=True) (augment's) stays on; training inside the same
     # process must not turn it into errors for what runs afterwards.
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled())

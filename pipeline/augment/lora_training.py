@@ -19,7 +19,6 @@ text-to-image LoRA recipe (the demo's).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.augment.images import augment_image, resize_rgb
+from pipeline.determinism import deterministic
 from pipeline.errors import ModelError, ParamsError
 from pipeline.models.diffusion import ModelClock
 from pipeline.progress import track
@@ -91,15 +91,6 @@ class LoraTraining:
 
 # --------------------------------------------------------------------------------------------
 # Training: pure pieces (tested on their own)
-
-
-def deterministic_torch(device: torch.device) -> None:
-    """Make CUDA kernels deterministic (CPU kernels already are for a fixed thread count)."""
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
@@ -220,6 +211,177 @@ def add_lora(pipe: Any, cfg: LoraTraining) -> tuple[list[torch.nn.Parameter], li
 # Training loop
 
 
+class _Examples:
+    """The training examples and the loss of one step (batch 1). Every random draw comes from
+    one seeded generator, in a fixed order, so a run is reproducible."""
+
+    def __init__(self, pipe: Any, images: Sequence[np.ndarray], prompts: Sequence[str],
+                 cfg: LoraTraining) -> None:
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.cfg = pipe, cfg
+        self.device = pipe.unet.device
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction = self.noise_scheduler.config.prediction_type
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ModelError(f"models.diffusion: unsupported prediction type {self.prediction!r}")
+        self.pixels = [  # each (3, R, R) in [0, 1]
+            torch.from_numpy(np.array(resize_rgb(img, cfg.resolution, cfg.interpolation)))
+            .permute(2, 0, 1).float() / 255.0
+            for img in images
+        ]
+        self.tokens = pipe.tokenizer(  # [P, 77]
+            list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        # A diffusers model's ``.dtype`` walks its parameters on every access; read it once.
+        self.vae_dtype, self.unet_dtype = pipe.vae.dtype, pipe.unet.dtype
+        self.half_weights = self.unet_dtype == torch.float16
+        self.cached: list[tuple[torch.Tensor, int]] | None = None
+
+    def _draw(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def view(self, index: int) -> tuple[torch.Tensor, int]:
+        """A training view of image ``index`` and the index of a random prompt."""
+        x = augment_image(self.pixels[index], self.cfg, self.generator)
+        return x, self._draw(len(self.tokens))
+
+    def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """VAE latents of one view, [1, 4, R/8, R/8] float32, sampled with ``seed``."""
+        device = self.device
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16,
+                                             enabled=device.type == "cuda" and self.half_weights):
+            dist = self.pipe.vae.encode(x[None].to(device, self.vae_dtype)).latent_dist
+            sample = dist.sample(torch.Generator().manual_seed(seed))
+            return (sample * self.pipe.vae.config.scaling_factor).float()
+
+    def cache_latents(self) -> None:
+        """lora_pti's default (cached_latents): each image augmented, captioned, encoded once."""
+        self.cached = []
+        for index in range(len(self.pixels)):
+            x, prompt_index = self.view(index)
+            self.cached.append((self.encode(x, self._draw(2**62)), prompt_index))
+
+    def encode_text(self, prompt_index: int) -> torch.Tensor:
+        # Called inside loss()'s autocast region (lora_pti autocasts both models together).
+        return self.pipe.text_encoder(self.tokens[prompt_index : prompt_index + 1])[0]
+
+    def loss(self, fraction: float, text: Callable[[int], torch.Tensor], amp: bool) -> torch.Tensor:
+        """The noise-prediction MSE of one example at a timestep below ``fraction`` x T."""
+        noise_seed = self._draw(2**62)
+        if self.cached is not None:
+            latents, prompt_index = self.cached[self._draw(len(self.cached))]
+        else:
+            x, prompt_index = self.view(self._draw(len(self.pixels)))
+            latents = self.encode(x, noise_seed)
+        step_gen = torch.Generator().manual_seed(noise_seed + 1)
+        noise = torch.randn(latents.shape, generator=step_gen).to(self.device)
+        scheduler = self.noise_scheduler
+        timesteps = sample_timestep(scheduler.config.num_train_timesteps, fraction,
+                                    step_gen).to(self.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=amp):
+            pred = self.pipe.unet(noisy.to(self.unet_dtype), timesteps, text(prompt_index)).sample
+        target = noise if self.prediction == "epsilon" else \
+            scheduler.get_velocity(latents, noise, timesteps)
+        return F.mse_loss(pred.float(), target.float())
+
+
+class _TokenRow:
+    """The embedding matrix while only the placeholder token's row may learn: the other rows
+    are restored after each optimiser step and at the end (lora_pti saves only the token's
+    row, so the model it generates with has the original rows)."""
+
+    def __init__(self, pipe: Any, token_id: int) -> None:
+        self.token_id = token_id
+        self.embedding = pipe.text_encoder.get_input_embeddings().weight
+        self.embedding.data = self.embedding.data.float()  # the row stays fp32 over fp16 weights
+        self.original = self.embedding.detach().clone()
+        self.keep = torch.ones(self.embedding.shape[0], dtype=torch.bool,
+                               device=self.embedding.device)
+        self.keep[token_id] = False
+
+    def restore_others(self) -> None:
+        with torch.no_grad():
+            self.embedding[self.keep] = self.original[self.keep]
+
+
+def invert_token(examples: _Examples, row: _TokenRow, inv: TextualInversion, schedule: str,
+                 clock: ModelClock) -> list[float]:
+    """Phase 1, textual inversion: only the embedding matrix trains (the other rows are
+    restored after each optimiser step); returns the loss of each micro-step."""
+    pipe, embedding = examples.pipe, row.embedding
+    embedding.requires_grad_(True)
+    pipe.text_encoder.train()
+    optimizer = torch.optim.AdamW([embedding], lr=inv.lr, weight_decay=0.0)
+    scheduler = make_lr_scheduler(optimizer, schedule, 0, inv.steps)
+    # Full precision as published (no autocast) unless the base weights are fp16.
+    amp = examples.device.type == "cuda" and examples.half_weights
+    losses = []
+    for step in track(range(inv.steps), "textual inversion", total=inv.steps):
+        advance_schedule(scheduler)
+        with clock():
+            loss = examples.loss(1.0, examples.encode_text, amp) / inv.accumulation
+            loss.backward()
+            # lora_pti steps at micro-steps 0, A, 2A, ... (its counter starts at 0).
+            if step % inv.accumulation == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    if inv.norm_target > 0:
+                        embedding[row.token_id] = decay_token_norm(
+                            embedding[row.token_id], scheduler.get_last_lr()[0], inv.norm_target)
+                    row.restore_others()
+        losses.append(float(loss.detach()) * inv.accumulation)
+    embedding.grad = None
+    embedding.requires_grad_(False)
+    return losses
+
+
+def tune_lora(examples: _Examples, cfg: LoraTraining, row: _TokenRow | None,
+              clock: ModelClock) -> list[float]:
+    """Phase 2: fresh LoRA adapters train (and the token's row, with ``continue_lr``);
+    returns the loss of each step."""
+    pipe = examples.pipe
+    unet_params, text_params = add_lora(pipe, cfg)
+    learn_row = row is not None and cfg.inversion is not None and cfg.inversion.continue_lr > 0
+    if learn_row:
+        row.embedding.requires_grad_(True)
+    groups = tuning_param_groups(unet_params, text_params,
+                                 row.embedding if learn_row else None, cfg)
+    optimizer, scheduler = make_tuning_optimizer(groups, cfg)
+    trainable = [p for g in groups for p in g["params"]]
+    amp = examples.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and examples.half_weights)
+    pipe.unet.train()
+    if cfg.train_text_encoder or learn_row:
+        pipe.text_encoder.train()
+        text_fn = examples.encode_text
+    else:  # the prompts' hidden states once: the text encoder does not change
+        with clock(), torch.no_grad(), torch.autocast(examples.device.type, dtype=torch.float16,
+                                                      enabled=amp):
+            fixed = [examples.encode_text(i) for i in range(len(examples.tokens))]
+        text_fn = fixed.__getitem__
+    losses = []
+    for _ in track(range(cfg.steps), "LoRA training", total=cfg.steps):
+        advance_schedule(scheduler)
+        with clock():
+            optimizer.zero_grad(set_to_none=True)
+            loss = examples.loss(cfg.timestep_fraction, text_fn, amp)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                clip_gradients(trainable, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        losses.append(float(loss.detach()))
+    if row is not None:
+        row.embedding.requires_grad_(False)
+    return losses
+
+
 def train_lora(
     pipe: Any,
     images: Sequence[np.ndarray],
@@ -233,165 +395,37 @@ def train_lora(
     ``prompts``: one prompt, or templates already formatted with the token; each step uses a
     random one. With ``cfg.inversion`` the placeholder token is added to ``pipe`` first.
     """
-    from diffusers import DDPMScheduler
-
+    # 1. Check the inputs
     if not images:
         raise ValueError("no training images")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no training prompts")
-    device = pipe.unet.device
-    deterministic_torch(device)
     clock = clock or ModelClock()
-    generator = torch.Generator().manual_seed(cfg.seed)
     inv = cfg.inversion
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    token_id = add_placeholder_token(pipe, inv.token, inv.init_std, cfg.seed) if inv else None
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
-    if prediction not in ("epsilon", "v_prediction"):
-        raise ModelError(f"models.diffusion: unsupported prediction type {prediction!r}")
-    pixels = [
-        torch.from_numpy(np.array(resize_rgb(img, cfg.resolution, cfg.interpolation)))
-        .permute(2, 0, 1).float() / 255.0
-        for img in images
-    ]
-    tokens = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids.to(device)
-    scaling = pipe.vae.config.scaling_factor
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    # A diffusers model's ``.dtype`` walks its parameters on every access; read it once.
-    vae_dtype, unet_dtype = pipe.vae.dtype, pipe.unet.dtype
-    half_weights = unet_dtype == torch.float16
-
-    def encode(x: torch.Tensor, seed: int) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16,
-                                             enabled=device.type == "cuda" and half_weights):
-            dist = pipe.vae.encode(x[None].to(device, vae_dtype)).latent_dist
-            return (dist.sample(torch.Generator().manual_seed(seed)) * scaling).float()
-
-    def draw_example() -> tuple[int, torch.Tensor, int]:
-        index = int(torch.randint(len(pixels), (1,), generator=generator))
-        x = augment_image(pixels[index], cfg, generator)
-        prompt_index = int(torch.randint(len(prompts), (1,), generator=generator))
-        return index, x, prompt_index
-
-    # lora_pti's default (cached_latents): each image is augmented, captioned and encoded once.
-    cached: list[tuple[torch.Tensor, int]] | None = None
-    if cfg.cache_latents:
-        cached = []
-        with clock():
-            for index in range(len(pixels)):
-                x = augment_image(pixels[index], cfg, generator)
-                prompt_index = int(torch.randint(len(prompts), (1,), generator=generator))
-                cached.append((encode(x, int(torch.randint(2**62, (1,), generator=generator))),
-                               prompt_index))
-
-    def step_loss(fraction: float, text: Callable[[int], torch.Tensor], amp: bool) -> torch.Tensor:
-        noise_seed = int(torch.randint(2**62, (1,), generator=generator))
-        if cached is not None:
-            latents, prompt_index = cached[int(torch.randint(len(cached), (1,), generator=generator))]
-        else:
-            _, x, prompt_index = draw_example()
-            latents = encode(x, noise_seed)
-        step_gen = torch.Generator().manual_seed(noise_seed + 1)
-        noise = torch.randn(latents.shape, generator=step_gen).to(device)
-        timesteps = sample_timestep(num_train_timesteps, fraction, step_gen).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            hidden = text(prompt_index)
-            pred = pipe.unet(noisy.to(unet_dtype), timesteps, hidden).sample
-        target = noise if prediction == "epsilon" else \
-            noise_scheduler.get_velocity(latents, noise, timesteps)
-        return F.mse_loss(pred.float(), target.float())
-
-    losses: list[float] = []
-    embedding = pipe.text_encoder.get_input_embeddings().weight
-    original_rows = None
-    if inv is not None:
-        embedding.data = embedding.data.float()  # the learned row stays fp32 over fp16 weights
-        original_rows = embedding.detach().clone()
-        keep = torch.ones(embedding.shape[0], dtype=torch.bool, device=embedding.device)
-        keep[token_id] = False
-
-        def restore_rows() -> None:
-            with torch.no_grad():
-                embedding[keep] = original_rows[keep]
-
-    def encode_text(prompt_index: int) -> torch.Tensor:
-        # Called inside step_loss's autocast region (lora_pti autocasts both models together).
-        return pipe.text_encoder(tokens[prompt_index : prompt_index + 1])[0]
-
-    # Phase 1: textual inversion (only the embedding matrix trains; other rows are restored).
-    if inv is not None and inv.steps > 0:
-        embedding.requires_grad_(True)
-        pipe.text_encoder.train()
-        optimizer = torch.optim.AdamW([embedding], lr=inv.lr, weight_decay=0.0)
-        scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, 0, inv.steps)
-        # Full precision as published (no autocast) unless the base weights are fp16.
-        amp = device.type == "cuda" and half_weights
-        for step in track(range(inv.steps), "textual inversion", total=inv.steps):
-            advance_schedule(scheduler)
+    with deterministic(pipe.unet.device, warn_only=True):
+        # 2. Freeze the model; add the placeholder token
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        token_id = add_placeholder_token(pipe, inv.token, inv.init_std, cfg.seed) if inv else None
+        # 3. The examples, encoded once with cache_latents
+        examples = _Examples(pipe, images, prompts, cfg)
+        if cfg.cache_latents:
             with clock():
-                loss = step_loss(1.0, encode_text, amp) / inv.accumulation
-                loss.backward()
-                # lora_pti steps at micro-steps 0, A, 2A, ... (its counter starts at 0).
-                if step % inv.accumulation == 0:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        if inv.norm_target > 0:
-                            embedding[token_id] = decay_token_norm(
-                                embedding[token_id], scheduler.get_last_lr()[0], inv.norm_target)
-                        restore_rows()
-            losses.append(float(loss.detach()) * inv.accumulation)
-        embedding.grad = None
-        del optimizer
-    embedding.requires_grad_(False)
-
-    # Phase 2: LoRA tuning (plus, optionally, the token row).
-    unet_params, text_params = add_lora(pipe, cfg)
-    learn_row = inv is not None and inv.continue_lr > 0
-    if learn_row:
-        embedding.requires_grad_(True)
-    groups = tuning_param_groups(unet_params, text_params, embedding if learn_row else None, cfg)
-    optimizer, scheduler = make_tuning_optimizer(groups, cfg)
-    trainable = [p for g in groups for p in g["params"]]
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and half_weights)
-    pipe.unet.train()
-    text_trains = cfg.train_text_encoder or learn_row
-    if text_trains:
-        pipe.text_encoder.train()
-        text_fn = encode_text
-    else:
-        with clock(), torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            fixed = [encode_text(i) for i in range(len(prompts))]
-        text_fn = fixed.__getitem__
-    for _ in track(range(cfg.steps), "LoRA training", total=cfg.steps):
-        advance_schedule(scheduler)
-        with clock():
-            optimizer.zero_grad(set_to_none=True)
-            loss = step_loss(cfg.timestep_fraction, text_fn, amp)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                clip_gradients(trainable, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        losses.append(float(loss.detach()))
-    embedding.requires_grad_(False)
-    if inv is not None:
-        # lora_pti lets the other rows drift while tuning but saves only the token's row, so
-        # the model it generates with has the original rows: restore them here.
-        restore_rows()
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+                examples.cache_latents()
+        row = _TokenRow(pipe, token_id) if token_id is not None else None
+        # 4. Phase 1: textual inversion
+        losses = []
+        if inv is not None and row is not None and inv.steps > 0:
+            losses += invert_token(examples, row, inv, cfg.lr_schedule, clock)
+        # 5. Phase 2: LoRA tuning (with the token's row, optionally)
+        losses += tune_lora(examples, cfg, row, clock)
+        # 6. The model as it generates: original rows but the token's, eval mode
+        if row is not None:
+            row.restore_others()
+        pipe.unet.eval()
+        pipe.text_encoder.eval()
     return losses
-
 
 
 def lora_summary(losses: Sequence[float]) -> dict[str, Any]:
