@@ -20,6 +20,7 @@ from pipeline.data.demo import (
     write_demo_eyecandies,
 )
 from pipeline.data.preprocess import PreprocessConfig, clean_points, valid_mask
+from pipeline.outputs import MARKER
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -166,9 +167,10 @@ def test_demo_data_command_writes_categories_atomically(tmp_path):
     args = ["demo-data", str(out), "--category", "dome", "--n-train", "2", "--n-test", "3"]
     assert CliRunner().invoke(app, args).exit_code == 0
     write_demo_dataset(tmp_path / "ref", seed=0, categories=["dome"], n_train=2, n_test=3)
-    assert tree_digest(out / "dome") == tree_digest(tmp_path / "ref/dome")
+    (tmp_path / "ref/dome" / MARKER).write_text("written by cmds-ad demo-data\n")
+    assert tree_digest(out / "dome") == tree_digest(tmp_path / "ref/dome")  # data + marker
     assert sorted(p.name for p in out.iterdir()) == ["dome"]  # no temporary left
-    # a second run replaces the folder whole
+    # a second run replaces its own folder whole
     (out / "dome/stray.txt").write_text("x")
     assert CliRunner().invoke(app, args).exit_code == 0
     assert tree_digest(out / "dome") == tree_digest(tmp_path / "ref/dome")
