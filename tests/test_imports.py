@@ -23,8 +23,8 @@ NEVER = ("diffusers", "transformers", "peft", "accelerate", "sklearn", "dask", "
 NUMPY_STAGE = ("torch", "torchvision", "timm", "safetensors")
 # stage module -> packages it must not pull in, beyond NEVER
 FORBIDDEN = {
-    "validate_params": NUMPY_STAGE + ("matplotlib", "scipy", "PIL"),
-    "demo_data": NUMPY_STAGE + ("matplotlib", "scipy"),
+    "validate_params": NUMPY_STAGE + ("matplotlib", "scipy", "PIL", "zarr"),
+    "demo_data": NUMPY_STAGE + ("matplotlib", "scipy", "zarr"),
     "prepare": NUMPY_STAGE + ("matplotlib",),
     "score": NUMPY_STAGE + ("matplotlib", "PIL"),
     "evaluate": NUMPY_STAGE,
