@@ -36,7 +36,7 @@ FORBIDDEN = {
     "infer": ("timm", "torchvision", "matplotlib", "scipy"),
 }
 # what the stage's work does need: seen imported, so the probe is shown to see imports
-NEEDED = {"score": ("numpy", "scipy", "zarr"), "evaluate": ("matplotlib",), "report": ("matplotlib",),
+NEEDED = {"score": ("numpy", "scipy"), "evaluate": ("matplotlib",), "report": ("matplotlib",),
           "infer": ("torch",), "extract_features": ("timm", "torch")}
 WATCHED = sorted({p for packages in FORBIDDEN.values() for p in packages} | set(NEVER)
                  | {"rich", "numpy", "pydantic", "yaml", "zarr"})
