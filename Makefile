@@ -1,6 +1,7 @@
 # make demo: install, run the whole pipeline with DVC on the CPU (its first stage, demo_data, writes
 # the embedded demo dataset to data/demo).
-# make test: install, run the test suite.
+# make test: install, run the whole test suite (CI runs it).
+# make test-fast: install, run the unit tests only (no `dvc repro`, no end-to-end run).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test bench gpu-wheels clean-results
+.PHONY: install demo test test-fast bench gpu-wheels clean-results
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# the edit-test loop: every test not marked slow (pyproject.toml: the slow marker)
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/metrics.py

@@ -18,7 +18,6 @@ read failure into one :class:`InputError` naming the store, the array, the sampl
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -28,13 +27,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import __version__
 from pipeline.errors import InputError, OutputError
 from pipeline.outputs import Claim, is_disk_full, umask
+
+if TYPE_CHECKING:
+    import zarr
+# zarr is imported where a store is written or opened: the atomic file writers here also serve
+# validate_params and demo_data, which pay no zarr start-up (benchmarks/imports.py)
 
 SHARD_BYTES = 32 * 2**20  # target uncompressed size of one shard
 ZSTD_LEVEL = 3
@@ -179,6 +183,8 @@ class StoreWriter:
     def __enter__(self) -> StoreWriter:
         self._claim = Claim(self.path, directory=True).open()
         try:
+            import zarr
+
             self._group = zarr.open_group(zarr.storage.LocalStore(self._claim.tmp), mode="w-",
                                           zarr_format=3)
         except BaseException as err:
@@ -187,6 +193,8 @@ class StoreWriter:
         return self
 
     def create(self, name: str, n: int, sample_shape: tuple[int, ...], dtype: Any) -> None:
+        from zarr.codecs import Crc32cCodec, ZstdCodec
+
         assert self._group is not None, "use StoreWriter as a context manager"
         dtype = np.dtype(dtype)
         shard_len = _samples_per_shard(sample_shape, dtype, max(n, 1), self.shard_bytes)
@@ -254,6 +262,8 @@ def settle_pending_io(timeout: float = 30.0) -> None:
     the first failure; the others run on and, at exit, asyncio would print "Task was destroyed
     but it is pending" or "Task exception was never retrieved" after our one-line error.
     """
+    import asyncio
+
     from zarr.core import sync
 
     loop = sync.loop[0]
@@ -378,6 +388,8 @@ class Store:
                 f"{self.path}: artifact store not found or incomplete "
                 "(run the stage that produces it, e.g. `dvc repro`)"
             )
+        import zarr
+
         try:
             self.group = zarr.open_group(
                 zarr.storage.LocalStore(self.path, read_only=True), mode="r", zarr_format=3

@@ -1,23 +1,27 @@
-"""Progress bars for long work (rich), quiet when CMDS_AD_QUIET is set (tests)."""
+"""Progress bars for long work (rich), quiet when CMDS_AD_QUIET is set (tests).
+
+rich is imported on first use, so a quiet run never loads it and a stage module's import
+stays cheap (benchmarks/imports.py)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, TypeVar
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
-console = Console(stderr=True)
+
+
+@cache
+def console() -> Console:
+    """The one stderr console of this process."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _quiet() -> bool:
@@ -29,6 +33,15 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     if _quiet():
         yield from items
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     columns = (
@@ -38,7 +51,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console(), transient=False) as progress:
         task = progress.add_task(description, total=total)
         for item in items:
             yield item
@@ -47,4 +60,4 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
 def info(message: str) -> None:
     if not _quiet():
-        console.print(message)
+        console().print(message)

@@ -26,9 +26,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from pipeline import report as R
 from pipeline.ablations import ABLATIONS
 from pipeline.artifacts import atomic_dir, atomic_write_text
@@ -50,6 +47,9 @@ def _load_json(path: Path) -> dict:
 
 
 def _print_table(rows: list[R.Row], columns: list[R.Column]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="CMDS-AD summary (%)")
     for heading in ("dataset", "k", "category", *(c.title for c in columns)):
         table.add_column(heading, justify="left" if heading in ("dataset", "category") else "right")

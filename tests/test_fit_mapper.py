@@ -28,6 +28,10 @@ from pipeline.training import (
 )
 from stages import fit_mapper, layout
 
+# one intra-op thread (conftest): the tiny mappers' training spends most of its time in
+# oversubscribed threads on a shared machine otherwise
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CAT = "bagel"  # a real category name: box sizes (3, 5)
 CHANNELS = (8, 8, 8)
 GRID = 8

@@ -4,8 +4,9 @@ Every case must fail cleanly: a non-zero exit, one message that names the file o
 traceback, and nothing left behind (no artifact, no temporary). Every kill must be followed by a
 `dvc repro` that completes with the same metrics.json as the uninterrupted run.
 
-One reduced scratch project (one category, k = 1, a few steps) is built and run once for the
-module; each case restores what it changed, the kill cases by re-running the killed stage.
+The module works on a copy of the session's reduced demo (tests/conftest.py: one category,
+k = 1, a few steps, run once per session); each case restores what it changed, the kill cases
+by re-running the killed stage.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ import pytest
 import yaml
 
 from tools.scratch_project import (
-    REDUCED_DEMO,
-    make_project,
+    copy_project,
     project_env,
     sh,
     stage_command,
     stages_run,
     write_params,
 )
+from tests.failures import assert_clean_failure, assert_one_line
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +47,9 @@ FEATURES = "artifacts/features/disc/test.zarr"
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> Path:
-    """The project before its first run (what the data-file cases copy from)."""
-    return make_project(tmp_path_factory.mktemp("hostile") / "project", REDUCED_DEMO,
-                        n_train=3, n_test=6)
-
-
-@pytest.fixture(scope="module")
-def project(scratch) -> Path:
-    root = scratch
-    sh(["dvc", "repro"], root)
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-q", "-m", "first run"], root)
-    return root
+def project(reduced_demo, tmp_path_factory) -> Path:
+    """The reduced demo, run and committed; a copy this module may change."""
+    return copy_project(reduced_demo, tmp_path_factory.mktemp("hostile") / "project")
 
 
 @pytest.fixture(scope="module")
@@ -70,23 +61,6 @@ def baseline(project) -> str:
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return sh(args, cwd, check=False)
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, *names: str) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    assert "Traceback" not in output, output
-    assert "Task was destroyed" not in output and "never retrieved" not in output, output
-    for name in names:
-        assert name in output, f"{name!r} not named in:\n{output}"
-    return output
-
-
-def assert_one_line(result: subprocess.CompletedProcess, *names: str) -> str:
-    """A cmds-ad command's failure: one line, naming what it must."""
-    output = assert_clean_failure(result, *names)
-    assert len(output.strip().splitlines()) == 1 and output.startswith("error: "), output
-    return output
 
 
 def _ours(name: str) -> bool:
@@ -338,12 +312,12 @@ DATA_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
-def test_bad_data_file_is_named_and_prepare_leaves_nothing(scratch, tmp_path, case):
+def test_bad_data_file_is_named_and_prepare_leaves_nothing(project, tmp_path, case):
     damage, name = DATA_CASES[case]
     work = tmp_path / "work"
     (work / "data/demo").mkdir(parents=True)
-    shutil.copytree(scratch / "data/demo/disc", work / "data/demo/disc")
-    shutil.copy(scratch / "params.yaml", work / "params.yaml")
+    shutil.copytree(project / "data/demo/disc", work / "data/demo/disc")
+    shutil.copy(project / "params.yaml", work / "params.yaml")
     damage(work)
     before = digest(work / "data")
     result = run(["cmds-ad", "prepare", "disc"], work)
@@ -352,10 +326,10 @@ def test_bad_data_file_is_named_and_prepare_leaves_nothing(scratch, tmp_path, ca
     assert digest(work / "data") == before
 
 
-def test_empty_defect_masks_can_be_accepted(scratch, tmp_path):
+def test_empty_defect_masks_can_be_accepted(project, tmp_path):
     work = tmp_path / "work"
-    shutil.copytree(scratch / "data/demo/disc", work / "data/demo/disc")
-    shutil.copy(scratch / "params.yaml", work / "params.yaml")
+    shutil.copytree(project / "data/demo/disc", work / "data/demo/disc")
+    shutil.copy(project / "params.yaml", work / "params.yaml")
     _fill_mask(_defect_mask(work), 0)
     write_params(work, {"data.accept_empty_defect_masks": True})
     sh(["cmds-ad", "prepare", "disc"], work)
@@ -449,16 +423,6 @@ def test_damaged_artifact_is_named_and_nothing_is_written(project, tmp_path, cas
             shutil.copytree(backup, src)
         else:
             shutil.copy2(backup, src)
-
-
-@pytest.mark.parametrize(("content", "names"), [
-    (b"anomaly_maps,gt,labels\n1,2,3\n", ["maps.npz", "not an NPZ file"]),
-    (b"\x93NUMPY\x01\x00v\x00", ["maps.npz", "a single .npy array"]),
-    (b"", ["maps.npz", "not an NPZ file"]),
-])
-def test_metrics_command_refuses_a_file_that_is_not_npz(tmp_path, content, names):
-    (tmp_path / "maps.npz").write_bytes(content)
-    assert_clean_failure(run(["cmds-ad", "metrics", "maps.npz"], tmp_path), *names)
 
 
 def test_outputs_follow_the_umask(project):
@@ -566,17 +530,6 @@ def test_interrupted_rename_leftover_is_ignored_and_removed(project, baseline):
     assert leftovers(project) == []
     assert (project / METRICS).read_text() == baseline
     assert changed_stages(project) == set()
-
-
-def test_stage_processes_are_told_by_the_command_word_not_the_checkout_path():
-    # a checkout named like the project (`git clone ... && cd cmds-ad`) holds the venv
-    venv = "/home/me/cmds-ad/.venv/bin"
-    assert stage_command([f"{venv}/python", f"{venv}/dvc", "repro", "-s", "score@disc-1-0"]) \
-        is None
-    assert stage_command([f"{venv}/python", "-m", "pytest", "-q"]) is None
-    assert stage_command(["/bin/sh", "-c", "cmds-ad score disc -k 1"]) == "score disc -k 1"
-    assert stage_command([f"{venv}/python", f"{venv}/cmds-ad", "fit-mapper", "disc"]) == \
-        "fit-mapper disc"
 
 
 # ------------------------------------------------------------------------------ user files

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from pipeline.errors import InputError
 from pipeline.metrics import aupro_key, auroc, evaluate, evaluate_maps
 from stages.cli import app
+from tests.failures import assert_clean_failure
+from tools.scratch_project import sh
 
 LIMITS = (0.3, 0.1, 0.05, 0.01)
 FIXTURE_NAMES = (
@@ -334,3 +336,14 @@ def test_metrics_command_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "mismatch.npz", anomaly_maps=maps, gt=gt[:3], labels=labels)
     out = runner.invoke(app, ["metrics", str(tmp_path / "mismatch.npz")])
     assert out.exit_code == 1 and "mismatch.npz: gt: shape" in out.output
+
+
+@pytest.mark.parametrize(("content", "names"), [
+    (b"anomaly_maps,gt,labels\n1,2,3\n", ["maps.npz", "not an NPZ file"]),
+    (b"\x93NUMPY\x01\x00v\x00", ["maps.npz", "a single .npy array"]),
+    (b"", ["maps.npz", "not an NPZ file"]),
+])
+def test_metrics_command_refuses_a_file_that_is_not_npz(tmp_path, content, names):
+    (tmp_path / "maps.npz").write_bytes(content)
+    # the installed command, as a user runs it (moved here from the hostile-input suite)
+    assert_clean_failure(sh(["cmds-ad", "metrics", "maps.npz"], tmp_path, check=False), *names)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.params import load_params, section_dict
+from tools.scratch_project import make_project, sh
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,3 +125,14 @@ def test_every_list_can_be_set_with_set_param(name, tmp_path):
                 node = node[part]
             node[leaf] = value
             assert yaml.safe_load(path.read_text()) == expected, (key, value)
+
+
+# no DVC run: a clone and DVC's stage list (moved here from the end-to-end test_team)
+def test_real_dataset_presets_have_no_demo_data_instance(tmp_path):
+    root = make_project(tmp_path / "cmds-ad", make_data=False)
+    listed = sh(["dvc", "stage", "list", "--all", "--name-only"], root).stdout.split()
+    assert "upstream/dvc.yaml:demo_data@disc" in listed
+    (root / "params.yaml").write_text((root / "presets/paper.yaml").read_text())
+    listed = sh(["dvc", "stage", "list", "--all", "--name-only"], root).stdout.split()
+    assert "upstream/dvc.yaml:prepare@bagel" in listed
+    assert not [s for s in listed if "demo_data" in s]

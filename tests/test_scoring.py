@@ -42,6 +42,10 @@ from pipeline.scoring import (
 )
 from stages import fit_mapper, infer, layout, score
 
+# one intra-op thread (conftest): the mapper training of the shared fixture spends most of its
+# time in oversubscribed threads on the shared machine otherwise
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # ------------------------------------------------------------------------- map functions
 def _layers(rng: np.random.Generator, widths=(8, 16, 32), scales=(1.0, 1.0, 1.0)) -> list:

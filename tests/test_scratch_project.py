@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from tools.scratch_project import REPO, clone_repository, sh, write_params
+from tools.scratch_project import REPO, clone_repository, sh, stage_command, write_params
 
 
 def _source(root: Path) -> Path:
@@ -62,3 +62,14 @@ def test_write_params_changes_only_the_given_lines(tmp_path):
     after = (tmp_path / "params.yaml").read_text().splitlines()
     changed = [line for line in difflib.ndiff(before, after) if line[:1] in "+-"]
     assert changed == ["-   - dome", "-   - slab", "-   lambda_1: 0.1", "+   lambda_1: 0.5"]
+
+
+def test_stage_processes_are_told_by_the_command_word_not_the_checkout_path():
+    # a checkout named like the project (`git clone ... && cd cmds-ad`) holds the venv
+    venv = "/home/me/cmds-ad/.venv/bin"
+    assert stage_command([f"{venv}/python", f"{venv}/dvc", "repro", "-s", "score@disc-1-0"]) \
+        is None
+    assert stage_command([f"{venv}/python", "-m", "pytest", "-q"]) is None
+    assert stage_command(["/bin/sh", "-c", "cmds-ad score disc -k 1"]) == "score disc -k 1"
+    assert stage_command([f"{venv}/python", f"{venv}/cmds-ad", "fit-mapper", "disc"]) == \
+        "fit-mapper disc"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.scratch_project import copy_project, make_project, sh, stages_run
+from tools.scratch_project import copy_project, sh, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -108,16 +108,6 @@ def test_repro_pull_on_a_fresh_clone_runs_nothing(shared, tmp_path):
     assert stages_run(output) == set(), output
     assert read_json(clone / SUMMARY) == read_json(shared / SUMMARY)
     assert status(clone) == {}
-
-
-def test_real_dataset_presets_have_no_demo_data_instance(tmp_path):
-    root = make_project(tmp_path / "cmds-ad", make_data=False)
-    listed = sh(["dvc", "stage", "list", "--all", "--name-only"], root).stdout.split()
-    assert "upstream/dvc.yaml:demo_data@disc" in listed
-    (root / "params.yaml").write_text((root / "presets/paper.yaml").read_text())
-    listed = sh(["dvc", "stage", "list", "--all", "--name-only"], root).stdout.split()
-    assert "upstream/dvc.yaml:prepare@bagel" in listed
-    assert not [s for s in listed if "demo_data" in s]
 
 
 # ------------------------------------------------------------------------------ experiments

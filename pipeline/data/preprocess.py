@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+
+# scipy is imported where the point-cloud cleaning needs it: the diffusion stages import this
+# module only for pad_square and pay no scipy start-up (benchmarks/imports.py)
 
 if TYPE_CHECKING:
     from pipeline.params import DataParams
@@ -182,6 +182,9 @@ def remove_plane(
 
 def grid_components(xyz: np.ndarray, eps: float) -> tuple[np.ndarray, int]:
     """Label map (-1 = no point) of the 8-neighbour grid graph with 3D edges <= eps."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     h, w = xyz.shape[:2]
     valid = valid_mask(xyz)
     index = np.full((h, w), -1, dtype=np.int64)
@@ -243,6 +246,8 @@ def resize_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def foreground(xyz: np.ndarray) -> np.ndarray:
     """Pixels with a point, dilated by one pixel (3 x 3), as uint8 0/1."""
+    from scipy import ndimage
+
     return ndimage.binary_dilation(valid_mask(xyz), structure=np.ones((3, 3), bool)).astype(np.uint8)
 
 
@@ -254,6 +259,8 @@ def foreground_published(xyz_full: np.ndarray, size: int) -> np.ndarray:
     ``AdaptiveAvgPool2d(size)``: a pixel is foreground when any point reaches it through the
     three averages (about a one-pixel dilation, shifted by half a pixel).
     """
+    from scipy import ndimage
+
     valid = pad_square(valid_mask(xyz_full).astype(np.float64), 0.0)
     s = valid.shape[0]
     src = np.maximum((np.arange(size) + 0.5) * (s / size) - 0.5, 0.0)
