@@ -13,10 +13,16 @@ per sample, with the total; then the peak resident memory of the process (and th
 memory on a GPU). The writing of ``--out`` (TIFF, PNGs, CSV) is timed separately by one
 ``cmds-ad predict`` run. Load average before and after: the development machine is shared.
 
-The paper preset's shapes (DINO ViT-B/8, Marigold v1-1, 224 px) with random weights:
-``--project`` of a scratch project made by ``benchmarks/paper_smoke.py --keep DIR`` (it builds
-the random-weight models with ``stages/paper_models.py`` and runs the paper preset); on a CPU
-it takes hours, on a GPU minutes.
+The paper preset's shapes (DINO ViT-B/8, Marigold v1-1, 224 px) with random weights: the
+scratch project of ``benchmarks/paper_smoke.py --smoke --keep DIR`` (it builds the
+random-weight models with ``tools/paper_models.py`` and runs the paper preset with cut
+budgets), then the published Marigold budget back for the measurement (``--set`` changes a
+parameter of the prediction path in memory, not params.yaml)::
+
+    python benchmarks/predict.py --project DIR --model bagel/k1-s0 --input DIR-data/bagel/test \
+        --set estimate_normals.steps=10 --set estimate_normals.ensemble=10
+
+(on a CPU this takes hours; on a GPU minutes).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.scratch_project import make_project, project_env, sh  # noqa: E402
+from tools.scratch_project import make_project, project_env, sh
 
 DEMO = {"fewshot.shots": [1]}
 
@@ -52,19 +58,31 @@ def demo_project(keep: Path | None) -> Path:
     return root
 
 
-def measure(project: Path, model: str, input_path: str, repeats: int) -> None:
+def overridden(params, settings: list[str]):
+    """``params`` with ``KEY=VALUE`` settings (YAML values) of the prediction path applied."""
+    import yaml
+
+    from pipeline.params import parse_params
+    from tools.scratch_project import deep_update
+
+    raw = params.model_dump(mode="json")
+    deep_update(raw, {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in settings)})
+    return parse_params(raw, "--set")
+
+
+def measure(project: Path, model: str, input_path: str, repeats: int,
+            settings: list[str]) -> None:
     import torch
 
     from pipeline.predict_input import find_samples
-    from pipeline.prediction import STEPS
+    from pipeline.prediction import STEPS, Predictor
     from stages.predict import project_model
 
     os.chdir(project)
     trained = project_model(model)
-    from pipeline.prediction import Predictor
-
+    params = overridden(trained.params, settings) if settings else trained.params
     refs = find_samples(Path(input_path))
-    predictor = Predictor.load(trained.params, trained.category, trained.mapper_dir)
+    predictor = Predictor.load(params, trained.category, trained.mapper_dir)
     print(f"model {model}: loaded in {predictor.seconds['load']:.2f} s on {predictor.device}; "
           f"{len(refs)} samples from {input_path}, chunks of {predictor.chunk_size()}")
     per_step: dict[str, list[float]] = {step: [] for step in STEPS}
@@ -105,13 +123,16 @@ def main() -> int:
     parser.add_argument("--model", default="disc/k1-s0")
     parser.add_argument("--input", default="data/demo/disc/test")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of the prediction path, in memory (repeatable)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("CMDS_AD_QUIET", "1")
     print(f"load average before: {load_average()}")
     project = (args.project or demo_project(args.keep)).resolve()
-    measure(project, args.model, args.input, args.repeats)
-    cli_run(project, args.model, args.input)
+    measure(project, args.model, args.input, args.repeats, args.set)
+    if not args.set:  # the command line reads params.yaml as it is
+        cli_run(project, args.model, args.input)
     print(f"load average after: {load_average()}")
     return 0
 

@@ -22,11 +22,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn import functional as F
 
 from pipeline.data import RawSample, SampleRef, load_sample
@@ -49,6 +49,7 @@ from pipeline.normals_estimation import (
     predict_normals,
     resolve_resolution,
 )
+from pipeline.official import check_features
 from pipeline.params import Params
 from pipeline.progress import track
 from pipeline.scoring import ScoredMaps, finish_maps
@@ -322,10 +323,14 @@ def _load_backbone(params: Params, device: torch.device) -> Backbone:
 
 def _check_backbone(config: dict[str, Any], backbone: Backbone, config_path: Path,
                     size: int) -> None:
-    """The mappers of ``config_path`` must have been trained on this backbone's features."""
+    """The mappers of ``config_path`` must have been trained on this backbone's features (or,
+    imported from the released checkpoints, on the published backbone and layers)."""
     channels, grid = backbone.probe(size, size)
     found = {"backbone": backbone.name, "layers": list(backbone.layers), "grid": grid,
              "channels": channels}
+    if "official" in config and config.get("backbone_source") is None:
+        check_features(config, SimpleNamespace(**found), f"models.backbone {backbone.name!r}")
+        return
     for key, value in found.items():
         if key in config and config[key] != value:
             raise ModelError(f"{config_path}: the mappers were trained on features with {key} "

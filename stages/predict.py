@@ -31,9 +31,14 @@ from pipeline import report as R
 from pipeline.artifacts import atomic_dir
 from pipeline.errors import InputError, ParamsError
 from pipeline.outputs import mark
-from pipeline.params import Params, load_params
+from pipeline.params import load_params
 from pipeline.predict_input import find_samples
-from pipeline.prediction import Predictor, SampleResult, TrainedModel, to_input_resolution
+from pipeline.prediction import (
+    Predictor,
+    SampleResult,
+    TrainedModel,
+    to_input_resolution,
+)
 from pipeline.thresholds import read_thresholds
 from stages import layout
 

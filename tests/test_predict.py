@@ -20,7 +20,7 @@ from pipeline.data import list_samples
 from pipeline.params import load_params
 from pipeline.prediction import Predictor, to_input_resolution
 from stages import layout
-from stages.scratch_project import copy_project, sh, stages_run, write_params
+from tools.scratch_project import copy_project, sh, stages_run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +150,7 @@ def _sample(folder: Path, rgb: np.ndarray, xyz: np.ndarray, stem: str = "000") -
     (folder / "rgb").mkdir(parents=True, exist_ok=True)
     (folder / "xyz").mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(folder / "rgb" / f"{stem}.png")
-    tifffile.imwrite(folder / "xyz" / f"{stem}.tiff", xyz)
+    tifffile.imwrite(folder / "xyz" / f"{stem}.tiff", xyz, photometric="rgb")
 
 
 def test_bad_input_is_refused_with_nothing_in_out(project) -> None:

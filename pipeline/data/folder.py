@@ -27,8 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.mvtec import GOOD, SPLITS, ambiguous, by_stem, category_dir, clean_xyz, \
-    load_image
+from pipeline.data.mvtec import (
+    GOOD,
+    SPLITS,
+    ambiguous,
+    by_stem,
+    category_dir,
+    clean_xyz,
+    load_image,
+)
 from pipeline.errors import InputError
 
 INTRINSICS = "intrinsics.json"
