@@ -124,3 +124,12 @@ def test_read_thresholds_names_the_file(tmp_path) -> None:
     broken.write_text(json.dumps({"image": {"threshold": 1.0}}))
     with pytest.raises(InputError, match="broken.json: not a thresholds file"):
         read_thresholds(broken)
+
+
+def test_thresholds_stage_does_not_import_torch() -> None:
+    """A rule or score change re-runs this stage: it must stay numpy-cheap."""
+    import subprocess
+    import sys
+
+    code = "import sys, stages.thresholds; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
