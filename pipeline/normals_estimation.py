@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.errors import ParamsError
 from pipeline.models.diffusion import ModelClock
 
 _FACING = torch.tensor([0.0, 0.0, 1.0])
@@ -235,3 +236,20 @@ def predict_normals(
         return np.zeros((0, out_size, out_size, 3), dtype=np.float16)
     prediction = marigold_prediction(pipe, model_input(rgb), seeds, run, clock=clock)
     return finish_normals(prediction, rgb.shape[1], out_size, run)
+
+
+def resolve_resolution(pipe: Any, value: int | None, spec: str) -> int:
+    """``estimate_normals.processing_resolution``: null = the model's default."""
+    key = "estimate_normals.processing_resolution"
+    if value is None:
+        default = pipe.default_processing_resolution
+        if not isinstance(default, int) or default < 0:
+            raise ParamsError(f"{key}: null asks for the model's default, but {spec} has no "
+                              "default_processing_resolution in its config; give a number")
+        return default
+    if value % pipe.vae_scale_factor:
+        raise ParamsError(
+            f"{key}: {value} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor} "
+            f"({spec}); 0 = input resolution, null = the model's default"
+        )
+    return value

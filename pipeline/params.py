@@ -91,7 +91,8 @@ SET_KEYS = (
 class DataParams(Section):
     """``data``: which dataset and the preprocessing (DESIGN 1.1)."""
 
-    dataset: Literal["mvtec3d", "eyecandies"] = "mvtec3d"
+    # folder: your own data in the layout of pipeline/data/folder.py
+    dataset: Literal["mvtec3d", "eyecandies", "folder"] = "mvtec3d"
     root: str = "data/demo"
     categories: list[str] = Field(min_length=1)
     size: Int = Field(224, ge=16)
@@ -545,6 +546,19 @@ class EvaluateParams(Section):
         return None if self.headline_aupro == "exact" else int(self.headline_aupro[3:])
 
 
+class ThresholdsParams(Section):
+    """``thresholds``: decision thresholds from the scores of normal samples the model was
+    not trained on (the dataset's validation split; pipeline/thresholds.py). A sample or a
+    pixel is anomalous when its score is above its threshold."""
+
+    rule: Literal["quantile", "max_margin"] = "quantile"
+    quantile: Float = Field(0.99, ge=0, le=1)  # image scores, rule quantile
+    pixel_quantile: Float = Field(0.999, ge=0, le=1)  # foreground pixels, rule quantile
+    margin: Float = Field(0.1, ge=0)  # rule max_margin: max * (1 + margin)
+    image: Float | None = None  # a manual image threshold (overrides the rule)
+    pixel: Float | None = None  # a manual pixel threshold (overrides the rule)
+
+
 class Params(Section):
     data: DataParams
     demo_data: DemoDataParams = DemoDataParams()
@@ -557,13 +571,15 @@ class Params(Section):
     infer: InferParams = InferParams()
     score: ScoreParams = ScoreParams()
     evaluate: EvaluateParams = EvaluateParams()
+    thresholds: ThresholdsParams = ThresholdsParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
         problems = [*self._duplicates(), *self._step_problems()]
         if problems:
             raise ValueError("\n".join(problems))
-        known = MVTEC3D_CATEGORIES if self.data.dataset == "mvtec3d" else EYECANDIES_CATEGORIES
+        known = {"mvtec3d": MVTEC3D_CATEGORIES,
+                 "eyecandies": EYECANDIES_CATEGORIES}.get(self.data.dataset, ())
         root = Path(self.data.root)
         for category in self.data.categories:
             # A real dataset must use its official category names; a local dataset (the demo)
@@ -573,11 +589,10 @@ class Params(Section):
             if category in self.demo_data.categories:
                 continue
             if category not in known and root.is_dir() and not (root / category).is_dir():
-                raise ValueError(
-                    f"data.categories: unknown category {category!r} "
-                    f"(allowed for {self.data.dataset}: {', '.join(known)}, "
-                    f"or a folder under {root})"
-                )
+                allowed = f"allowed for {self.data.dataset}: {', '.join(known)}, or " if known \
+                    else "expected "
+                raise ValueError(f"data.categories: unknown category {category!r} ({allowed}"
+                                 f"a folder under {root})")
         issues = official_setup_issues(self)  # released checkpoints need their setup
         if issues:
             raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "

@@ -17,7 +17,7 @@ from scheduler.settings import SETTINGS_FILE, DistributeError
 # stage names (before "@") whose commands run a model: one GPU each where the cluster has GPUs
 MODEL_STAGES = frozenset({
     "augment", "estimate_normals", "estimate_normals_generated", "extract_features",
-    "extract_features_generated", "fit_mapper", "infer",
+    "extract_features_generated", "fit_mapper", "infer", "validation_streams",
 })
 
 

@@ -263,6 +263,9 @@ def demo_data(
     eyecandies: Annotated[
         Optional[Path], typer.Option(help="Also write one category in the Eyecandies layout here.")
     ] = None,
+    layout: Annotated[str, typer.Option(
+        help="mvtec3d, or folder: depth images + intrinsics.json (data.dataset: folder).")
+    ] = "mvtec3d",
     force: ForceOpt = False,
 ) -> None:
     """Generate the embedded demo dataset (synthetic objects with 2D, 3D and mixed defects)
@@ -270,12 +273,14 @@ def demo_data(
     from pipeline.data.demo import CATEGORIES
     from stages.demo_data import write
 
+    if layout not in ("mvtec3d", "folder"):
+        _fail(f"--layout: {layout!r} is not one of mvtec3d, folder")
     unknown = [c for c in category or () if c not in CATEGORIES]
     if unknown:
         _fail(f"--category: unknown demo category {unknown[0]!r} (have {', '.join(CATEGORIES)})")
     with _one_line_errors():
         write(out, category or list(CATEGORIES), seed=seed, n_train=n_train, n_test=n_test,
-              eyecandies=eyecandies, force=force)
+              eyecandies=eyecandies, force=force, layout=layout)
 
 
 def _require_npz(file: Path) -> None:
@@ -321,6 +326,8 @@ STAGE_COMMANDS = {
     "fit_mapper": ("k", "Stage: train the four cross-modal feature mappers."),
     "infer": ("k", "Stage: run the four mappers on the test set; store the raw stream maps."),
     "score": ("k", "Stage: fuse, mask, smooth and normalise the stream maps (no torch)."),
+    "validation_streams": ("k", "Stage: stream maps of the validation split's normal samples."),
+    "thresholds": ("k", "Stage: image and pixel thresholds from the normal samples' scores."),
     "evaluate": ("k", "Stage: metrics, curves, heatmaps and fusion ablations of one instance."),
     "report": ("", "Stage: summary tables (mean over categories per k) and the overview figure."),
 }
@@ -357,6 +364,57 @@ def _stage_command(module: str, form: str) -> Callable[..., None]:
 
 for _module, (_form, _help) in STAGE_COMMANDS.items():
     app.command(_module.replace("_", "-"), help=_help)(_stage_command(_module, _form))
+
+
+InputOpt = Annotated[Path, typer.Option(
+    "--input", "-i", help="One sample (rgb/<stem>.png beside xyz/), a folder with rgb/ and "
+                          "xyz/, or a folder of such folders.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+@app.command("predict")
+def predict(
+    input_path: InputOpt,
+    out: OutOpt,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="CATEGORY/kK-sS of this project's pipeline outputs.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(
+        "--bundle", "-b", help="A folder written by `cmds-ad export`.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    force: ForceOpt = False,
+) -> None:
+    """Anomaly maps, scores, labels and masks of new samples with a trained model (no DVC)."""
+    from stages import predict as stage
+
+    if (model is None) == (bundle is None):
+        _fail("give one of --model CATEGORY/kK-sS and --bundle DIR")
+    with _one_line_errors("predict"):
+        _claim_out(out, stage.COMMAND, force, ("the input", input_path))
+        if bundle is not None:
+            from pipeline.bundle import load_bundle
+
+            trained = load_bundle(bundle)
+        else:
+            trained = stage.project_model(model, params)  # type: ignore[arg-type]
+        seconds = stage.run(trained, input_path, out)
+    typer.echo(f"{out}: {int(seconds['samples'])} samples predicted (predictions.csv)")
+
+
+@app.command("export")
+def export(
+    category: CategoryArg, shots: ShotsOpt, out: OutOpt, seed: SeedOpt = 0,
+    params: ParamsOpt = Path("params.yaml"), force: ForceOpt = False,
+) -> None:
+    """A self-contained bundle of one trained model for `cmds-ad predict --bundle`."""
+    from pipeline.params import load_params
+    from stages import export as stage
+
+    with _one_line_errors("export"):
+        loaded = load_params(params)
+        _check_instance(loaded, category, shots, seed)
+        _claim_out(out, stage.COMMAND, force)
+        stage.run(loaded, category, shots, seed, out)
+    typer.echo(f"{out}: bundle of {category} k={shots} seed={seed} (cmds-ad predict --bundle)")
 
 
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1,

@@ -2,7 +2,8 @@
 
     cmds-ad demo-data data/demo --category disc --n-train 10 --n-test 24 --seed 0
 
-Writes ``data/demo/<category>`` (the MVTec 3D-AD layout), atomically: built in a dot-named
+Writes ``data/demo/<category>`` (the MVTec 3D-AD layout; ``--layout folder``: the layout of
+``data.dataset: folder``, depth images and intrinsics), atomically: built in a dot-named
 temporary sibling (ignored by DVC) and renamed into place. The generator is deterministic, so
 the output's hash is the same on every machine and DVC restores it from its cache like any
 other output (in a teammate's clone, in the temporary workspaces of queued experiments).
@@ -32,7 +33,7 @@ def _above_data_root() -> tuple[str, Path | None]:
 
 
 def write(out: Path, categories: Sequence[str], seed: int, n_train: int, n_test: int,
-          eyecandies: Path | None = None, force: bool = False) -> None:
+          eyecandies: Path | None = None, force: bool = False, layout: str = "mvtec3d") -> None:
     """Write each category to ``out/<category>`` (and one in the Eyecandies layout to
     ``eyecandies``), replacing only folders this command wrote, or any with ``force``; every
     folder is checked before anything is written."""
@@ -45,7 +46,8 @@ def write(out: Path, categories: Sequence[str], seed: int, n_train: int, n_test:
             raise InputError(f"--eyecandies {eyecandies}: inside the output folder {out}")
     for category in categories:
         with atomic_dir(out / category) as tmp:
-            write_demo_category(tmp, category, seed=seed, n_train=n_train, n_test=n_test)
+            write_demo_category(tmp, category, seed=seed, n_train=n_train, n_test=n_test,
+                                layout=layout)
             mark(tmp, COMMAND)
         info(f"wrote {out / category} ({n_train} train, {n_test} test images)")
     if eyecandies is not None:

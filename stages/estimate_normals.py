@@ -46,6 +46,7 @@ from pipeline.normals_estimation import (
     image_seeds,
     marigold_prediction,
     model_input,
+    resolve_resolution,
 )
 from pipeline.params import Params, section_dict
 from pipeline.progress import info, track
@@ -260,23 +261,6 @@ def _sources(params: Params, category: str, shots: int | None,
     return {"generated": _store_source(store, "rgb", size, f"data.size={size}")}
 
 
-def _resolve_resolution(pipe: Any, value: int | None, spec: str) -> int:
-    """``estimate_normals.processing_resolution``: null = the model's default."""
-    key = "estimate_normals.processing_resolution"
-    if value is None:
-        default = pipe.default_processing_resolution
-        if not isinstance(default, int) or default < 0:
-            raise ParamsError(f"{key}: null asks for the model's default, but {spec} has no "
-                              "default_processing_resolution in its config; give a number")
-        return default
-    if value % pipe.vae_scale_factor:
-        raise ParamsError(
-            f"{key}: {value} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor} "
-            f"({spec}); 0 = input resolution, null = the model's default"
-        )
-    return value
-
-
 def run(params: Params, category: str, shots: int | None = None,
         seed: int | None = None) -> dict[str, float]:
     """Write the estimated normals; returns timing figures (used by the benchmark)."""
@@ -299,7 +283,7 @@ def run(params: Params, category: str, shots: int | None = None,
     load_s = time.perf_counter() - loading
     marigold = MarigoldRun(
         steps=p.steps, ensemble=p.ensemble,
-        processing_resolution=_resolve_resolution(pipe, p.processing_resolution, source.spec),
+        processing_resolution=resolve_resolution(pipe, p.processing_resolution, source.spec),
         reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
     )
     info(f"estimate_normals {category}: Marigold {source.spec} ({source.kind}) on {device}, "

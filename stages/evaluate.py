@@ -3,7 +3,8 @@
 
 Reads   artifacts/scores/<cat>/k<k>-s<seed>.zarr (map, map_pro, map_roc, image_score),
         artifacts/streams/<cat>/k<k>-s<seed>.zarr (the four stream maps and fg, for the
-        ablations), artifacts/prepare/<cat>/test.zarr (gt, rgb; attrs ids, labels)
+        ablations), artifacts/thresholds/<cat>/k<k>-s<seed>.json (from ``thresholds``),
+        artifacts/prepare/<cat>/test.zarr (gt, rgb; attrs ids, labels)
 Writes  results/evaluate/<cat>/k<k>-s<seed>/ (atomically):
         metrics.json   flat dict for ``dvc metrics show``: i_auroc (from image_score),
                        p_auroc (from map_roc), aupro@<limit> (exact) and, from the same
@@ -11,6 +12,11 @@ Writes  results/evaluate/<cat>/k<k>-s<seed>/ (atomically):
                        in ``evaluate.aupro_thresholds``) from map_pro, category, shots, seed,
                        n_test, ...; an undefined metric is null, with its reason under
                        ``undefined``
+                       at_threshold (nested): precision, recall and F1 of image scores and
+                       map_roc pixels above the thresholds of the ``thresholds`` stage (fitted on
+                       normal validation samples); test_reference_f1_optimal: the thresholds
+                       of best F1 on this test set (they look at its labels: a reference, not
+                       a threshold to use)
         roc.csv        fpr,tpr (image level)              } DVC plots
         pro.csv        fpr,pro (exact curve) up to the largest limit, at most 1000 points }
         heatmaps/<id>.png  overlays of ``map`` (common colour scale [0, max over the test set])
@@ -48,6 +54,7 @@ from pipeline.params import Params
 from pipeline.progress import info, track
 from pipeline.scoring import STREAM_NAMES, finish_maps
 from pipeline.streams import open_streams
+from pipeline.thresholds import read_thresholds, thresholded_metrics
 from stages import layout
 
 PRO_PLOT_POINTS = 1000
@@ -166,6 +173,8 @@ class _Inputs:
     map_pro: np.ndarray       # (N, S, S)
     map_roc: np.ndarray       # (N, S, S)
     image_score: np.ndarray   # (N,) float64
+    thresholds: tuple[float, float]  # (image, pixel), from the thresholds stage
+    no_gt: list[str]          # defective samples without a mask: gt is all zero then
 
 
 def _read_inputs(category: str, shots: int, seed: int) -> _Inputs:
@@ -178,6 +187,7 @@ def _read_inputs(category: str, shots: int, seed: int) -> _Inputs:
     ids, test_ids = scores.ids, test.ids
     require_same_ids(scores_path, ids, test_path, test_ids)
     streams, stream_ids, _, stream_size = open_streams(streams_path)
+    thresholds = read_thresholds(layout.thresholds(category, shots, seed))
     require_same_ids(streams_path, stream_ids, test_path, test_ids)
     n = len(ids)
     if n == 0:
@@ -190,6 +200,9 @@ def _read_inputs(category: str, shots: int, seed: int) -> _Inputs:
         raise InputError(f"{test_path}: 'gt' has shape {tuple(gt_array.shape)}, expected (N, S, S)")
     shape = tuple(int(v) for v in gt_array.shape)
     gt = (np.asarray(gt_array[:]) > 0).astype(np.uint8)
+    no_gt = [str(i) for i in test.attrs.get("no_gt", [])]
+    if no_gt:  # a defect without its mask would count as defect-free pixels: no pixel metrics
+        gt[:] = 0
     map_pro = _read(scores, scores_path, "map_pro", shape)
     map_roc = _read(scores, scores_path, "map_roc", shape)
     image_score = _read(scores, scores_path, "image_score", (n,)).astype(np.float64)
@@ -200,7 +213,8 @@ def _read_inputs(category: str, shots: int, seed: int) -> _Inputs:
         raise InputError(f"{streams_path}: stream maps are {stream_size} x {stream_size}, the "
                          f"ground truth in {test_path} is {shape[1]} x {shape[2]}")
     return _Inputs(scores_path, streams_path, test_path, scores, streams, test, ids,
-                   np.asarray(labels, dtype=np.int64), gt, map_pro, map_roc, image_score)
+                   np.asarray(labels, dtype=np.int64), gt, map_pro, map_roc, image_score,
+                   thresholds, no_gt)
 
 
 def _write_heatmaps(folder: Path, x: _Inputs, chosen: Sequence[int], batch_size: int
@@ -221,6 +235,13 @@ def _write_heatmaps(folder: Path, x: _Inputs, chosen: Sequence[int], batch_size:
     return examples
 
 
+def _thresholded(x: _Inputs) -> dict:
+    """P/R/F1 at the fitted thresholds and the test set's F1-optimal ones (a reference);
+    without every defect's mask the pixel entries are null and the reasons say why."""
+    return thresholded_metrics(x.image_score, x.labels, x.map_roc, None if x.no_gt else x.gt,
+                               x.thresholds)
+
+
 def _json_bytes(value: object) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
@@ -237,9 +258,14 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
                         limits=p.limits, aupro_thresholds=p.aupro_thresholds)
     except InputError as err:
         raise InputError(f"{x.scores_path} with {x.test_path}: {err}") from None
-    x.map_roc = np.zeros(0)  # not needed any more: freed before the ablations
     metrics = {**_public(ev.metrics), "category": category, "shots": shots, "seed": seed,
-               "n_test": n}
+               "n_test": n, **_thresholded(x)}
+    if x.no_gt:
+        note = (f"{len(x.no_gt)} defective test samples have no gt mask (first: {x.no_gt[0]}): "
+                "pixel metrics skipped")
+        metrics["undefined"] = {key: note if key != "i_auroc" else why
+                                for key, why in metrics.get("undefined", {}).items()}
+    x.map_roc = np.zeros(0)  # not needed any more: freed before the ablations
     chosen = R.choose_examples(x.image_score, x.labels, p.heatmaps_per_class)
     pro_limit = max(p.limits)
     roc_x, roc_y = ev.roc if ev.roc is not None else (np.zeros(0), np.zeros(0))

@@ -95,6 +95,17 @@ def scores(category: str, shots: int, seed: int) -> Path:
     return ARTIFACTS / "scores" / category / f"{run_key(shots, seed)}.zarr"
 
 
+def validation_streams(category: str, shots: int, seed: int) -> Path:
+    """The four raw stream maps of the validation split (normal samples the model was not
+    trained on) and its foreground, as ``streams``; written by ``validation_streams``."""
+    return ARTIFACTS / "validation_streams" / category / f"{run_key(shots, seed)}.zarr"
+
+
+def thresholds(category: str, shots: int, seed: int) -> Path:
+    """The image and pixel thresholds fitted on the validation scores (JSON)."""
+    return ARTIFACTS / "thresholds" / category / f"{run_key(shots, seed)}.json"
+
+
 def evaluation(category: str, shots: int, seed: int) -> Path:
     """Directory with metrics.json, ablations.json, roc.csv, pro.csv and heatmap PNGs."""
     return RESULTS / "evaluate" / category / run_key(shots, seed)

@@ -8,11 +8,13 @@ Writes ``artifacts/prepare/<cat>/`` as one atomic directory:
 - ``shots.json``: ``{"k<k>-s<seed>": [ids...]}``.
 
 Arrays: ``rgb`` uint8, ``xyz`` float32, ``normals`` float16 (encoded (n + 1) / 2), ``fg`` and
-``gt`` uint8 0/1, all (N, S, S[, 3]). Provenance: ``test.zarr`` records the ``data`` section
-only (it does not depend on the shots, so changing ``fewshot`` leaves its bytes, and what is
-computed from it downstream, unchanged); ``train.zarr`` records ``data`` and ``fewshot``.
-``data.categories`` is left out of both: adding a category must not change another one's;
-so is ``data.accept_empty_defect_masks``, which only lets a dataset through.
+``gt`` uint8 0/1, all (N, S, S[, 3]); ``no_gt`` (attribute, only when there are any): the
+defective samples without a mask (``data.dataset: folder``), stored with an all-zero ``gt``.
+Provenance: ``test.zarr`` records the ``data`` section only (it does not depend on the shots,
+so changing ``fewshot`` leaves its bytes, and what is computed from it downstream,
+unchanged); ``train.zarr`` records ``data`` and ``fewshot``. ``data.categories`` is left out
+of both: adding a category must not change another one's; so is
+``data.accept_empty_defect_masks``, which only lets a dataset through.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def _write_split(
         "labels": [r.label for r in refs],
         "defect_types": [r.defect_type for r in refs],
     }
+    no_gt = [r.id for r in refs if r.label == 1 and r.gt is None]
+    if no_gt:  # the folder layout's defective samples without a mask: no pixel metrics
+        attrs["no_gt"] = no_gt
     with StoreWriter(path, attrs=attrs) as writer:
         writer.create("rgb", len(refs), (s, s, 3), np.uint8)
         writer.create("xyz", len(refs), (s, s, 3), np.float32)

@@ -89,7 +89,7 @@ def serial(env) -> tuple[Path, int]:
     base, _ = env
     root = _new_project(base / "serial", None)
     ran = stages_run(sh(["dvc", "repro"], root).stdout)
-    assert len(ran) > 20, ran  # 11 a category (demo_data first), validate_params and report
+    assert len(ran) > 20, ran  # 13 a category (demo_data first), validate_params and report
     return root, len(ran)
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.artifacts import StoreWriter
+from pipeline.artifacts import StoreWriter, atomic_write_json
 from pipeline.errors import InputError, ParamsError
 from pipeline.metrics import aupro_key, evaluate
 from pipeline.params import Params, parse_params
 from pipeline.scoring import STREAM_NAMES, finish_maps
+from pipeline.thresholds import binary_metrics
 from stages import evaluate as stage
 from stages import layout
 
@@ -32,7 +33,8 @@ def make_params(**evaluate_section) -> Params:
     })
 
 
-def write_inputs(params: Params, test_ids=None, labels=None, seed: int = 0) -> dict:
+def write_inputs(params: Params, test_ids=None, labels=None, seed: int = 0,
+                 **test_attrs) -> dict:
     """prepare/<cat>/test.zarr, streams/ and scores/<cat>/k1-s0.zarr: the 2D streams see the
     defects, the 3D streams see false defects in good images (so the 2D/3D ablations differ)."""
     rng = np.random.default_rng(seed)
@@ -55,7 +57,8 @@ def write_inputs(params: Params, test_ids=None, labels=None, seed: int = 0) -> d
     scored = finish_maps(streams, fg, CAT, params.score)
     rgb = rng.integers(0, 256, (N, S, S, 3), dtype=np.uint8)
     with StoreWriter(layout.prepared(CAT) / "test.zarr",
-                     attrs={"ids": test_ids or ids, "labels": labels or true_labels}) as w:
+                     attrs={"ids": test_ids or ids, "labels": labels or true_labels,
+                            **test_attrs}) as w:
         w.write("rgb", rgb)
         w.write("gt", gt)
     with StoreWriter(layout.streams(CAT, 1, 0),
@@ -69,8 +72,30 @@ def write_inputs(params: Params, test_ids=None, labels=None, seed: int = 0) -> d
         w.write("map_pro", scored.map_pro)
         w.write("map_roc", scored.map_roc)
         w.write("image_score", scored.image_score)
-    return {"gt": gt, "labels": np.array(true_labels), "scored": scored, "ids": ids,
+    thresholds = {"image": {"threshold": float(np.median(scored.image_score))},
+                  "pixel": {"threshold": float(np.quantile(scored.map_roc, 0.9))}}
+    atomic_write_json(layout.thresholds(CAT, 1, 0), thresholds)
+    return {"thresholds": thresholds, "gt": gt, "labels": np.array(true_labels), "scored": scored, "ids": ids,
             "streams": streams, "fg": fg}
+
+
+def test_defects_without_masks_skip_the_pixel_metrics_with_a_note(tmp_path, monkeypatch):
+    """data.dataset: folder lets defective samples come without a mask (prepare lists them in
+    ``no_gt``): image metrics as usual, pixel metrics null with the reason."""
+    monkeypatch.chdir(tmp_path)
+    params = make_params()
+    data = write_inputs(params, no_gt=["crack/001"])
+    stage.run(params, CAT, 1, 0)
+    metrics = json.loads((layout.evaluation(CAT, 1, 0) / "metrics.json").read_text())
+    sc = data["scored"]
+    assert metrics["i_auroc"] == pytest.approx(
+        evaluate(sc.map_pro, data["gt"], data["labels"], scores=sc.image_score).metrics["i_auroc"])
+    for key in ("p_auroc", *AUPRO_KEYS):
+        assert metrics[key] is None
+        assert "1 defective test samples have no gt mask (first: crack/001)" in \
+            metrics["undefined"][key]
+    assert metrics["at_threshold"]["pixel"] is None
+    assert metrics["at_threshold"]["image"]["f1"] is not None
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -99,6 +124,18 @@ def test_evaluate_stage_outputs(tmp_path: Path, monkeypatch) -> None:
     from_pro = evaluate(sc.map_pro, data["gt"], data["labels"]).metrics["p_auroc"]
     assert from_pro != pytest.approx(metrics["p_auroc"], abs=1e-9)
     assert "undefined" not in metrics
+    # precision/recall/F1 at the thresholds of the thresholds stage, the F1-optimal as reference
+    image_t = data["thresholds"]["image"]["threshold"]
+    pixel_t = data["thresholds"]["pixel"]["threshold"]
+    at = metrics["at_threshold"]
+    assert at["image"] == binary_metrics(sc.image_score, data["labels"], image_t)
+    assert at["pixel"] == binary_metrics(sc.map_roc, data["gt"], pixel_t)
+    assert at["image"]["tp"] + at["image"]["fn"] == N // 2
+    reference = metrics["test_reference_f1_optimal"]
+    assert reference["image"]["f1"] >= at["image"]["f1"]
+    assert binary_metrics(sc.image_score, data["labels"], reference["image"]["threshold"]) \
+        == reference["image"]
+    assert reference["pixel"]["f1"] >= at["pixel"]["f1"]
 
     ablations = json.loads((out / "ablations.json").read_text())
     assert set(ablations) == set(stage.ABLATIONS)

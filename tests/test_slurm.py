@@ -238,7 +238,7 @@ def test_model_stages_ran_only_in_the_gpu_job(slurm_run):
     assert run.returncode == 0, run.stderr[-6000:]
     gpu_jobs = _gpu_jobs(watcher)
     instances = record["instances"]
-    assert len(instances) == 12
+    assert len(instances) == 14
     for addr, where in instances.items():
         stage = addr.split(":")[-1].split("@")[0]
         assert where["slurm_job"] in watcher.seen, (addr, where)
@@ -247,7 +247,7 @@ def test_model_stages_ran_only_in_the_gpu_job(slurm_run):
             assert where["worker_name"].startswith("gpu-")
             assert where["cuda_visible_devices"] in ("0", "1"), (addr, where)
     model = sum(addr.split(":")[-1].split("@")[0] in MODEL_STAGES for addr in instances)
-    assert model == 7
+    assert model == 8
     # the stage code ran on the CPU all the same: the results equal the serial run's
     # (test_results_byte_identical_to_serial_repro)
 

@@ -28,7 +28,7 @@ METRICS = "results/evaluate/disc/k1-s0/metrics.json"
 SUMMARY = "results/summary.json"
 LOSS = "results/loss/disc/k1-s0.csv"
 ROC = "results/evaluate/disc/k1-s0/roc.csv"
-RESCORE = {"validate_params", "score@disc-1-0", "evaluate@disc-1-0", "report"}
+RESCORE = {"validate_params", "score@disc-1-0", "thresholds@disc-1-0", "evaluate@disc-1-0", "report"}
 
 
 def status(root: Path) -> dict:

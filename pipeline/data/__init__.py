@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.eyecandies import list_eyecandies, read_eyecandies_xyz
+from pipeline.data.folder import list_folder, read_depth_xyz
 from pipeline.data.mvtec import list_mvtec, read_mask, read_rgb, read_xyz
 from pipeline.errors import InputError
 
-DATASETS = ("mvtec3d", "eyecandies")
+DATASETS = ("mvtec3d", "eyecandies", "folder")
 
 __all__ = ["DATASETS", "RawSample", "SampleRef", "check_masks", "list_samples", "load_sample",
            "read_rgb"]
@@ -37,8 +38,8 @@ class SampleRef:
     defect_type: str
     rgb: Path
     xyz: Path | None = None  # MVTec 3D-AD point cloud TIFF
-    depth: Path | None = None  # Eyecandies 16-bit depth PNG
-    depth_info: Path | None = None  # Eyecandies depth range YAML
+    depth: Path | None = None  # Eyecandies / folder 16-bit depth PNG
+    depth_info: Path | None = None  # Eyecandies depth range YAML / folder intrinsics JSON
     pose: Path | None = None  # Eyecandies pose (data.eyecandies_xyz: published)
     gt: Path | None = None  # None: no mask file (all good)
 
@@ -63,6 +64,8 @@ def list_samples(dataset: str, root: str | Path, category: str, split: str) -> l
         entries = list_mvtec(root, category, split)
     elif dataset == "eyecandies":
         entries = list_eyecandies(root, category, split)
+    elif dataset == "folder":
+        entries = list_folder(root, category, split)
     else:
         raise InputError(f"data.dataset: unknown dataset {dataset!r} (expected one of {DATASETS})")
     return [SampleRef(dataset=dataset, category=category, split=split, **e) for e in entries]
@@ -96,6 +99,8 @@ def load_sample(ref: SampleRef, eyecandies_xyz: str = "camera") -> RawSample:
     rgb = read_rgb(ref.rgb)
     if ref.xyz is not None:
         xyz = read_xyz(ref.xyz)
+    elif ref.dataset == "folder" and ref.depth is not None and ref.depth_info is not None:
+        xyz = read_depth_xyz(ref.depth, ref.depth_info)
     elif ref.depth is not None and ref.depth_info is not None:
         xyz = read_eyecandies_xyz(ref.depth, ref.depth_info, ref.pose, eyecandies_xyz)
     else:

@@ -31,6 +31,7 @@ camera (focal 711.11 px, principal point at the image centre).
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ import yaml
 from PIL import Image
 
 from pipeline.data.eyecandies import FOCAL_LENGTH
+from pipeline.data.folder import INTRINSICS, xyz_to_depth
 
 CATEGORIES: dict[str, dict] = {
     # image (height, width) and focal length in pixels
@@ -387,6 +389,9 @@ def _save_xyz(path: Path, xyz: np.ndarray) -> None:
     tifffile.imwrite(path, xyz.astype(np.float32), photometric="rgb")
 
 
+FOLDER_DEPTH_SCALE = 1e-4  # metres per unit of the folder layout's depth images (0.1 mm)
+
+
 def defect_plan(n_test: int) -> list[str]:
     """Defect type of each test sample ('good' for about a third)."""
     n_good = max(1, round(n_test / 3)) if n_test > 1 else n_test
@@ -415,10 +420,13 @@ def write_demo_category(
     n_train: int = DEMO_TRAIN_IMAGES,
     n_test: int = DEMO_TEST_IMAGES,
     n_validation: int = 3,
+    layout: str = "mvtec3d",
 ) -> Path:
     """Write one demo category's ``train``, ``validation`` and ``test`` folders into ``root``.
     Each sample derives from (seed, category, split, kind, index) alone, so a category's files
-    do not depend on which other categories are written."""
+    do not depend on which other categories are written. ``layout: folder`` writes the
+    geometry as 16-bit depth images (``depth/``, :data:`FOLDER_DEPTH_SCALE` metres per unit)
+    with the camera in ``intrinsics.json`` (pipeline/data/folder.py) instead of xyz TIFFs."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown demo category {category!r} (have {', '.join(CATEGORIES)})")
     root = Path(root)
@@ -436,10 +444,17 @@ def write_demo_category(
         stem = f"{index:03d}"
         base = root / split / kind
         _save_png(base / "rgb" / f"{stem}.png", sample.rgb)
-        _save_xyz(base / "xyz" / f"{stem}.tiff", sample.xyz)
+        if layout == "folder":
+            _save_png(base / "depth" / f"{stem}.png", xyz_to_depth(sample.xyz, FOLDER_DEPTH_SCALE))
+        else:
+            _save_xyz(base / "xyz" / f"{stem}.tiff", sample.xyz)
         if split == "test" and not (kind == "good" and category in GOOD_GT_MISSING):
             code = 0 if kind == "good" else DEFECT_CODES[kind]
             _save_png(base / "gt" / f"{stem}.png", (sample.gt * code).astype(np.uint8))
+    if layout == "folder":  # the pinhole camera of Camera.rays: pixel x at (x - w / 2) / f
+        intrinsics = {"fx": spec["focal"], "fy": spec["focal"], "cx": camera.width / 2.0,
+                      "cy": camera.height / 2.0, "depth_scale": FOLDER_DEPTH_SCALE}
+        (root / INTRINSICS).write_text(json.dumps(intrinsics, indent=2) + "\n")
     return root
 
 

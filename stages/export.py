@@ -1,0 +1,30 @@
+"""``cmds-ad export CATEGORY --shots K --seed S --out DIR``: the prediction bundle of one
+trained (category, k, seed) of this project (:mod:`pipeline.bundle`), for
+``cmds-ad predict --bundle DIR`` on this or another machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.bundle import export_bundle
+from pipeline.errors import InputError
+from pipeline.params import Params
+from stages import layout
+
+COMMAND = "export"
+
+
+def run(params: Params, category: str, shots: int, seed: int, out: Path) -> None:
+    mapper_dir = layout.mappers(category, shots, seed)
+    if not (mapper_dir / "config.json").is_file():
+        raise InputError(f"{mapper_dir}: no trained model {category}/{layout.run_key(shots, seed)}"
+                         " here (run `dvc repro` or `dvc pull` first)")
+    path = layout.thresholds(category, shots, seed)
+    if not path.is_file():
+        raise InputError(f"{path}: thresholds not found (run `dvc repro` first)")
+    try:
+        thresholds = json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    export_bundle(params, category, shots, seed, mapper_dir, thresholds, out)
