@@ -31,8 +31,8 @@ Two ways to finish a prediction (``output``):
 Seeding (``seeding``): ``per_sample`` seeds each ensemble member from the stage seed and the
 sample id, so an image's normals depend neither on batching nor on other images;
 ``same_per_image`` is the published handling: every image gets a fresh generator seeded with
-the stage seed, from which the noise of all its ensemble members is drawn at once (so every
-image of a size starts from the same noise).
+the stage seed, from which its ensemble members' noise is drawn one member after the other
+(the published batch size 1), so every image of a size starts from the same noise.
 """
 
 from __future__ import annotations
@@ -137,16 +137,21 @@ def _noise(pipe: Any, images: torch.Tensor, seeds: list[int], run: MarigoldRun,
             for seed in seeds
             for e in range(run.ensemble)
         ]}
-    # Published: per image a fresh generator seeded with the seed, one draw of shape
-    # (E, C, h, w) for all its members (the published batch holds the whole ensemble).
     h, w = latent_size(pipe, images.shape[-2], images.shape[-1], run.processing_resolution)
-    shape = (run.ensemble, pipe.vae.config.latent_channels, h, w)
-    latents = [
-        torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed),
-                    device=device, dtype=pipe.dtype)
-        for seed in seeds
-    ]
-    return {"latents": torch.cat(latents)}
+    shape = (pipe.vae.config.latent_channels, h, w)
+    return {"latents": torch.cat([published_member_noise(seed, run.ensemble, shape, device,
+                                                         pipe.dtype) for seed in seeds])}
+
+
+def published_member_noise(seed: int, ensemble: int, shape: tuple[int, int, int],
+                           device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The published initial noise of one image's ensemble, (E, C, h, w): a fresh generator
+    seeded with ``seed``, then one (1, C, h, w) draw per member in turn, since the published
+    script runs Marigold with batch size 1 (OFFICIAL 18). One (E, C, h, w) draw would be other
+    numbers: a generator's stream is not split the same way across one large draw."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.cat([torch.randn((1, *shape), generator=gen, device=device, dtype=dtype)
+                      for _ in range(ensemble)])
 
 
 def marigold_prediction(

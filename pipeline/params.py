@@ -109,6 +109,9 @@ class DataParams(Section):
     clean_xyz: Bool = True  # plane removal + clustering of the xyz (published Eyecandies: none)
     eyecandies_xyz: Literal["camera", "published"] = "camera"
     foreground: Literal["dilated", "published"] = "dilated"
+    # RGB to data.size (prepare) and generated images to data.size (augment): PIL's filters;
+    # bilinear = torchvision's default Resize, the published one (OFFICIAL 16)
+    rgb_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     normals: Literal["grid", "published"] = "grid"
     normals_radius: Float = Field(0.01, gt=0)
     normals_max_neighbours: Int = Field(30, ge=3)
@@ -322,8 +325,11 @@ class ExtractFeaturesParams(Section):
     # not normalised, so for them both are the same.
     noise_space: Literal["normalised", "image"] = "image"
     # The backbone's forward precision: fp32 (published, OFFICIAL 13), fp16, or auto = fp16 on
-    # CUDA and fp32 on the CPU. Features are stored as float16 either way.
+    # CUDA and fp32 on the CPU.
     precision: Literal["auto", "fp32", "fp16"] = "auto"
+    # The stored features: float16 (half the store) or float32 (the published training's
+    # precision, OFFICIAL 17)
+    feature_dtype: Literal["float16", "float32"] = "float16"
     seed: Seed = 0
 
     @field_validator("layers")
@@ -453,6 +459,9 @@ class InferParams(Section):
     # the L2-normalised concatenated vectors (the published code, OFFICIAL item 1), whose
     # result the untrained predicted layer norms dominate.
     distance: Literal["layerwise", "concatenated"] = "layerwise"
+    # The stored stream maps: float32 as the published code keeps them through fusion and
+    # the metrics (OFFICIAL 17); float16 halves the store but ties close scores.
+    map_dtype: Literal["float32", "float16"] = "float32"
 
 
 class ScoreParams(Section):

@@ -88,6 +88,7 @@ def run_real(params: Params, category: str) -> dict[str, float]:
             extract_store(
                 backbone, sources, tmp / f"{split}.zarr", attrs,
                 batch_size=sec.batch_size, noise=noise, description=f"features {category}/{split}",
+                dtype=sec.feature_dtype,
             )
     info(f"features of {category} -> {layout.features(category)}")
     return {"load_s": load_s}
@@ -115,6 +116,7 @@ def run_generated(params: Params, category: str, shots: int, seed: int) -> dict[
     extract_store(
         backbone, sources, out, attrs,
         batch_size=sec.batch_size, noise=noise, description=f"features {category}/{key}",
+        dtype=sec.feature_dtype,
     )
     info(f"features of generated {category}/{key} -> {out}")
     return {"load_s": load_s}
