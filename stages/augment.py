@@ -146,14 +146,17 @@ def _training_images(params: Params, category: str, shot_rgb: list[np.ndarray]) 
 
 def _generate_and_write(pipe: Any, a: Any, shot_rgb: list[np.ndarray], prompt: str,
                         seeds_per_shot: list[list[int]], writer: StoreWriter, size: int,
-                        background: BackgroundWriter, clock: ModelClock, label: str) -> None:
-    """img2img variations of each shot on this thread; their appends to ``writer`` queued on
-    the background thread (in shot order)."""
+                        background: BackgroundWriter, clock: ModelClock, label: str,
+                        out_interpolation: str = "bicubic") -> None:
+    """img2img variations of each shot on this thread, resized to ``size`` with
+    ``out_interpolation`` (data.rgb_interpolation); their appends to ``writer`` queued on the
+    background thread (in shot order)."""
     for index in track(range(len(shot_rgb)), f"generating {label}"):
         full, small = generate(  # [n, R, R, 3] and [n, S, S, 3] uint8
             pipe, shot_rgb[index], prompt, seeds_per_shot[index], strength=a.strength,
             guidance=a.guidance, inference_steps=a.inference_steps, resolution=a.resolution,
-            out_size=size, generator_device=a.generator_device, clock=clock,
+            out_size=size, out_interpolation=out_interpolation,
+            generator_device=a.generator_device, clock=clock,
         )
         background.submit(writer.append, "rgb", small)
         background.submit(writer.append, "rgb_full", full)
@@ -221,7 +224,8 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
                 background.submit(write_lora, snapshot, tmp, LORA_FILE, base)
                 background.submit(_open_generated, writer, len(gen_ids), size, a.resolution)
                 _generate_and_write(pipe, a, shot_rgb, prompt, seeds_per_shot, writer, size,
-                                    background, gen_clock, f"{category} k={shots}")
+                                    background, gen_clock, f"{category} k={shots}",
+                                    params.data.rgb_interpolation)
                 background.submit(writer.__exit__, None, None, None)
     return {"lora_steps": float(len(losses)), "lora_s": train_clock.seconds,
             "images": float(len(gen_ids)), "generate_s": gen_clock.seconds,
