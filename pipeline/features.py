@@ -130,22 +130,32 @@ def sample_noise(noise: Noise, index: int, modality: str, shape: tuple[int, int,
     return torch.randn((noise.copies, *shape), generator=gen) * noise.sigma
 
 
-@torch.inference_mode()
-def encode(backbone: Backbone, x: torch.Tensor, kind: Kind, added: torch.Tensor | None = None,
-           dtype: torch.dtype = torch.float16) -> list[np.ndarray]:
-    """Three feature maps (B, C_l, h, w) of ``dtype`` of a [0, 1] image batch.
+def encode_tensors(backbone: Backbone, x: torch.Tensor, kind: Kind,
+                   added: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                   ) -> list[torch.Tensor]:
+    """Three feature maps (B, C_l, h, w) of ``dtype`` of a [0, 1] image batch, on the
+    backbone's device, without autograd (``no_grad``, not inference mode: a trainer may feed
+    them to a module it trains).
 
     ``added`` (noise) is added to the backbone's input, i.e. after the normalisation.
     """
     p = next(backbone.parameters())
-    x = normalise(x.to(p.device, non_blocking=True).float(), kind)
-    if added is not None:
-        x = x + added.to(x.device, non_blocking=True).float()
-    x = x.to(p.dtype)  # normalise (and add noise) in float32, then the backbone's precision
-    maps = [m.to(dtype) for m in backbone(x)]
+    with torch.no_grad():
+        x = normalise(x.to(p.device, non_blocking=True).float(), kind)
+        if added is not None:
+            x = x + added.to(x.device, non_blocking=True).float()
+        x = x.to(p.dtype)  # normalise (and add noise) in float32, then the backbone's precision
+        maps = [m.to(dtype) for m in backbone(x)]
     if not all(bool(torch.isfinite(m).all()) for m in maps):
         raise ModelError(f"backbone {backbone.name!r}: non-finite features (overflow beyond {dtype}?)")
-    return [m.cpu().numpy() for m in maps]
+    return maps
+
+
+@torch.inference_mode()
+def encode(backbone: Backbone, x: torch.Tensor, kind: Kind, added: torch.Tensor | None = None,
+           dtype: torch.dtype = torch.float16) -> list[np.ndarray]:
+    """:func:`encode_tensors` as numpy arrays on the CPU."""
+    return [m.cpu().numpy() for m in encode_tensors(backbone, x, kind, added, dtype)]
 
 
 def output_arrays(

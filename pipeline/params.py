@@ -356,6 +356,10 @@ class FitMapperParams(Section):
     # Which side of a mapper gets the noisy copies: "source" (its input only, targets clean:
     # published, OFFICIAL 10) or "both" (input and target).
     noise_on: Literal["source", "both"] = "both"
+    # copies: pick one of extract_features.noisy_copies stored noisy encodings (fast, cached);
+    # online: fresh N(0, extract_features.noise_sigma) noise every step through the frozen
+    # backbone, the published training (OFFICIAL 15; costs a backbone forward per step)
+    noise: Literal["copies", "online"] = "copies"
     # train: fit the mappers; official: convert the released checkpoints found under
     # `checkpoints` (pipeline/official.py) instead. `checkpoints` is always a path because
     # upstream/dvc.yaml lists it as a dependency, so DVC hashes the files (docs/reproducing.md).
@@ -591,10 +595,18 @@ class Params(Section):
         if issues:
             raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "
                              "published feature setup; inconsistent: " + "; ".join(issues))
-        problems = [*checkpoint_problems(self), *memory_problems(self)]
+        problems = [*checkpoint_problems(self), *self._online_noise_problems(),
+                    *memory_problems(self)]
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _online_noise_problems(self) -> list[str]:
+        copies = self.extract_features.noisy_copies
+        if self.fit_mapper.noise == "online" and copies:
+            return [f"extract_features.noisy_copies: {copies} copies would be made and never "
+                    "read: fit_mapper.noise=online draws fresh noise every step (set 0)"]
+        return []
 
     def _duplicates(self) -> list[str]:
         problems = []
