@@ -170,8 +170,12 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     # 1. The shots (and nothing more when augmentation is off)
     shot_ids = layout.read_shot_ids(category, shots, seed)
     shot_rgb = list(read_shot_images(category, shot_ids, size))
-    if a.n_per_shot == 0:
-        info(f"augment {category} k={shots}: augment.n_per_shot is 0, augmentation disabled")
+    if a.n_per_shot == 0 or params.fit_mapper.mappers == "official":
+        # Released mappers are converted, not trained: nothing reads generated images, so
+        # the LoRA and img2img (hours on a GPU) are skipped; the empty store keeps the graph.
+        why = "augment.n_per_shot is 0" if a.n_per_shot == 0 else \
+            "fit_mapper.mappers is official (released mappers read no generated images)"
+        info(f"augment {category} k={shots}: {why}, augmentation disabled")
         _write_disabled(params, out_dir, section)
         return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
                 "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}

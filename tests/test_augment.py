@@ -234,6 +234,25 @@ def test_n_per_shot_zero_writes_empty_outputs(project: Path, cache: Path) -> Non
     assert lora_files.load_lora(pipe, out / "lora.safetensors") is False
 
 
+def test_released_mappers_skip_augmentation(project: Path, cache: Path, monkeypatch) -> None:
+    """fit_mapper.mappers official converts the released mappers, which read no generated
+    image: augment writes the empty outputs without loading the diffusion model."""
+    params = make_params(cache, project)
+    # model_copy: the official setup's other keys (ViT-B/8, the checkpoint folder) do not
+    # matter to augment
+    params = params.model_copy(update={"fit_mapper": params.fit_mapper.model_copy(
+        update={"mappers": "official"})})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the diffusion model was loaded")
+
+    monkeypatch.setattr(stage, "load_img2img", no_model)
+    stats = stage.run(params, "bagel", shots=1, seed=0)
+    out = layout.augmented("bagel", 1, 0)
+    assert open_store(out / "generated.zarr").attrs["ids"] == [] and stats["lora_steps"] == 0
+    assert lora_files.read_lora_metadata(out / "lora.safetensors")[lora_files.STATUS_KEY] == "empty"
+
+
 def test_k_without_shots_entry_names_fewshot_shots(project: Path, cache: Path) -> None:
     params = make_params(cache, project)
     with pytest.raises(InputError, match="fewshot.shots"):
