@@ -37,6 +37,7 @@ the stage seed, from which its ensemble members' noise is drawn one member after
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,6 +69,9 @@ class MarigoldRun:
     # of a call at once (the stage). The published script runs them one at a time (1): the
     # noise is the same either way, only the batching differs.
     batch_size: int = 0
+    # "float": diffusers resizes the [0, 1] image; "uint8": resized here as the published
+    # Marigold code does (see :func:`resize_like_published`), the pipeline gets it as it is
+    input_resize: Literal["float", "uint8"] = "float"
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -127,6 +131,23 @@ def latent_size(pipe: Any, height: int, width: int, processing_resolution: int) 
     return (height + f - 1) // f, (width + f - 1) // f
 
 
+def resize_like_published(images: torch.Tensor, processing_resolution: int) -> torch.Tensor:
+    """(B, 3, H, W) [0, 1] images of uint8 values resized as the published Marigold code
+    resizes its uint8 input tensor: torchvision's antialiased bilinear to a longer edge of
+    ``processing_resolution`` (``int`` of the scaled edges), rounded to uint8; returned in
+    [0, 1] again. 0 keeps the size."""
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    height, width = images.shape[-2:]
+    if processing_resolution <= 0:
+        return images
+    scale = min(processing_resolution / width, processing_resolution / height)
+    size = [int(height * scale), int(width * scale)]
+    as_uint8 = (images * 255.0).round().to(torch.uint8)
+    resized = resize(as_uint8, size, InterpolationMode.BILINEAR, antialias=True)
+    return resized.float() / 255.0
+
+
 def _noise(pipe: Any, images: torch.Tensor, seeds: list[int], run: MarigoldRun,
            device: torch.device) -> dict[str, Any]:
     """The pipeline's noise argument: seeded generators, or the latents themselves."""
@@ -168,6 +189,9 @@ def marigold_prediction(
         raise ValueError("one seed per image is required")
     device = pipe.unet.device
     clock = clock or ModelClock()
+    if run.input_resize == "uint8":
+        images = resize_like_published(images, run.processing_resolution)
+        run = dataclasses.replace(run, processing_resolution=0)  # the pipeline keeps the size
     with clock():
         out = pipe(
             images.to(device),

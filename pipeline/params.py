@@ -296,6 +296,10 @@ class EstimateNormalsParams(Section):
     input: Literal["prepared", "original"] = "prepared"
     # null: the model's default (published), 0: the input resolution, N: longer edge N.
     processing_resolution: Int | None = Field(0, ge=0)
+    # How the input reaches the processing resolution: float = diffusers' pipeline (the [0, 1]
+    # image, antialiased bilinear, not rounded); uint8 = the published Marigold code (the uint8
+    # image resized by torchvision, antialiased bilinear, rounded to uint8).
+    input_resize: Literal["float", "uint8"] = "float"
     # auto: fp16 on CUDA, fp32 on a CPU; the published run is fp32.
     precision: Literal["auto", "fp32", "fp16"] = "auto"
     steps: Int = Field(10, ge=1)

@@ -465,6 +465,40 @@ def test_same_per_image_seeding_is_the_published_generator(cache: Path) -> None:
     assert not torch.allclose(per_sample[0], per_sample[1])
 
 
+def test_uint8_input_resize_is_the_published_marigold_resize(cache: Path) -> None:
+    # The published Marigold code resizes its uint8 input tensor with torchvision (antialiased
+    # bilinear, longer edge to the processing resolution, int() of the scaled edges): the
+    # model sees uint8 values. diffusers resizes the [0, 1] float image and does not round.
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    from pipeline.models.diffusion import load_marigold
+
+    rgb = np.random.default_rng(4).integers(0, 256, (1, 30, 30, 3), np.uint8)
+    images = ne.model_input(rgb)
+    ours = ne.resize_like_published(images, 20)
+    published = resize(torch.from_numpy(rgb).permute(0, 3, 1, 2), [20, 20],
+                       InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(ours * 255, published.float())
+    as_float = torch.nn.functional.interpolate(images, size=(20, 20), mode="bilinear",
+                                               antialias=True, align_corners=False)
+    assert not torch.allclose(as_float * 255, (as_float * 255).round())  # not on the grid
+    assert ne.resize_like_published(images, 0) is images
+
+    pipe, _ = load_marigold("demo:tiny-marigold-untrained", cache, torch.device("cpu"),
+                            torch.float32)
+    run = ne.MarigoldRun(steps=2, ensemble=2, processing_resolution=20,
+                         seeding="same_per_image", input_resize="uint8")
+    h, w = ne.latent_size(pipe, 20, 20, 0)
+    noise = ne.published_member_noise(42, 2, (4, h, w), torch.device("cpu"), torch.float32)
+    theirs = pipe(published.float() / 255, latents=noise, num_inference_steps=2, ensemble_size=2,
+                  processing_resolution=0, match_input_resolution=False, batch_size=2,
+                  output_type="pt").prediction
+    assert torch.equal(ne.marigold_prediction(pipe, images, [42], run), theirs)
+    float_resize = ne.marigold_prediction(pipe, images, [42],
+                                          dataclasses.replace(run, input_resize="float"))
+    assert not torch.equal(float_resize, theirs)
+
+
 def test_ensemble_batch_size_changes_only_the_batching(cache: Path) -> None:
     # MarigoldRun.batch_size 1 runs the ensemble members one at a time (the published script),
     # 0 all at once (the stage): the same noise, the same prediction up to batched arithmetic.
