@@ -42,10 +42,10 @@ Outputs: the tables on stdout and, with ``--out``, ``paper_gpu.md`` and ``paper_
 rewritten after every part (a run cut short keeps what it measured). Exit status 1 if a
 default part failed.
 
-Adding a variant, e.g. fresh input noise through the backbone once ``fit_mapper.noise: online``
-exists (``stages.fit_mapper.train_config`` builds what the stage and this script train with):
-one more ``Part`` in ``PARTS`` with its params ``overrides`` and a ``label``; its rows are
-reported beside the default's. Once the preset itself sets it, the default part measures it.
+Adding a variant (``stages.fit_mapper.train_config`` builds what the stage and this script
+train with): one more ``Part`` in ``PARTS`` with its params ``overrides`` and a ``label``; its
+rows are reported beside the default's. The preset's ``fit_mapper.noise: online`` (fresh noise
+through the backbone every step) is the default part; the stored noisy copies are a variant.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ SMOKE_SIZES = Sizes(
     img2img_images=2, original_hw=(40, 30), feature_batches=2, mapper_steps=4, test_images=4,
     half_on_cpu=True,
     params=(("augment.resolution", 64), ("extract_features.batch_size", 2),
-            ("extract_features.noisy_copies", 2), ("fit_mapper.resolution", 56)),
+            ("fit_mapper.resolution", 56)),
 )
 # Tiny configs of the published architectures (smoke): the same classes and block layout.
 TINY_CONFIG = {
@@ -465,7 +465,8 @@ def run_marigold(ctx: Context, option: str | None) -> list[Row]:
     resolution = _resolve_resolution(pipe, p.processing_resolution, "paper")
     run = MarigoldRun(steps=p.steps, ensemble=p.ensemble, processing_resolution=resolution,
                       reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
-                      batch_size=1 if option == "sequential-ensemble" else 0)
+                      batch_size=1 if option == "sequential-ensemble" else 0,
+                      input_resize=p.input_resize)
     h, w = s.original_hw
     images = [("original", f"{h} x {w} padded to {max(h, w)}", to_square(ctx.image(h, w)))]
     if option is None:  # generated images are at augment.resolution
@@ -508,20 +509,31 @@ def run_features(ctx: Context, option: str | None) -> list[Row]:
                 f"{size} x {size}, blocks {f.layers}", "image", seconds / n, n, peak, "dino")]
 
 
-def stream_data(ctx: Context, n: int, masked: bool) -> Any:
-    """Training pairs of one stream at the stored features' shapes (float16, noisy copies)."""
-    from pipeline.training import StreamData
+def stream_data(ctx: Context, n: int, masked: bool, backbone: Any = None) -> Any:
+    """Training pairs of one stream at the stored features' shapes and dtype (noisy copies),
+    or, with ``backbone`` (``fit_mapper.noise: online``), the clean features and images that
+    each step encodes with fresh noise."""
+    from pipeline.features import encode_tensors
+    from pipeline.training import OnlineNoise, StreamData
 
     channels, grid = feature_shape(ctx)
-    copies = ctx.params.extract_features.noisy_copies
+    f = ctx.params.extract_features
+    copies = f.noisy_copies
     res = ctx.params.fit_mapper.resolution
 
     def layers(c: int) -> list[np.ndarray]:
-        return [ctx.rng.standard_normal((n, c, channels, grid, grid), np.float32).astype(np.float16)
-                for _ in range(3)]
+        return [ctx.rng.standard_normal((n, c, channels, grid, grid), np.float32)
+                .astype(f.feature_dtype) for _ in range(3)]
 
     masks = (ctx.rng.random((n, res, res)) > 0.3).astype(np.float32) if masked else None
-    return StreamData(layers(max(copies, 1)), layers(max(copies, 1)), masks, layers(1), layers(1))
+    if backbone is None:
+        return StreamData(layers(max(copies, 1)), layers(max(copies, 1)), masks, layers(1),
+                          layers(1))
+    size = ctx.params.data.size
+    images = [torch.from_numpy(ctx.rng.random((n, 3, size, size), np.float32)) for _ in "ab"]
+    online = OnlineNoise(*images, lambda x, kind, added: encode_tensors(backbone, x, kind, added),
+                         f.noise_sigma, f.noise_space)
+    return StreamData(layers(1), layers(1), masks, online=online)
 
 
 def run_mappers(ctx: Context, option: str | None) -> list[Row]:
@@ -530,8 +542,10 @@ def run_mappers(ctx: Context, option: str | None) -> list[Row]:
     from stages.fit_mapper import train_config
 
     k = 1
-    streams = [("real", stream_data(ctx, k, True)),
-               ("est", stream_data(ctx, k + k * ctx.params.augment.n_per_shot, False))]
+    online = ctx.params.fit_mapper.noise == "online"
+    backbone = build_backbone(ctx) if online else None
+    streams = [("real", stream_data(ctx, k, True, backbone)),
+               ("est", stream_data(ctx, k + k * ctx.params.augment.n_per_shot, False, backbone))]
     if option is not None:
         streams = streams[1:]
     config = train_config(ctx.params.fit_mapper, ctx.sizes.mapper_steps)
@@ -542,7 +556,8 @@ def run_mappers(ctx: Context, option: str | None) -> list[Row]:
             seconds, peak, _ = ctx.measure(lambda: train_stream(data, config, 0, ctx.device, name))
             rows.append(Row("fit_mapper", f"{name} stream: two {config.architecture} mappers at "
                             f"{config.resolution}, batch {config.batch_size}, noise_on "
-                            f"{config.noise_on}", "step", seconds / config.steps, config.steps,
+                            f"{config.noise_on}, noise {ctx.params.fit_mapper.noise}", "step",
+                            seconds / config.steps, config.steps,
                             peak, f"mapper_{name}"))
     return rows
 
@@ -638,10 +653,10 @@ PARTS: tuple[Part, ...] = (
     # The mappers are convolutions only, which cuDNN runs in TF32 already by default
     # (torch.backends.cudnn.allow_tf32): the tf32 option would change nothing there.
     Part("fit_mapper", run_mappers, ("channels-last",)),
-    # Once fit_mapper has fresh input noise through the backbone (a `fit_mapper.noise: online`
-    # setting, to come), its variant is one more entry:
-    # Part("fit_mapper", run_mappers, overrides={"fit_mapper.noise": "online"},
-    #      label="online noise"),
+    # the cached alternative to the preset's fresh noise through the backbone every step
+    Part("fit_mapper", run_mappers, overrides={"fit_mapper.noise": "copies",
+                                               "extract_features.noisy_copies": 8},
+         label="stored noisy copies"),
     Part("infer+score", run_test_set),
 )
 # Options run after all defaults, the likely largest stages first, while the budget lasts.
@@ -919,7 +934,9 @@ def plan(parts: Sequence[Part], with_options: bool) -> list[tuple[Part, str | No
     """Every default part, then the options in OPTION_ORDER."""
     runs: list[tuple[Part, str | None]] = [(part, None) for part in parts]
     if with_options:
-        by_name = {part.name: part for part in parts}
+        by_name: dict[str, Part] = {}
+        for part in parts:  # a variant (overrides) shares the default's name: options on the default
+            by_name.setdefault(part.name, part)
         for name in OPTION_ORDER:
             if name in by_name:
                 runs += [(by_name[name], option) for option in by_name[name].options]

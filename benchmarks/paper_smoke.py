@@ -60,7 +60,6 @@ def budget_overrides(params: dict[str, Any]) -> dict[str, Any]:
         "augment.inference_steps": max(1, math.ceil(1 / strength - 1e-9)),
         "estimate_normals.steps": 1,
         "estimate_normals.ensemble": 1,
-        "extract_features.noisy_copies": 1,
         "fit_mapper.steps": {1: 3},
         "evaluate.heatmaps_per_class": 1,
     }

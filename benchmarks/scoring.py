@@ -7,9 +7,11 @@ and reads that process's peak RSS (``VmHWM`` of /proc/self/status; not ``ru_maxr
 Linux carries over from the parent's memory image across fork + exec). Both stream
 one batch at a time, so the peak should not grow with the number of images (the stores are
 written with 4 MiB shards, so the writer buffers at most one small shard per array). The score
-child also reports whether torch was imported (it must not be: re-scoring stays cheap).
+child also reports whether torch was imported (it must not be: re-scoring stays cheap). Each
+size runs once per stored map precision (``infer.map_dtype``, ``--map-dtypes``), with the
+size of the stream-map store on disk.
 
-    .venv/bin/python benchmarks/scoring.py [--sizes 50 200] [--threads 1]
+    .venv/bin/python benchmarks/scoring.py [--sizes 50 200] [--threads 1] [--map-dtypes float16]
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ sys.path.insert(0, str(_HERE.parent))
 CATEGORY = "bagel"
 
 
-def _params(size: int, batch_size: int):
+def _params(size: int, batch_size: int, map_dtype: str = "float32"):
     from pipeline.params import parse_params
 
     return parse_params({"data": {"categories": [CATEGORY], "size": size},
-                         "infer": {"batch_size": batch_size}, "score": {"batch_size": batch_size}})
+                         "infer": {"batch_size": batch_size, "map_dtype": map_dtype},
+                         "score": {"batch_size": batch_size}})
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def build_project(root: Path, n: int, channels: list[int], grid: int, size: int,
@@ -100,7 +107,8 @@ def _peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def child(root: Path, stage_name: str, size: int, batch_size: int, threads: int) -> None:
+def child(root: Path, stage_name: str, size: int, batch_size: int, threads: int,
+          map_dtype: str) -> None:
     import importlib
 
     if stage_name == "infer":
@@ -111,14 +119,17 @@ def child(root: Path, stage_name: str, size: int, batch_size: int, threads: int)
     stage = importlib.import_module(f"stages.{stage_name}")
 
     os.chdir(root)
-    params = _params(size, batch_size)
+    params = _params(size, batch_size, map_dtype)
     baseline = _rss_mib()
     t0 = time.perf_counter()
     stage.run(params, CATEGORY, 1, 0)
     wall = time.perf_counter() - t0
     peak = _peak_rss_mib()
+    from stages import layout
+
     print(json.dumps({"wall_s": wall, "peak_rss_mib": peak, "baseline_rss_mib": baseline,
-                      "torch_imported": "torch" in sys.modules}))
+                      "torch_imported": "torch" in sys.modules,
+                      "streams_bytes": _tree_bytes(layout.streams(CATEGORY, 1, 0))}))
 
 
 def main() -> None:
@@ -131,18 +142,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--architecture", default="cahfm")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--map-dtypes", nargs="+", default=["float32", "float16"],
+                    choices=["float32", "float16"])
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--stage", default="score", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.stage, args.size, args.batch_size, args.threads)
+        child(args.child, args.stage, args.size, args.batch_size, args.threads,
+              args.map_dtypes[0])
         return
 
     print(f"infer + score stages: {args.architecture} mappers, channels {args.channels}, grid {args.grid}, "
           f"resolution {args.resolution}, S={args.size}, batch {args.batch_size}, "
           f"{args.threads} thread(s)")
-    print(f"{'stage':>6} {'images':>7} {'wall s':>8} {'s/image':>8} {'peak RSS MiB':>13} "
-          f"{'peak - baseline MiB':>20} {'torch imported':>15}")
+    print(f"{'stage':>6} {'maps':>7} {'images':>7} {'wall s':>8} {'s/image':>8} "
+          f"{'peak RSS MiB':>13} {'peak - baseline MiB':>20} {'torch imported':>15} "
+          f"{'streams MiB':>12}")
     env = {**os.environ, "CMDS_AD_QUIET": "1", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(args.threads)}
     for n in args.sizes:
@@ -151,17 +166,19 @@ def main() -> None:
             build_project(Path(tmp), n, args.channels, args.grid, args.size, args.resolution,
                           args.architecture)
             os.chdir(here)
-            for stage_name in ("infer", "score"):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", tmp, "--stage", stage_name,
-                     "--size", str(args.size), "--batch-size", str(args.batch_size),
-                     "--threads", str(args.threads)],
-                    env=env, check=True, capture_output=True, text=True)
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"{stage_name:>6} {n:>7} {r['wall_s']:>8.1f} {r['wall_s'] / n:>8.3f} "
-                      f"{r['peak_rss_mib']:>13.0f} "
-                      f"{r['peak_rss_mib'] - r['baseline_rss_mib']:>20.0f} "
-                      f"{'yes' if r['torch_imported'] else 'no':>15}")
+            for dtype in args.map_dtypes:
+                for stage_name in ("infer", "score"):
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", tmp, "--stage", stage_name,
+                         "--size", str(args.size), "--batch-size", str(args.batch_size),
+                         "--threads", str(args.threads), "--map-dtypes", dtype],
+                        env=env, check=True, capture_output=True, text=True)
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    print(f"{stage_name:>6} {dtype:>7} {n:>7} {r['wall_s']:>8.1f} "
+                          f"{r['wall_s'] / n:>8.3f} {r['peak_rss_mib']:>13.0f} "
+                          f"{r['peak_rss_mib'] - r['baseline_rss_mib']:>20.0f} "
+                          f"{'yes' if r['torch_imported'] else 'no':>15} "
+                          f"{r['streams_bytes'] / 2**20:>12.2f}")
 
 
 if __name__ == "__main__":

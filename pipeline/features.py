@@ -1,8 +1,9 @@
 """Frozen-backbone features of RGB and normal images, streamed store to store (DESIGN 1.4).
 
 RGB (uint8) is scaled to [0, 1] and ImageNet-normalised; normal images (encoded (n + 1) / 2, in
-[0, 1]) go to the same backbone as they are, without normalisation. Features are stored as
-float16 (N, C_l, h, w) at the backbone's native grid.
+[0, 1]) go to the same backbone as they are, without normalisation. Features are stored
+(N, C_l, h, w) at the backbone's native grid, as float16 (half the store) or float32 (the
+published training's precision, OFFICIAL 17): ``extract_features.feature_dtype``.
 
 Work is streamed: a reader thread fetches the next batch from the input stores while the model
 encodes the current one, and a writer thread appends the previous batch's features to the
@@ -129,22 +130,32 @@ def sample_noise(noise: Noise, index: int, modality: str, shape: tuple[int, int,
     return torch.randn((noise.copies, *shape), generator=gen) * noise.sigma
 
 
-@torch.inference_mode()
-def encode(backbone: Backbone, x: torch.Tensor, kind: Kind, added: torch.Tensor | None = None,
-           ) -> list[np.ndarray]:
-    """Three float16 feature maps (B, C_l, h, w) of a [0, 1] image batch.
+def encode_tensors(backbone: Backbone, x: torch.Tensor, kind: Kind,
+                   added: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                   ) -> list[torch.Tensor]:
+    """Three feature maps (B, C_l, h, w) of ``dtype`` of a [0, 1] image batch, on the
+    backbone's device, without autograd (``no_grad``, not inference mode: a trainer may feed
+    them to a module it trains).
 
     ``added`` (noise) is added to the backbone's input, i.e. after the normalisation.
     """
     p = next(backbone.parameters())
-    x = normalise(x.to(p.device, non_blocking=True).float(), kind)
-    if added is not None:
-        x = x + added.to(x.device, non_blocking=True).float()
-    x = x.to(p.dtype)  # normalise (and add noise) in float32, then the backbone's precision
-    maps = [m.to(torch.float16) for m in backbone(x)]
+    with torch.no_grad():
+        x = normalise(x.to(p.device, non_blocking=True).float(), kind)
+        if added is not None:
+            x = x + added.to(x.device, non_blocking=True).float()
+        x = x.to(p.dtype)  # normalise (and add noise) in float32, then the backbone's precision
+        maps = [m.to(dtype) for m in backbone(x)]
     if not all(bool(torch.isfinite(m).all()) for m in maps):
-        raise ModelError(f"backbone {backbone.name!r}: non-finite features (overflow beyond float16?)")
-    return [m.cpu().numpy() for m in maps]
+        raise ModelError(f"backbone {backbone.name!r}: non-finite features (overflow beyond {dtype}?)")
+    return maps
+
+
+@torch.inference_mode()
+def encode(backbone: Backbone, x: torch.Tensor, kind: Kind, added: torch.Tensor | None = None,
+           dtype: torch.dtype = torch.float16) -> list[np.ndarray]:
+    """:func:`encode_tensors` as numpy arrays on the CPU."""
+    return [m.cpu().numpy() for m in encode_tensors(backbone, x, kind, added, dtype)]
 
 
 def output_arrays(
@@ -177,20 +188,23 @@ def _read(sources: Sequence[Source], start: int, stop: int) -> dict[str, torch.T
 
 
 def _encode_batch(
-    backbone: Backbone, sources: Sequence[Source], images: Mapping[str, torch.Tensor], start: int, noise: Noise
+    backbone: Backbone, sources: Sequence[Source], images: Mapping[str, torch.Tensor], start: int, noise: Noise,
+    dtype: torch.dtype = torch.float16,
 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for src in sources:
         x = images[src.modality]
-        for layer, feat in enumerate(encode(backbone, x, src.kind)):
+        for layer, feat in enumerate(encode(backbone, x, src.kind, dtype=dtype)):
             out[f"{src.modality}_{layer}"] = feat
         if noise.copies:
             shape = tuple(x.shape[1:])
             eps = torch.stack([sample_noise(noise, start + i, src.modality, shape) for i in range(len(x))])
             if noise.space == "image":
-                per_copy = [encode(backbone, x + eps[:, c], src.kind) for c in range(noise.copies)]
+                per_copy = [encode(backbone, x + eps[:, c], src.kind, dtype=dtype)
+                            for c in range(noise.copies)]
             else:
-                per_copy = [encode(backbone, x, src.kind, eps[:, c]) for c in range(noise.copies)]
+                per_copy = [encode(backbone, x, src.kind, eps[:, c], dtype)
+                            for c in range(noise.copies)]
             for layer in range(len(per_copy[0])):
                 out[f"noisy_{src.modality}_{layer}"] = np.stack([f[layer] for f in per_copy], axis=1)
     return out
@@ -206,8 +220,10 @@ def extract_store(
     noise: Noise | None = None,
     description: str = "features",
     stats: dict[str, float] | None = None,
+    dtype: str = "float16",
 ) -> dict[str, Any]:
-    """Encode every image of ``sources`` and write the feature store ``out_path`` atomically.
+    """Encode every image of ``sources`` and write the feature store ``out_path`` atomically,
+    as ``dtype`` (``float16`` or ``float32``).
 
     Returns the feature attributes added to ``attrs`` (backbone, layers, grid, channels).
     ``stats``, when given, receives ``encode_s``: seconds spent in the forward passes.
@@ -231,7 +247,7 @@ def extract_store(
             feature_attrs.update(grid=grid, channels=channels)
             writer.attrs.update(grid=grid, channels=channels)
             for name, shape in output_arrays(sources, n, channels, grid, noise.copies).items():
-                writer.create(name, n=n, sample_shape=shape, dtype=np.float16)
+                writer.create(name, n=n, sample_shape=shape, dtype=np.dtype(dtype))
 
         def write(features: dict[str, np.ndarray]) -> None:
             for name, value in features.items():
@@ -246,7 +262,7 @@ def extract_store(
         with ReadAhead(read, len(starts)) as batches, BackgroundWriter(max_pending=1) as out:
             for start, images in track(zip(starts, batches), description, total=len(starts)):
                 tic = time.perf_counter()
-                features = _encode_batch(backbone, sources, images, start, noise)
+                features = _encode_batch(backbone, sources, images, start, noise, getattr(torch, dtype))
                 encode_s += time.perf_counter() - tic
                 if start == 0:  # shapes from the first real batch: no extra forward pass
                     maps = [features[f"{sources[0].modality}_{layer}"] for layer in range(3)]

@@ -31,12 +31,13 @@ Two ways to finish a prediction (``output``):
 Seeding (``seeding``): ``per_sample`` seeds each ensemble member from the stage seed and the
 sample id, so an image's normals depend neither on batching nor on other images;
 ``same_per_image`` is the published handling: every image gets a fresh generator seeded with
-the stage seed, from which the noise of all its ensemble members is drawn at once (so every
-image of a size starts from the same noise).
+the stage seed, from which its ensemble members' noise is drawn one member after the other
+(the published batch size 1), so every image of a size starts from the same noise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -69,6 +70,9 @@ class MarigoldRun:
     # of a call at once (the stage). The published script runs them one at a time (1): the
     # noise is the same either way, only the batching differs.
     batch_size: int = 0
+    # "float": diffusers resizes the [0, 1] image; "uint8": resized here as the published
+    # Marigold code does (see :func:`resize_like_published`), the pipeline gets it as it is
+    input_resize: Literal["float", "uint8"] = "float"
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -128,6 +132,23 @@ def latent_size(pipe: Any, height: int, width: int, processing_resolution: int) 
     return (height + f - 1) // f, (width + f - 1) // f
 
 
+def resize_like_published(images: torch.Tensor, processing_resolution: int) -> torch.Tensor:
+    """(B, 3, H, W) [0, 1] images of uint8 values resized as the published Marigold code
+    resizes its uint8 input tensor: torchvision's antialiased bilinear to a longer edge of
+    ``processing_resolution`` (``int`` of the scaled edges), rounded to uint8; returned in
+    [0, 1] again. 0 keeps the size."""
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    height, width = images.shape[-2:]
+    if processing_resolution <= 0:
+        return images
+    scale = min(processing_resolution / width, processing_resolution / height)
+    size = [int(height * scale), int(width * scale)]
+    as_uint8 = (images * 255.0).round().to(torch.uint8)
+    resized = resize(as_uint8, size, InterpolationMode.BILINEAR, antialias=True)
+    return resized.float() / 255.0
+
+
 def _noise(pipe: Any, images: torch.Tensor, seeds: list[int], run: MarigoldRun,
            device: torch.device) -> dict[str, Any]:
     """The pipeline's noise argument: seeded generators, or the latents themselves."""
@@ -138,16 +159,21 @@ def _noise(pipe: Any, images: torch.Tensor, seeds: list[int], run: MarigoldRun,
             for seed in seeds
             for e in range(run.ensemble)
         ]}
-    # Published: per image a fresh generator seeded with the seed, one draw of shape
-    # (E, C, h, w) for all its members (the published batch holds the whole ensemble).
     h, w = latent_size(pipe, images.shape[-2], images.shape[-1], run.processing_resolution)
-    shape = (run.ensemble, pipe.vae.config.latent_channels, h, w)
-    latents = [
-        torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed),
-                    device=device, dtype=pipe.dtype)
-        for seed in seeds
-    ]
-    return {"latents": torch.cat(latents)}
+    shape = (pipe.vae.config.latent_channels, h, w)
+    return {"latents": torch.cat([published_member_noise(seed, run.ensemble, shape, device,
+                                                         pipe.dtype) for seed in seeds])}
+
+
+def published_member_noise(seed: int, ensemble: int, shape: tuple[int, int, int],
+                           device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The published initial noise of one image's ensemble, (E, C, h, w): a fresh generator
+    seeded with ``seed``, then one (1, C, h, w) draw per member in turn, since the published
+    script runs Marigold with batch size 1 (OFFICIAL 18). One (E, C, h, w) draw would be other
+    numbers: a generator's stream is not split the same way across one large draw."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.cat([torch.randn((1, *shape), generator=gen, device=device, dtype=dtype)
+                      for _ in range(ensemble)])
 
 
 def marigold_prediction(
@@ -164,6 +190,9 @@ def marigold_prediction(
         raise ValueError("one seed per image is required")
     device = pipe.unet.device
     clock = clock or ModelClock()
+    if run.input_resize == "uint8":
+        images = resize_like_published(images, run.processing_resolution)
+        run = dataclasses.replace(run, processing_resolution=0)  # the pipeline keeps the size
     with clock():
         out = pipe(
             images.to(device),

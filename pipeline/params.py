@@ -110,6 +110,9 @@ class DataParams(Section):
     clean_xyz: Bool = True  # plane removal + clustering of the xyz (published Eyecandies: none)
     eyecandies_xyz: Literal["camera", "published"] = "camera"
     foreground: Literal["dilated", "published"] = "dilated"
+    # RGB to data.size (prepare) and generated images to data.size (augment): PIL's filters;
+    # bilinear = torchvision's default Resize, the published one (OFFICIAL 16)
+    rgb_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     normals: Literal["grid", "published"] = "grid"
     normals_radius: Float = Field(0.01, gt=0)
     normals_max_neighbours: Int = Field(30, ge=3)
@@ -294,6 +297,10 @@ class EstimateNormalsParams(Section):
     input: Literal["prepared", "original"] = "prepared"
     # null: the model's default (published), 0: the input resolution, N: longer edge N.
     processing_resolution: Int | None = Field(0, ge=0)
+    # How the input reaches the processing resolution: float = diffusers' pipeline (the [0, 1]
+    # image, antialiased bilinear, not rounded); uint8 = the published Marigold code (the uint8
+    # image resized by torchvision, antialiased bilinear, rounded to uint8).
+    input_resize: Literal["float", "uint8"] = "float"
     # auto: fp16 on CUDA, fp32 on a CPU; the published run is fp32.
     precision: Literal["auto", "fp32", "fp16"] = "auto"
     steps: Int = Field(10, ge=1)
@@ -323,8 +330,11 @@ class ExtractFeaturesParams(Section):
     # not normalised, so for them both are the same.
     noise_space: Literal["normalised", "image"] = "image"
     # The backbone's forward precision: fp32 (published, OFFICIAL 13), fp16, or auto = fp16 on
-    # CUDA and fp32 on the CPU. Features are stored as float16 either way.
+    # CUDA and fp32 on the CPU.
     precision: Literal["auto", "fp32", "fp16"] = "auto"
+    # The stored features: float16 (half the store) or float32 (the published training's
+    # precision, OFFICIAL 17)
+    feature_dtype: Literal["float16", "float32"] = "float16"
     seed: Seed = 0
 
     @field_validator("layers")
@@ -351,6 +361,10 @@ class FitMapperParams(Section):
     # Which side of a mapper gets the noisy copies: "source" (its input only, targets clean:
     # published, OFFICIAL 10) or "both" (input and target).
     noise_on: Literal["source", "both"] = "both"
+    # copies: pick one of extract_features.noisy_copies stored noisy encodings (fast, cached);
+    # online: fresh N(0, extract_features.noise_sigma) noise every step through the frozen
+    # backbone, the published training (OFFICIAL 15; costs a backbone forward per step)
+    noise: Literal["copies", "online"] = "copies"
     # train: fit the mappers; official: convert the released checkpoints found under
     # `checkpoints` (pipeline/official.py) instead. `checkpoints` is always a path because
     # upstream/dvc.yaml lists it as a dependency, so DVC hashes the files (docs/reproducing.md).
@@ -454,6 +468,9 @@ class InferParams(Section):
     # the L2-normalised concatenated vectors (the published code, OFFICIAL item 1), whose
     # result the untrained predicted layer norms dominate.
     distance: Literal["layerwise", "concatenated"] = "layerwise"
+    # The stored stream maps: float32 as the published code keeps them through fusion and
+    # the metrics (OFFICIAL 17); float16 halves the store but ties close scores.
+    map_dtype: Literal["float32", "float16"] = "float32"
 
 
 class ScoreParams(Section):
@@ -597,10 +614,18 @@ class Params(Section):
         if issues:
             raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "
                              "published feature setup; inconsistent: " + "; ".join(issues))
-        problems = [*checkpoint_problems(self), *memory_problems(self)]
+        problems = [*checkpoint_problems(self), *self._online_noise_problems(),
+                    *memory_problems(self)]
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _online_noise_problems(self) -> list[str]:
+        copies = self.extract_features.noisy_copies
+        if self.fit_mapper.noise == "online" and copies:
+            return [f"extract_features.noisy_copies: {copies} copies would be made and never "
+                    "read: fit_mapper.noise=online draws fresh noise every step (set 0)"]
+        return []
 
     def _duplicates(self) -> list[str]:
         problems = []

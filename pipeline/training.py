@@ -10,7 +10,7 @@ is given (real stream) and over all pixels otherwise (estimated stream).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,39 @@ def modality_copies(store: Store, modality: str, rows: Sequence[int], noisy_copi
 
 
 # --------------------------------------------------------------------------------- training
+# (images (B, 3, H, W) in [0, 1], "rgb" or "normals", noise added after the normalisation or
+# None) -> the three feature maps (B, C_l, h, w) at the backbone's grid, float32, no autograd
+Encoder = Callable[[torch.Tensor, str, "torch.Tensor | None"], list[torch.Tensor]]
+
+
+@dataclass
+class OnlineNoise:
+    """Fresh input noise at every step, through the frozen backbone (``fit_mapper.noise:
+    online``, the published training, OFFICIAL 15): each step encodes the batch's images plus
+    new N(0, sigma) noise instead of picking one of the stored noisy copies.
+
+    ``rgb`` and ``normals`` are the stream's images (N, 3, H, W) in [0, 1], in the row order
+    of :class:`StreamData`. ``space``: where the RGB noise goes, ``normalised`` (after the
+    ImageNet normalisation, published) or ``image`` (in [0, 1] before it); normal images are not
+    normalised, so it is the same for them.
+    """
+
+    rgb: torch.Tensor
+    normals: torch.Tensor
+    encode: Encoder
+    sigma: float
+    space: str = "normalised"
+
+    def features(self, kind: str, rows: Sequence[int], gen: torch.Generator,
+                 resolution: int) -> list[torch.Tensor]:
+        """The noisy features of ``rows`` at the working resolution; the noise from ``gen``."""
+        x = (self.rgb if kind == "rgb" else self.normals)[list(rows)]
+        eps = torch.randn(x.shape, generator=gen) * self.sigma
+        if kind == "rgb" and self.space == "normalised":
+            return resize_layers(self.encode(x, kind, eps), resolution)
+        return resize_layers(self.encode(x + eps, kind, None), resolution)
+
+
 @dataclass
 class StreamData:
     """Training pairs of one stream.
@@ -139,7 +172,9 @@ class StreamData:
     the two); ``masks`` is (N, R, R) float at the working resolution or None (all pixels).
     ``rgb_clean``/``normals_clean`` (N, 1, C_l, h, w), when given, are the noise-free features:
     with ``TrainConfig.noise_on = "source"`` a mapper's target is read from them, so only its
-    input carries the noise (the published placement, OFFICIAL 10).
+    input carries the noise (the published placement, OFFICIAL 10). With ``online`` the inputs
+    (and with ``noise_on = "both"`` the targets) are encoded with fresh noise at every step, and
+    ``rgb``/``normals`` are the clean features the targets come from.
     """
 
     rgb: list[np.ndarray]
@@ -147,6 +182,7 @@ class StreamData:
     masks: np.ndarray | None = None
     rgb_clean: list[np.ndarray] | None = None
     normals_clean: list[np.ndarray] | None = None
+    online: OnlineNoise | None = None
 
     def __len__(self) -> int:
         return int(self.rgb[0].shape[0])
@@ -242,6 +278,41 @@ def _gather(layers: Sequence[np.ndarray], rows: Sequence[int], gen: torch.Genera
     return resize_layers(out, resolution)
 
 
+Pairs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def _stored_pairs(data: StreamData, config: TrainConfig, rows: Sequence[int],
+                  gen: torch.Generator, device: torch.device) -> Pairs:
+    """(rgb input, normals input, rgb target, normals target) from the stored (noisy) copies."""
+    rgb = _gather(data.rgb, rows, gen, device, config.resolution)
+    nrm = _gather(data.normals, rows, gen, device, config.resolution)
+    rgb_target, nrm_target = rgb, nrm
+    if config.noise_on == "source":
+        # The clean copy is the target; a single copy draws nothing from gen.
+        if data.rgb_clean is not None:
+            rgb_target = _gather(data.rgb_clean, rows, gen, device, config.resolution)
+        if data.normals_clean is not None:
+            nrm_target = _gather(data.normals_clean, rows, gen, device, config.resolution)
+    return rgb, nrm, rgb_target, nrm_target
+
+
+def _online_pairs(data: StreamData, config: TrainConfig, rows: Sequence[int],
+                  gen: torch.Generator, noise_gen: torch.Generator, device: torch.device) -> Pairs:
+    """The same, with inputs encoded from the images plus fresh noise (``data.online``)."""
+    online = data.online
+    assert online is not None
+    rgb = [f.to(device) for f in online.features("rgb", rows, noise_gen, config.resolution)]
+    nrm = [f.to(device) for f in online.features("normals", rows, noise_gen, config.resolution)]
+    if config.noise_on == "both":
+        rgb_target = [f.to(device) for f in online.features("rgb", rows, noise_gen,
+                                                             config.resolution)]
+        nrm_target = [f.to(device) for f in online.features("normals", rows, noise_gen,
+                                                             config.resolution)]
+        return rgb, nrm, rgb_target, nrm_target
+    return (rgb, nrm, _gather(data.rgb, rows, gen, device, config.resolution),
+            _gather(data.normals, rows, gen, device, config.resolution))
+
+
 def train_stream(data: StreamData, config: TrainConfig, seed: int, device: torch.device,
                  description: str = "fit mappers") -> StreamResult:
     """Train the 2d_to_3d and 3d_to_2d mappers of one stream on the same sampled batches."""
@@ -266,18 +337,15 @@ def train_stream(data: StreamData, config: TrainConfig, seed: int, device: torch
                                               weight_decay=config.weight_decay)
     losses: dict[str, list[float]] = {d: [] for d in DIRECTIONS}
     gen = torch.Generator().manual_seed(derive_seed(seed, 0))
+    noise_gen = torch.Generator().manual_seed(derive_seed(seed, 3))  # online noise only
     with deterministic(device):
         batches = _batches(len(data), config.batch_size, config.steps, gen)
         for step, rows in enumerate(track(batches, description, total=config.steps)):
-            rgb = _gather(data.rgb, rows, gen, device, config.resolution)
-            nrm = _gather(data.normals, rows, gen, device, config.resolution)
-            rgb_target, nrm_target = rgb, nrm
-            if config.noise_on == "source":
-                # The clean copy is the target; a single copy draws nothing from gen.
-                if data.rgb_clean is not None:
-                    rgb_target = _gather(data.rgb_clean, rows, gen, device, config.resolution)
-                if data.normals_clean is not None:
-                    nrm_target = _gather(data.normals_clean, rows, gen, device, config.resolution)
+            if data.online is None:
+                rgb, nrm, rgb_target, nrm_target = _stored_pairs(data, config, rows, gen, device)
+            else:
+                rgb, nrm, rgb_target, nrm_target = _online_pairs(data, config, rows, gen,
+                                                                 noise_gen, device)
             mask = None
             if data.masks is not None:
                 mask = torch.from_numpy(data.masks[rows]).to(device)

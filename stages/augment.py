@@ -146,14 +146,17 @@ def _training_images(params: Params, category: str, shot_rgb: list[np.ndarray]) 
 
 def _generate_and_write(pipe: Any, a: Any, shot_rgb: list[np.ndarray], prompt: str,
                         seeds_per_shot: list[list[int]], writer: StoreWriter, size: int,
-                        background: BackgroundWriter, clock: ModelClock, label: str) -> None:
-    """img2img variations of each shot on this thread; their appends to ``writer`` queued on
-    the background thread (in shot order)."""
+                        background: BackgroundWriter, clock: ModelClock, label: str,
+                        out_interpolation: str = "bicubic") -> None:
+    """img2img variations of each shot on this thread, resized to ``size`` with
+    ``out_interpolation`` (data.rgb_interpolation); their appends to ``writer`` queued on the
+    background thread (in shot order)."""
     for index in track(range(len(shot_rgb)), f"generating {label}"):
         full, small = generate(  # [n, R, R, 3] and [n, S, S, 3] uint8
             pipe, shot_rgb[index], prompt, seeds_per_shot[index], strength=a.strength,
             guidance=a.guidance, inference_steps=a.inference_steps, resolution=a.resolution,
-            out_size=size, generator_device=a.generator_device, clock=clock,
+            out_size=size, out_interpolation=out_interpolation,
+            generator_device=a.generator_device, clock=clock,
         )
         background.submit(writer.append, "rgb", small)
         background.submit(writer.append, "rgb_full", full)
@@ -167,8 +170,12 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     # 1. The shots (and nothing more when augmentation is off)
     shot_ids = layout.read_shot_ids(category, shots, seed)
     shot_rgb = list(read_shot_images(category, shot_ids, size))
-    if a.n_per_shot == 0:
-        info(f"augment {category} k={shots}: augment.n_per_shot is 0, augmentation disabled")
+    if a.n_per_shot == 0 or params.fit_mapper.mappers == "official":
+        # Released mappers are converted, not trained: nothing reads generated images, so
+        # the LoRA and img2img (hours on a GPU) are skipped; the empty store keeps the graph.
+        why = "augment.n_per_shot is 0" if a.n_per_shot == 0 else \
+            "fit_mapper.mappers is official (released mappers read no generated images)"
+        info(f"augment {category} k={shots}: {why}, augmentation disabled")
         _write_disabled(params, out_dir, section)
         return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
                 "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}
@@ -221,7 +228,8 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
                 background.submit(write_lora, snapshot, tmp, LORA_FILE, base)
                 background.submit(_open_generated, writer, len(gen_ids), size, a.resolution)
                 _generate_and_write(pipe, a, shot_rgb, prompt, seeds_per_shot, writer, size,
-                                    background, gen_clock, f"{category} k={shots}")
+                                    background, gen_clock, f"{category} k={shots}",
+                                    params.data.rgb_interpolation)
                 background.submit(writer.__exit__, None, None, None)
     return {"lora_steps": float(len(losses)), "lora_s": train_clock.seconds,
             "images": float(len(gen_ids)), "generate_s": gen_clock.seconds,

@@ -285,6 +285,7 @@ def run(params: Params, category: str, shots: int | None = None,
         steps=p.steps, ensemble=p.ensemble,
         processing_resolution=resolve_resolution(pipe, p.processing_resolution, source.spec),
         reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
+        input_resize=p.input_resize,
     )
     info(f"estimate_normals {category}: Marigold {source.spec} ({source.kind}) on {device}, "
          f"{p.input} input, processing resolution {marigold.processing_resolution or 'input'}, "

@@ -139,11 +139,11 @@ def _start_ablations(pool: ThreadPoolExecutor, streams: Store, path: Path, param
                      configured: dict) -> dict[str, Future]:
     """Every fusion variant from the stored stream maps, computed on ``pool``.
 
-    The float16 stream maps are read once (about as much memory as the float32 maps that the
-    metrics need anyway); each running variant holds its own float32 maps. A variant equal to
-    the configured ``score`` section reuses ``configured``, the metrics of the stored maps,
-    which are the same numbers. scipy's filters and numpy's sorts release the GIL, so two
-    variants run on two cores while the main thread draws the figures.
+    The stream maps are read once (float32 by default, infer.map_dtype); each running variant
+    holds its own float32 maps. A variant equal to the configured ``score`` section reuses
+    ``configured``, the metrics of the stored maps, which are the same numbers. scipy's filters
+    and numpy's sorts release the GIL, so two variants run on two cores while the main thread
+    draws the figures.
     """
     stored = {name: np.asarray(streams[name][:]) for name in (*STREAM_NAMES, "fg")}
     futures: dict[str, Future] = {}

@@ -18,7 +18,7 @@ from pipeline.determinism import deterministic
 from pipeline.device import pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.features import Noise, Source, check_sources, extract_store
-from pipeline.models.backbones import Backbone, backbone_dtype, load_backbone
+from pipeline.models.backbones import Backbone, frozen_backbone
 from pipeline.params import Params, section_dict
 from pipeline.progress import info
 from stages import layout
@@ -35,11 +35,9 @@ def _open(path: Path, maker: str, command: str) -> Store:
 
 
 def _backbone(params: Params) -> Backbone:
-    device = pick_device()
-    backbone = load_backbone(
-        params.models.backbone, params.extract_features.layers, cache_dir=params.models.cache_dir
-    )
-    return backbone.to(device=device, dtype=backbone_dtype(params.extract_features.precision, device))
+    sec = params.extract_features
+    return frozen_backbone(params.models.backbone, sec.layers, sec.precision, pick_device(),
+                           params.models.cache_dir)
 
 
 def _attrs(params: Params, category: str, store: Store, inputs: list[Store], **extra: Any) -> dict[str, Any]:
@@ -88,6 +86,7 @@ def run_real(params: Params, category: str) -> dict[str, float]:
             extract_store(
                 backbone, sources, tmp / f"{split}.zarr", attrs,
                 batch_size=sec.batch_size, noise=noise, description=f"features {category}/{split}",
+                dtype=sec.feature_dtype,
             )
     info(f"features of {category} -> {layout.features(category)}")
     return {"load_s": load_s}
@@ -115,6 +114,7 @@ def run_generated(params: Params, category: str, shots: int, seed: int) -> dict[
     extract_store(
         backbone, sources, out, attrs,
         batch_size=sec.batch_size, noise=noise, description=f"features {category}/{key}",
+        dtype=sec.feature_dtype,
     )
     info(f"features of generated {category}/{key} -> {out}")
     return {"load_s": load_s}

@@ -1,7 +1,9 @@
 """Stage ``fit_mapper`` (category, k, seed): train the four cross-modal mappers (DESIGN 1.5).
 
 Reads   artifacts/features/<cat>/train.zarr, artifacts/prepare/<cat>/{shots.json,train.zarr},
-        artifacts/features_generated/<cat>/k<k>-s<seed>.zarr
+        artifacts/features_generated/<cat>/k<k>-s<seed>.zarr; with fit_mapper.noise online
+        also the images: artifacts/normals/<cat>/train.zarr, artifacts/augment/<cat>/k<k>-s<seed>/
+        generated.zarr, artifacts/normals_generated/<cat>/k<k>-s<seed>.zarr (and the backbone)
 Writes  artifacts/mappers/<cat>/k<k>-s<seed>/{real,est}_{2d_to_3d,3d_to_2d}.safetensors,
         config.json; results/loss/<cat>/k<k>-s<seed>.csv (columns step and one per mapper)
 """
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import save_file
 
 from pipeline.artifacts import atomic_dir, atomic_write_json, atomic_write_text, open_store, \
@@ -22,6 +25,7 @@ from pipeline.params import FitMapperParams, Params, section_dict
 from pipeline.progress import info
 from pipeline.training import (
     DIRECTIONS,
+    OnlineNoise,
     StreamData,
     TrainConfig,
     check_same_features,
@@ -132,9 +136,12 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     check_same_features(meta, str(train_path), gen_meta)
     gen_rows = list(range(len(gen_meta.ids)))
     # 2. The training pairs of each stream: real = shots, est = shots + generated
+    online = p.noise == "online"
     data = {stream: _stream_data(stream, train, rows, gen, gen_rows, masks if stream == "real"
-                                 else None, clean_targets=p.noise_on == "source")
+                                 else None, clean_targets=p.noise_on == "source" and not online)
             for stream in STREAMS}
+    if online:  # fresh noise through the backbone every step (the stored features: targets)
+        _add_online_noise(params, data, meta, category, shots, seed, shot_ids, gen_meta.ids)
     config = train_config(p, steps)
     device = pick_device()
     info(f"fit_mapper {category} {layout.run_key(shots, seed)}: {p.architecture}, {steps} steps, "
@@ -170,6 +177,56 @@ def run_official(params: Params, category: str, shots: int, seed: int) -> None:
     # No training, no loss: the plot file DVC expects holds the header only.
     header = "step," + ",".join(mapper_name(s, d) for s in STREAMS for d in DIRECTIONS)
     atomic_write_text(layout.loss_curve(category, shots, seed), header + "\n")
+
+
+def _images(path: Path, array: str, kind: str, ids: list[str], wanted_from: str) -> torch.Tensor:
+    """The images ``ids`` of one store array as (N, 3, H, W) float32 in [0, 1]."""
+    from pipeline.features import to_input
+
+    store = open_store(path)
+    if array not in store:
+        raise InputError(f"{path}: no array {array!r} (needed by fit_mapper.noise: online)")
+    rows = rows_of(path, [str(i) for i in store.attrs.get("ids", [])], ids, wanted_from)
+    return to_input(read_rows(store, array, rows), kind, f"{path}/{array}")
+
+
+def _add_online_noise(params: Params, data: dict[str, StreamData], meta, category: str,
+                      shots: int, seed: int, shot_ids: list[str], gen_ids: list[str]) -> None:
+    """fit_mapper.noise = online: fresh noise every step through the frozen backbone that made
+    the stored features (the published training; the stored features stay the clean targets)."""
+    from pipeline.features import encode_tensors
+    from pipeline.models.backbones import frozen_backbone
+
+    sec = params.extract_features
+    backbone = frozen_backbone(params.models.backbone, sec.layers, sec.precision, pick_device(),
+                               params.models.cache_dir)
+    made_by = {"backbone": backbone.name, "layers": backbone.layers,
+               "backbone_source": backbone.source}
+    for key, value in made_by.items():
+        if getattr(meta, key) != value:
+            raise InputError(f"{meta.path}: feature {key} {getattr(meta, key)!r} is not that of "
+                             f"the configured backbone ({value!r}), which fit_mapper.noise: "
+                             "online runs; re-run extract_features")
+    shots_from = str(layout.shots_file(category))
+    prepared = layout.prepared(category) / "train.zarr"
+    rgb = _images(prepared, "rgb", "rgb", shot_ids, shots_from)
+    gen_from = str(layout.features_generated(category, shots, seed))
+    images = {
+        "real": (rgb, _images(prepared, "normals", "normals", shot_ids, shots_from)),
+        "est": (torch.cat([rgb, _images(layout.augmented(category, shots, seed) / "generated.zarr",
+                                        "rgb", "rgb", gen_ids, gen_from)]),
+                torch.cat([_images(layout.normals(category) / "train.zarr", "normals", "normals",
+                                   shot_ids, shots_from),
+                           _images(layout.normals_generated(category, shots, seed), "normals",
+                                   "normals", gen_ids, gen_from)])),
+    }
+
+    def encode(x: torch.Tensor, kind: str, added: torch.Tensor | None) -> list[torch.Tensor]:
+        return encode_tensors(backbone, x, kind, added, torch.float32)
+
+    for stream, (stream_rgb, stream_normals) in images.items():
+        data[stream].online = OnlineNoise(stream_rgb, stream_normals, encode, sec.noise_sigma,
+                                          sec.noise_space)
 
 
 def _stream_data(stream: str, train, rows, gen, gen_rows, masks, clean_targets: bool

@@ -3,7 +3,7 @@
 Reads   artifacts/features/<cat>/test.zarr, artifacts/mappers/<cat>/k<k>-s<seed>/,
         artifacts/prepare/<cat>/test.zarr (fg, attrs ids/labels)
 Writes  artifacts/streams/<cat>/k<k>-s<seed>.zarr: psi2d_real, psi2d_est, psi3d_real,
-        psi3d_est (N, S, S) float16 and fg (N, S, S) uint8; attrs ids, labels, category
+        psi3d_est (N, S, S) float32 (infer.map_dtype) and fg (N, S, S) uint8; attrs ids, labels, category
 
 This is the only place the mappers run on the test set. No ``score`` parameter is read here, so
 a change of a fusion weight, the fusion rule or the smoothing re-runs ``score`` and
@@ -110,10 +110,11 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     info(f"infer {category} {layout.run_key(shots, seed)}: {n} test images on {device}")
     # 2. The four stream maps, batch by batch, and the foreground beside them
     names = [f"{m}_{l}" for m in MODALITIES for l in range(N_LAYERS)]
+    dtype = np.dtype(p.map_dtype)
     with StoreWriter(layout.streams(category, shots, seed), attrs=attrs,
                      shard_bytes=MAP_SHARD_BYTES) as w:
         for name in STREAM_SPECS:
-            w.create(name, n, (size, size), np.float16)
+            w.create(name, n, (size, size), dtype)
         w.create("fg", n, (size, size), np.uint8)
         batches = feats.iter_batches(names, p.batch_size)
         total = -(-n // p.batch_size)
@@ -127,7 +128,7 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
             with torch.inference_mode():
                 maps = stream_maps(mappers, features, resolution, size, p.distance)
             for name in STREAM_SPECS:
-                w.append(name, maps[name].float().cpu().numpy().astype(np.float16))
+                w.append(name, maps[name].float().cpu().numpy().astype(dtype))
             stop = min(start + p.batch_size, n)
             w.append("fg", (np.asarray(fg_array[start:stop]) > 0).astype(np.uint8))
     return {"load_s": load_s}

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.augment import generation, lora_files
 from pipeline.augment import images as image_ops
 from pipeline.augment import lora_training as training
+from pipeline.augment.images import resize_rgb
 from pipeline.artifacts import StoreWriter, open_store
 from pipeline.errors import InputError, ModelError, ParamsError
 from pipeline.models import diffusion as md
@@ -231,6 +232,25 @@ def test_n_per_shot_zero_writes_empty_outputs(project: Path, cache: Path) -> Non
     assert lora_files.read_lora_metadata(out / "lora.safetensors")[lora_files.STATUS_KEY] == "empty"
     pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
     assert lora_files.load_lora(pipe, out / "lora.safetensors") is False
+
+
+def test_released_mappers_skip_augmentation(project: Path, cache: Path, monkeypatch) -> None:
+    """fit_mapper.mappers official converts the released mappers, which read no generated
+    image: augment writes the empty outputs without loading the diffusion model."""
+    params = make_params(cache, project)
+    # model_copy: the official setup's other keys (ViT-B/8, the checkpoint folder) do not
+    # matter to augment
+    params = params.model_copy(update={"fit_mapper": params.fit_mapper.model_copy(
+        update={"mappers": "official"})})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the diffusion model was loaded")
+
+    monkeypatch.setattr(stage, "load_img2img", no_model)
+    stats = stage.run(params, "bagel", shots=1, seed=0)
+    out = layout.augmented("bagel", 1, 0)
+    assert open_store(out / "generated.zarr").attrs["ids"] == [] and stats["lora_steps"] == 0
+    assert lora_files.read_lora_metadata(out / "lora.safetensors")[lora_files.STATUS_KEY] == "empty"
 
 
 def test_k_without_shots_entry_names_fewshot_shots(project: Path, cache: Path) -> None:
@@ -463,14 +483,17 @@ def test_published_like_stage_reads_original_rgb_and_fixed_seeds(project: Path, 
         lora_targets=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"],
         lr_schedule="linear", lr_warmup_steps=1, grad_clip=1.0, timestep_fraction=0.8,
         color_jitter=[0.1, 0.1], hflip=0.5, cache_latents=True, interpolation="bilinear",
-        generator_device="device",
+        generator_device="device", resolution=48,
     )
+    # generated images to data.size with torchvision's default bilinear, as published
+    params = params.model_copy(update={"data": params.data.model_copy(
+        update={"rgb_interpolation": "bilinear"})})
     stats = stage.run(params, "bagel", shots=2, seed=0)
     out = layout.augmented("bagel", 2, 0)
     store = open_store(out / "generated.zarr")
     assert store.attrs["seeds"] == [42, 1024, 42, 1024]
     assert store.attrs["token"] == "<bagel>"
-    assert store["rgb_full"].shape == (4, 32, 32, 3) and store["rgb"].shape == (4, SIZE, SIZE, 3)
+    assert store["rgb_full"].shape == (4, 48, 48, 3) and store["rgb"].shape == (4, SIZE, SIZE, 3)
     assert stats["lora_steps"] == 2 + 3
     assert (out / lora_files.TOKEN_FILE).is_file()
     # Reload LoRA + token into a fresh pipeline: the stored full-resolution images again.
@@ -480,8 +503,12 @@ def test_published_like_stage_reads_original_rgb_and_fixed_seeds(project: Path, 
     with md.demo_threads(CPU, source):
         full, small = generation.generate(pipe, shots[0], "a low high light and real photo of <bagel>",
                                    [42, 1024], strength=0.4, guidance=4.0, inference_steps=5,
-                                   resolution=32, out_size=SIZE)
+                                   resolution=48, out_size=SIZE, out_interpolation="bilinear")
     assert np.array_equal(full, store["rgb_full"][2:]) and np.array_equal(small, store["rgb"][2:])
+    for big, stored in zip(store["rgb_full"][:], store["rgb"][:]):
+        np.testing.assert_array_equal(stored, resize_rgb(big, SIZE, "bilinear"))
+    assert not np.array_equal(store["rgb"][:], np.stack(
+        [resize_rgb(big, SIZE, "bicubic") for big in store["rgb_full"][:]]))
 
 
 def test_bad_pivotal_params_name_the_key(project: Path, cache: Path) -> None:

@@ -73,7 +73,7 @@ def _held_out(n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """Prepared-size RGB of n held-out renders, their target normals (Marigold frame) at the
     processing resolution and the mask of pixels that show the scene (not the pad band)."""
     from pipeline.data.demo import render_training_pair
-    from pipeline.data.preprocess import pad_square, resize_bicubic
+    from pipeline.data.preprocess import pad_square, resize_rgb
 
     processor = dt._marigold_processor()
     rgbs, targets, masks = [], [], []
@@ -83,7 +83,7 @@ def _held_out(n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         scene = pad_square(np.ones(rgb.shape[:2], np.float32), 0.0)
         scene = torch.from_numpy(scene)[None, None]
         scene = torch.nn.functional.interpolate(scene, size=target.shape[-2:], mode="area")
-        rgbs.append(resize_bicubic(pad_square(rgb, 0), dt.PREPARED_SIZE))
+        rgbs.append(resize_rgb(pad_square(rgb, 0), dt.PREPARED_SIZE, "bicubic"))
         targets.append(target)
         masks.append(scene[0, 0] > 0.99)
     return np.stack(rgbs), torch.stack(targets), torch.stack(masks)

@@ -413,10 +413,23 @@ def test_uint8_output_is_quantised_as_published() -> None:
     assert np.array_equal(np.rint(ours[0].astype(np.float64) * 255).astype(np.uint8), loaded)
 
 
+def test_published_member_noise_is_sequential_draws_of_one_generator() -> None:
+    # Published (OFFICIAL 18): batch size 1, so each ensemble member's (1, 4, h, w) noise is
+    # drawn in turn from the one generator seeded with 42 for the image.
+    gen = torch.Generator().manual_seed(42)
+    draws = [torch.randn((1, 4, 3, 3), generator=gen) for _ in range(5)]
+    ours = ne.published_member_noise(42, 5, (4, 3, 3), torch.device("cpu"), torch.float32)
+    assert torch.equal(ours, torch.cat(draws))
+    # One (E, 4, h, w) draw is other noise (here: 36 values a member, not a multiple of the
+    # CPU sampler's 16-value blocks; CUDA's Philox offsets advance per call).
+    at_once = torch.randn((5, 4, 3, 3), generator=torch.Generator().manual_seed(42))
+    assert not torch.equal(at_once, ours)
+
+
 def test_same_per_image_seeding_is_the_published_generator(cache: Path) -> None:
-    # Published: per image a fresh generator seeded with the seed, all ensemble members drawn
-    # from it. Ours builds those latents itself; they must equal the pipeline's own use of
-    # one such generator per image.
+    # Published: per image a fresh generator seeded with the seed, the members' noise drawn
+    # from it one after another. Ours builds those latents itself; the pipeline given them must
+    # give what our prediction gives, for each image alone and in a batch.
     from pipeline.models.diffusion import load_marigold
 
     # The untrained model: the trained one turns the last-bit differences of batched arithmetic
@@ -424,14 +437,21 @@ def test_same_per_image_seeding_is_the_published_generator(cache: Path) -> None:
     pipe, _ = load_marigold("demo:tiny-marigold-untrained", cache, torch.device("cpu"),
                             torch.float32)
     rgb = np.random.default_rng(3).integers(0, 256, (2, 24, 24, 3), np.uint8)
-    run = ne.MarigoldRun(steps=2, ensemble=3, processing_resolution=16, seeding="same_per_image")
+    run = ne.MarigoldRun(steps=2, ensemble=3, processing_resolution=20, seeding="same_per_image")
+    h, w = ne.latent_size(pipe, 24, 24, 20)
+    assert (4 * h * w) % 16  # a size where sequential and one-shot CPU draws differ
     both = ne.marigold_prediction(pipe, ne.model_input(rgb), [42, 42], run)
+    noise = ne.published_member_noise(42, 3, (4, h, w), torch.device("cpu"), torch.float32)
     for i in range(2):
-        theirs = pipe(ne.model_input(rgb[i : i + 1]), num_inference_steps=2, ensemble_size=3,
-                      processing_resolution=16, match_input_resolution=False, batch_size=3,
-                      generator=torch.Generator().manual_seed(42), output_type="pt").prediction
-        ours = ne.marigold_prediction(pipe, ne.model_input(rgb[i : i + 1]), [42], run)
+        image = ne.model_input(rgb[i : i + 1])
+        settings = dict(num_inference_steps=2, ensemble_size=3, processing_resolution=20,
+                        match_input_resolution=False, batch_size=3, output_type="pt")
+        theirs = pipe(image, latents=noise, **settings).prediction
+        ours = ne.marigold_prediction(pipe, image, [42], run)
         assert torch.equal(ours, theirs)
+        # diffusers' own seeded draw is one (E, 4, h, w) tensor: other noise
+        one_draw = pipe(image, generator=torch.Generator().manual_seed(42), **settings).prediction
+        assert not torch.allclose(ours, one_draw, atol=1e-3)
         # In a batch of two images: the same noise (the arithmetic of a larger batch differs
         # in the last bits only).
         assert torch.allclose(both[i : i + 1], theirs, atol=1e-3)
@@ -441,8 +461,42 @@ def test_same_per_image_seeding_is_the_published_generator(cache: Path) -> None:
         42, ["good/000", "good/001"], "same_per_image"), run)
     assert torch.equal(same[0], same[1])
     per_sample = ne.marigold_prediction(pipe, ne.model_input(twice), ne.image_seeds(
-        42, ["good/000", "good/001"], "per_sample"), ne.MarigoldRun(2, 3, 16))
+        42, ["good/000", "good/001"], "per_sample"), ne.MarigoldRun(2, 3, 20))
     assert not torch.allclose(per_sample[0], per_sample[1])
+
+
+def test_uint8_input_resize_is_the_published_marigold_resize(cache: Path) -> None:
+    # The published Marigold code resizes its uint8 input tensor with torchvision (antialiased
+    # bilinear, longer edge to the processing resolution, int() of the scaled edges): the
+    # model sees uint8 values. diffusers resizes the [0, 1] float image and does not round.
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    from pipeline.models.diffusion import load_marigold
+
+    rgb = np.random.default_rng(4).integers(0, 256, (1, 30, 30, 3), np.uint8)
+    images = ne.model_input(rgb)
+    ours = ne.resize_like_published(images, 20)
+    published = resize(torch.from_numpy(rgb).permute(0, 3, 1, 2), [20, 20],
+                       InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(ours * 255, published.float())
+    as_float = torch.nn.functional.interpolate(images, size=(20, 20), mode="bilinear",
+                                               antialias=True, align_corners=False)
+    assert not torch.allclose(as_float * 255, (as_float * 255).round())  # not on the grid
+    assert ne.resize_like_published(images, 0) is images
+
+    pipe, _ = load_marigold("demo:tiny-marigold-untrained", cache, torch.device("cpu"),
+                            torch.float32)
+    run = ne.MarigoldRun(steps=2, ensemble=2, processing_resolution=20,
+                         seeding="same_per_image", input_resize="uint8")
+    h, w = ne.latent_size(pipe, 20, 20, 0)
+    noise = ne.published_member_noise(42, 2, (4, h, w), torch.device("cpu"), torch.float32)
+    theirs = pipe(published.float() / 255, latents=noise, num_inference_steps=2, ensemble_size=2,
+                  processing_resolution=0, match_input_resolution=False, batch_size=2,
+                  output_type="pt").prediction
+    assert torch.equal(ne.marigold_prediction(pipe, images, [42], run), theirs)
+    float_resize = ne.marigold_prediction(pipe, images, [42],
+                                          dataclasses.replace(run, input_resize="float"))
+    assert not torch.equal(float_resize, theirs)
 
 
 def test_ensemble_batch_size_changes_only_the_batching(cache: Path) -> None:

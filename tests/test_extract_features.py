@@ -111,6 +111,25 @@ def test_real_features_match_the_backbone(workdir, backbone):
     assert np.abs(got - wrong).max() > 0.1
 
 
+def test_float32_features_are_the_backbone_output_as_computed(workdir, backbone):
+    """extract_features.feature_dtype float32 (the published training's precision) stores the
+    float32 backbone output itself, noisy copies included; float16 is its rounding."""
+    data = write_real(n_train=3, n_test=2)
+    stage.run(make_params(feature_dtype="float32", noisy_copies=1, batch_size=4), CAT)
+    full = open_store(layout.features(CAT) / "train.zarr")
+    ref = reference(backbone, data["train"]["rgb"], rgb=True)
+    for layer in range(3):
+        assert full[f"rgb_{layer}"].dtype == np.float32
+        assert full[f"noisy_rgb_{layer}"].dtype == np.float32
+        np.testing.assert_allclose(full[f"rgb_{layer}"][:], ref[layer], rtol=1e-4, atol=1e-4)
+    full = {name: full[name][:] for name in ("rgb_0", "real_2", "noisy_est_1")}
+    stage.run(make_params(noisy_copies=1, batch_size=4), CAT)
+    half = open_store(layout.features(CAT) / "train.zarr")
+    for name in ("rgb_0", "real_2", "noisy_est_1"):
+        assert half[name].dtype == np.float16
+        np.testing.assert_array_equal(half[name][:], full[name].astype(np.float16))
+
+
 def test_identical_inputs_give_byte_identical_stores(workdir):
     write_real()
     params = make_params(noisy_copies=1)

@@ -19,6 +19,7 @@ from pipeline.artifacts import StoreWriter
 from pipeline.errors import InputError, ParamsError
 from pipeline.params import Params, parse_params
 from pipeline.training import (
+    OnlineNoise,
     StreamData,
     TrainConfig,
     cosine_lr,
@@ -338,3 +339,150 @@ def test_stage_noise_on(tmp_path, monkeypatch) -> None:
     # Without noisy copies both placements are the same training, byte for byte.
     same = [k for k in digests["both", 0] if k != "config.json"]  # config records noise_on
     assert [digests["source", 0][k] for k in same] == [digests["both", 0][k] for k in same]
+
+
+class RecordingEncoder:
+    """A frozen stand-in backbone: 1x1 projections of the (noisy) image, pooled to GRID, that
+    records what each call receives."""
+
+    def __init__(self, channels=CHANNELS) -> None:
+        gen = torch.Generator().manual_seed(5)
+        self.weights = [torch.randn(c, 3, generator=gen) for c in channels]
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+
+    def __call__(self, x, kind, added):
+        self.calls.append((kind, x.clone(), None if added is None else added.clone()))
+        x = x if added is None else x + added  # the caller normalises; here: identity
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, GRID)
+        return [torch.einsum("oc,nchw->nohw", w, pooled) for w in self.weights]
+
+
+def _online_data(n: int = 3, sigma: float = 0.01, space: str = "normalised"):
+    gen = torch.Generator().manual_seed(9)
+    rgb, normals = torch.rand(n, 3, 16, 16, generator=gen), torch.rand(n, 3, 16, 16, generator=gen)
+    encoder = RecordingEncoder()
+    clean = {k: [f.numpy()[:, None] for f in encoder(x, k, None)]
+             for k, x in (("rgb", rgb), ("normals", normals))}
+    encoder.calls.clear()
+    online = OnlineNoise(rgb, normals, encoder, sigma, space)
+    return StreamData(clean["rgb"], clean["normals"], online=online), encoder, rgb, normals
+
+
+@pytest.mark.parametrize("space", ["normalised", "image"])
+def test_online_noise_is_fresh_every_step_on_the_inputs_only(monkeypatch, space: str) -> None:
+    """fit_mapper.noise online (published, OFFICIAL 15): every step encodes the batch's images
+    plus new N(0, sigma) noise; the targets are the clean features."""
+    import pipeline.training as training
+
+    data, encoder, rgb, normals = _online_data(space=space)
+    targets: list[torch.Tensor] = []
+    loss = training.mapping_loss
+
+    def record(pred, target, weights, mask=None):
+        targets.append(target[0].clone())
+        return loss(pred, target, weights, mask)
+
+    monkeypatch.setattr(training, "mapping_loss", record)
+    steps = 4
+    config = TrainConfig("mlp", GRID, steps, 1e-3, 1e-4, 0.0, (1.2, 1.0, 0.8), 1, "source")
+    train_stream(data, config, seed=0, device=torch.device("cpu"))
+    assert [kind for kind, _, _ in encoder.calls] == ["rgb", "normals"] * steps
+    noises = []
+    for kind, x, added in encoder.calls:
+        images = rgb if kind == "rgb" else normals
+        if kind == "rgb" and space == "normalised":  # added after the normalisation
+            row = next(i for i in range(len(images)) if torch.equal(x[0], images[i]))
+            noises.append(added)
+        else:  # in [0, 1]: the image itself carries the noise
+            assert added is None
+            row = int(torch.argmin(((images - x[0]) ** 2).flatten(1).sum(1)))
+            noises.append(x - images[row : row + 1])
+    eps = torch.stack(noises)
+    assert 0.008 < float(eps.std()) < 0.012 and abs(float(eps.mean())) < 1e-3
+    # fresh: no two steps share their noise
+    assert all(not torch.allclose(eps[i], eps[j]) for i in range(len(eps)) for j in range(i))
+    # targets: the stored clean features of the step's sample, exactly
+    clean = {k: torch.from_numpy(np.stack(f[0][:, 0])) for k, f in
+             (("normals", data.normals), ("rgb", data.rgb))}
+    for t in targets[0::2]:  # 2d_to_3d: clean normals
+        assert any(torch.equal(t[0], c) for c in clean["normals"])
+    for t in targets[1::2]:
+        assert any(torch.equal(t[0], c) for c in clean["rgb"])
+
+
+def test_online_noise_is_seeded() -> None:
+    config = TrainConfig("mlp", GRID, 3, 1e-3, 1e-4, 0.0, (1.2, 1.0, 0.8), 1, "source")
+    runs = []
+    for seed in (0, 0, 1):
+        data, _, _, _ = _online_data()
+        result = train_stream(data, config, seed=seed, device=torch.device("cpu"))
+        runs.append(result.losses["2d_to_3d"])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def _image_project(n_train: int = 3, n_gen: int = 2, size: int = 64) -> None:
+    """Every store fit_mapper.noise online reads, with images (k = 2, seed 0), and their
+    features made by the extract_features stage with the demo backbone."""
+    from stages import extract_features
+
+    rng = np.random.default_rng(3)
+    ids = {"train": [f"good/{i:03d}" for i in range(n_train)], "test": ["crack/000"]}
+    for split, split_ids in ids.items():
+        n = len(split_ids)
+        fg = np.zeros((n, size, size), np.uint8)
+        fg[:, 8:-8, 8:-8] = 1
+        with StoreWriter(layout.prepared(CAT) / f"{split}.zarr",
+                         attrs={"ids": split_ids, "labels": [0] * n}) as w:
+            w.write("rgb", rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+            w.write("normals", rng.random((n, size, size, 3)).astype(np.float16))
+            w.write("fg", fg)
+        with StoreWriter(layout.normals(CAT) / f"{split}.zarr", attrs={"ids": split_ids}) as w:
+            w.write("normals", rng.random((n, size, size, 3)).astype(np.float16))
+    (layout.prepared(CAT) / "shots.json").write_text(json.dumps({"k2-s0": ids["train"][:2]}))
+    gen_ids = [f"gen/good/000/{j}" for j in range(n_gen)]
+    with StoreWriter(layout.augmented(CAT, 2, 0) / "generated.zarr", attrs={"ids": gen_ids}) as w:
+        w.write("rgb", rng.integers(0, 256, (n_gen, size, size, 3), dtype=np.uint8))
+    with StoreWriter(layout.normals_generated(CAT, 2, 0), attrs={"ids": gen_ids}) as w:
+        w.write("normals", rng.random((n_gen, size, size, 3)).astype(np.float16))
+    params = _online_params()
+    extract_features.run(params, CAT)
+    extract_features.run(params, CAT, 2, 0)
+
+
+def _online_params(noise: str = "online", **features) -> Params:
+    return parse_params({
+        "data": {"categories": [CAT], "size": 64},
+        "fewshot": {"shots": [2]},
+        "models": {"backbone": "efficientnet_lite0"},
+        "extract_features": {"layers": [2, 3, 4], "feature_dtype": "float32", **features},
+        "fit_mapper": {"architecture": "mlp", "resolution": 8, "steps": {2: 3}, "lr": 1e-2,
+                       "lr_min": 1e-4, "noise": noise, "noise_on": "source"},
+    })
+
+
+def test_stage_online_noise_through_the_backbone(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _image_project()
+    digests = []
+    for noise in ("online", "online", "copies"):
+        fit_mapper.run(_online_params(noise), CAT, 2, 0)
+        digests.append(_digest(tmp_path))
+    assert digests[0] == digests[1]  # seeded: byte-identical
+    weights = "real_2d_to_3d.safetensors"
+    assert digests[0][weights] != digests[2][weights]  # the noise reached the mapper inputs
+    config = json.loads((layout.mappers(CAT, 2, 0) / "config.json").read_text())
+    assert config["provenance"]["params"]["noise"] == "copies"
+
+    # The stored features must come from the backbone that online runs (here: other weights).
+    import pipeline.models.backbones as backbones
+
+    monkeypatch.setattr(backbones, "efficientnet_lite0",
+                        lambda layers: backbones.random_backbone("efficientnet_lite0", layers))
+    with pytest.raises(InputError, match="configured backbone .* re-run extract_features"):
+        fit_mapper.run(_online_params(), CAT, 2, 0)
+
+
+def test_online_noise_refuses_stored_copies() -> None:
+    with pytest.raises(ParamsError, match="extract_features.noisy_copies: 2 copies"):
+        _online_params(noisy_copies=2)
+    _online_params("copies", noisy_copies=2)  # the copies mode reads them

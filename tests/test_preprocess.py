@@ -17,6 +17,7 @@ from pipeline.data.preprocess import (
     preprocess,
     remove_plane,
     resize_nearest,
+    resize_rgb,
     valid_mask,
 )
 
@@ -208,3 +209,30 @@ def test_normals_plane_distance_per_category_and_validation():
     assert PreprocessConfig.from_params(p.data, "bagel").normals_plane_distance == 0.005
     with pytest.raises(ParamsError, match="normals_plane_distance"):
         parse_params({"data": {"categories": ["dowel"], "normals_plane_distance": {"dowel": 0.002}}})
+
+
+def _known_image(size: int = 800) -> np.ndarray:
+    """Gradients plus sharp stripes and a disc: a resize filter shows in every region."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    stripes = ((np.arange(size) // 3) % 2 * 255)[None, :].repeat(size, 0)
+    disc = ((yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.1) * 200
+    return np.stack([xx * 255, stripes, disc + yy * 55], -1).astype(np.uint8)
+
+
+def test_bilinear_rgb_resize_is_torchvisions_default_resize():
+    """Published RGB resize (OFFICIAL 16): transforms.Resize((224, 224)) of the PIL image."""
+    from PIL import Image
+    from torchvision import transforms
+
+    image = _known_image()
+    published = np.asarray(transforms.Resize((224, 224))(Image.fromarray(image)))
+    np.testing.assert_array_equal(resize_rgb(image, 224, "bilinear"), published)
+    bicubic = resize_rgb(image, 224, "bicubic")
+    assert np.abs(bicubic.astype(int) - published).max() > 10  # bicubic sharpens the stripes
+
+    xyz = np.zeros((800, 800, 3), np.float32)
+    xyz[300:500, 300:500] = [0.0, 0.0, 0.5]
+    gt = np.zeros((800, 800), bool)
+    for kernel, expected in (("bilinear", published), ("bicubic", bicubic)):
+        cfg = PreprocessConfig(size=224, clean_xyz=False, rgb_interpolation=kernel)
+        np.testing.assert_array_equal(preprocess(image, xyz, gt, cfg).rgb, expected)

@@ -30,7 +30,8 @@ from test_fit_mapper import (
 
 from pipeline.artifacts import StoreWriter, open_store
 from pipeline.errors import InputError, ModelError, ParamsError
-from pipeline.inference import cosine_distance
+from pipeline.inference import cosine_distance, load_mappers, stream_maps
+from pipeline.metrics import auroc
 from pipeline.models.mapper import build_mapper
 from pipeline.params import ScoreParams
 from pipeline.scoring import (
@@ -202,12 +203,12 @@ def test_stream_and_score_stores_contents_and_defects(project: Path) -> None:
     assert s.attrs["params"]["fusion"] == "product"
     assert st.attrs["architecture"] == "cahfm" and "fusion" not in st.attrs["params"]
     for name in STREAM_NAMES:
-        assert st[name].dtype == np.float16 and st[name].shape == (6, SIZE, SIZE)
+        assert st[name].dtype == np.float32 and st[name].shape == (6, SIZE, SIZE)
     assert st["fg"].dtype == np.uint8
     for name in ("map", "map_pro", "map_roc"):
         assert s[name].dtype == np.float32 and s[name].shape == (6, SIZE, SIZE)
     assert s["image_score"].dtype == np.float32 and s["image_score"].shape == (6,)
-    # The stored map is finish_maps of the stored (float16) streams: evaluate can re-fuse.
+    # The stored map is finish_maps of the stored streams: evaluate can re-fuse.
     streams = {n: st[n][:] for n in STREAM_NAMES}
     again = finish_maps(streams, st["fg"][:], CAT, make_params().score)
     np.testing.assert_array_equal(again.map, s["map"][:])
@@ -233,6 +234,43 @@ def test_stream_and_score_stores_contents_and_defects(project: Path) -> None:
         assert m[core].mean() > 3 * m[outside].mean(), i
     scores_ = s["image_score"][:]
     assert scores_[[1, 3, 5]].min() > scores_[[0, 2, 4]].max()
+
+
+def _direct_maps() -> dict[str, np.ndarray]:
+    """The four stream maps computed in float32 straight from the mappers and the features."""
+    config, mappers = load_mappers(layout.mappers(CAT, 2, 0))
+    feats = open_store(layout.features(CAT) / "test.zarr")
+    features = {m: [torch.from_numpy(np.asarray(feats[f"{m}_{l}"][:], np.float32))
+                    for l in range(3)] for m in ("rgb", "real", "est")}
+    with torch.inference_mode():
+        maps = stream_maps(mappers, features, config["resolution"], SIZE, "layerwise")
+    return {name: m.numpy() for name, m in maps.items()}
+
+
+def test_stored_float32_maps_give_the_metrics_of_the_float32_computation(project: Path) -> None:
+    """infer.map_dtype float32 (default, published): the stored maps are the float32 maps
+    bit for bit, so fusion and the metrics are those of the float32 computation; float16
+    rounds them and ties pixels the metrics then cannot order."""
+    direct = _direct_maps()
+    st, s = _infer_and_score()
+    for name in STREAM_NAMES:
+        assert st[name].dtype == np.float32
+        np.testing.assert_array_equal(st[name][:], direct[name])
+    fg = st["fg"][:]
+    exact = finish_maps(direct, fg, CAT, make_params().score)
+    np.testing.assert_array_equal(s["map"][:], exact.map)
+    labels = np.array([0, 1] * 3)
+    assert auroc(s["image_score"][:], labels) == auroc(exact.image_score, labels)
+
+    infer.run(make_params(infer={"map_dtype": "float16"}), CAT, 2, 0)
+    half = open_store(layout.streams(CAT, 2, 0))
+    assert half.attrs["params"]["map_dtype"] == "float16"
+    for name in STREAM_NAMES:
+        assert half[name].dtype == np.float16
+        np.testing.assert_array_equal(half[name][:], direct[name].astype(np.float16))
+    inside = fg > 0
+    values = direct["psi3d_real"][inside]
+    assert len(np.unique(values.astype(np.float16))) < len(np.unique(values)) // 2
 
 
 def _files(path: Path) -> dict:

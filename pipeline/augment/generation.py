@@ -42,13 +42,16 @@ def generate(
     inference_steps: int,
     resolution: int,
     out_size: int,
+    out_interpolation: str = "bicubic",
     generator_device: str = "cpu",
     clock: ModelClock | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """img2img variations of one uint8 square image, one per seed.
 
-    The init image is ``rgb`` resized (bicubic) to ``resolution``; returns the images at the
-    generation resolution (n, R, R, 3) and resized to ``out_size`` (n, S, S, 3), both uint8.
+    The init image is ``rgb`` resized (bicubic, as PIL's default ``resize`` in the published
+    script) to ``resolution``; returns the images at the generation resolution (n, R, R, 3)
+    and resized with ``out_interpolation`` (``data.rgb_interpolation``) to ``out_size``
+    (n, S, S, 3), both uint8.
     ``generator_device``: ``cpu`` (the same noise on every device) or ``device`` (a generator
     on the model's device, as the published script seeds ``torch.Generator("cuda")``).
     """
@@ -71,7 +74,7 @@ def generate(
             output_type="np",
         ).images
     full = np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-    return full, np.stack([resize_rgb(img, out_size) for img in full])
+    return full, np.stack([resize_rgb(img, out_size, out_interpolation) for img in full])
 
 
 def shot_seeds(image_seeds: Sequence[int], n_per_shot: int, augment_seed: int, k: int,

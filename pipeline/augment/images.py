@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
+
+from pipeline.data.preprocess import resize_rgb
 
 if TYPE_CHECKING:
     from pipeline.augment.lora_training import LoraTraining
@@ -19,17 +20,6 @@ def to_square(rgb: np.ndarray) -> np.ndarray:
     s = max(h, w)
     top, left = (s - h) // 2, (s - w) // 2
     return np.pad(rgb, ((top, s - h - top), (left, s - w - left), (0, 0)))
-
-
-_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-
-
-def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Resize of a square uint8 image (no-op at the same size)."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
-        return rgb
-    return np.array(Image.fromarray(rgb).resize((size, size), _FILTERS[interpolation]),
-                    dtype=np.uint8)
 
 
 def colour_jitter(x: torch.Tensor, amounts: Sequence[float] | float,

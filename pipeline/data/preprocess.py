@@ -9,7 +9,9 @@
    whenever the object is a grid-connected surface sampled more densely than eps (tested
    against sklearn), and runs in milliseconds instead of seconds.
 3. Pad to a square, centred (xyz and gt with zeros, rgb with black = 0), then resize to
-   ``size``: rgb bicubic (PIL), xyz and gt nearest (pixel-centre sampling).
+   ``size``: rgb with PIL's bicubic or bilinear filter (``rgb_interpolation``; bilinear is
+   torchvision's default ``Resize`` of a PIL image, the published one), xyz and gt nearest
+   (pixel-centre sampling).
 4. Foreground: pixels with a non-zero point after 1-3, dilated by one pixel (3 x 3)
    (``foreground: dilated``), or as published (``foreground: published``): the cleaned
    full-resolution xyz padded and resized bilinearly to ``size``, a 3 x 3 average pool (no
@@ -51,6 +53,7 @@ class PreprocessConfig:
     ransac_sample: int = 3
     clean_xyz: bool = True
     foreground: str = "dilated"
+    rgb_interpolation: str = "bicubic"
     normals: str = "grid"
     normals_radius: float = 0.01
     normals_max_neighbours: int = 30
@@ -71,6 +74,7 @@ class PreprocessConfig:
             ransac_sample=data.ransac_sample,
             clean_xyz=data.clean_xyz,
             foreground=data.foreground,
+            rgb_interpolation=data.rgb_interpolation,
             normals=data.normals,
             normals_radius=data.normals_radius,
             normals_max_neighbours=data.normals_max_neighbours,
@@ -240,8 +244,19 @@ def resize_nearest(arr: np.ndarray, size: int) -> np.ndarray:
     return arr[src][:, src]
 
 
-def resize_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+_RGB_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_rgb(rgb: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize a square uint8 image with PIL's antialiasing filter (no-op at the same size).
+
+    ``bilinear`` is what torchvision's ``Resize`` (default interpolation) does to a PIL image,
+    the published code's RGB resize (OFFICIAL 16).
+    """
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    return np.array(Image.fromarray(rgb).resize((size, size), _RGB_FILTERS[interpolation]),
+                    dtype=np.uint8)
 
 
 def foreground(xyz: np.ndarray) -> np.ndarray:
@@ -325,7 +340,7 @@ def real_normals(raw_xyz: np.ndarray, prep: Prepared, cfg: PreprocessConfig) -> 
 def preprocess(rgb: np.ndarray, xyz: np.ndarray, gt: np.ndarray, cfg: PreprocessConfig) -> Prepared:
     """Steps 1-4 for one sample; the result may have no foreground (the caller decides)."""
     xyz = clean_points(xyz, cfg)
-    rgb_s = resize_bicubic(pad_square(rgb, RGB_PAD_VALUE), cfg.size)
+    rgb_s = resize_rgb(pad_square(rgb, RGB_PAD_VALUE), cfg.size, cfg.rgb_interpolation)
     xyz_s = resize_nearest(pad_square(xyz, 0.0), cfg.size).astype(np.float32)
     gt_s = resize_nearest(pad_square(gt.astype(np.uint8), 0), cfg.size)
     fg = foreground_published(xyz, cfg.size) if cfg.foreground == "published" else foreground(xyz_s)

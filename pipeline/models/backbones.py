@@ -365,3 +365,11 @@ def load_backbone(
     if spec == DEMO_BACKBONE:
         return efficientnet_lite0(layers)
     return from_hub(spec, layers, cache_dir)
+
+
+def frozen_backbone(spec: str, layers: Sequence[int], precision: str, device: torch.device,
+                    cache_dir: str | Path | None = None) -> Backbone:
+    """:func:`load_backbone` on ``device`` in the ``extract_features.precision`` dtype (run it
+    inside :func:`pipeline.determinism.deterministic` for the same bytes every time)."""
+    backbone = load_backbone(spec, layers, cache_dir=cache_dir)
+    return backbone.to(device=device, dtype=backbone_dtype(precision, device))

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.demo import render_training_pair
-from pipeline.data.preprocess import RGB_PAD_VALUE, pad_square, resize_bicubic
+from pipeline.data.preprocess import RGB_PAD_VALUE, pad_square, resize_rgb
 
 PREPARED_SIZE = 224  # params.yaml data.size: what estimate_normals gets from prepare
 RESOLUTION = 64  # the tiny model's default processing resolution
@@ -78,7 +78,7 @@ def model_images(rgb: np.ndarray, normals: np.ndarray, processor: Any) -> tuple[
                                                                                    torch.Tensor]:
     """One rendered pair -> the image as the pipeline sees it and the target normals, both
     (3, R, R) float in [-1, 1]; normals in Marigold's frame, unit length."""
-    prepared = resize_bicubic(pad_square(rgb, RGB_PAD_VALUE), PREPARED_SIZE)
+    prepared = resize_rgb(pad_square(rgb, RGB_PAD_VALUE), PREPARED_SIZE, "bicubic")
     image = torch.from_numpy(np.array(prepared)).permute(2, 0, 1)[None].float() / 255.0
     image, _, _ = processor.preprocess(image, RESOLUTION, "bilinear")
     # Camera frame, facing the camera (X right, Y down, Z forward) -> Marigold's (Y up, Z to
