@@ -453,20 +453,23 @@ def run_marigold(ctx: Context, option: str | None) -> list[Row]:
     """Marigold on a real image at its original resolution and on a generated one."""
     from pipeline.augment.images import to_square
     from pipeline.device import inference_dtype
-    from pipeline.normals_estimation import MarigoldRun, image_seeds, predict_normals
-    from stages.estimate_normals import _DTYPES, _resolve_resolution
+    from pipeline.normals_estimation import (
+        PRECISION_DTYPES,
+        MarigoldRun,
+        image_seeds,
+        predict_normals,
+        resolve_resolution,
+    )
 
     p, s, size = ctx.params.estimate_normals, ctx.sizes, ctx.params.data.size
-    dtype = inference_dtype(ctx.device) if p.precision == "auto" else _DTYPES[p.precision]
+    dtype = inference_dtype(ctx.device) if p.precision == "auto" else PRECISION_DTYPES[p.precision]
     pipe = build_marigold(ctx, dtype)
     if option == "channels-last":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    resolution = _resolve_resolution(pipe, p.processing_resolution, "paper")
-    run = MarigoldRun(steps=p.steps, ensemble=p.ensemble, processing_resolution=resolution,
-                      reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
-                      batch_size=1 if option == "sequential-ensemble" else 0,
-                      input_resize=p.input_resize)
+    resolution = resolve_resolution(pipe, p.processing_resolution, "paper")
+    run = dataclasses.replace(MarigoldRun.of(p, resolution),
+                              batch_size=1 if option == "sequential-ensemble" else 0)
     h, w = s.original_hw
     images = [("original", f"{h} x {w} padded to {max(h, w)}", to_square(ctx.image(h, w)))]
     if option is None:  # generated images are at augment.resolution

@@ -54,6 +54,9 @@ _FACING = torch.tensor([0.0, 0.0, 1.0])
 _FLIP_X = torch.tensor([-1.0, 1.0, 1.0])
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # estimate_normals.precision
+
+
 @dataclass(frozen=True)
 class MarigoldRun:
     """How Marigold runs and how its prediction becomes stored normals (params.yaml
@@ -73,6 +76,13 @@ class MarigoldRun:
     # "float": diffusers resizes the [0, 1] image; "uint8": resized here as the published
     # Marigold code does (see :func:`resize_like_published`), the pipeline gets it as it is
     input_resize: Literal["float", "uint8"] = "float"
+
+    @classmethod
+    def of(cls, p: Any, processing_resolution: int) -> MarigoldRun:
+        """The run of the ``estimate_normals`` parameters ``p`` (the stage and ``predict``)."""
+        return cls(steps=p.steps, ensemble=p.ensemble, processing_resolution=processing_resolution,
+                   reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
+                   input_resize=p.input_resize)
 
 
 def sample_seed(seed: int, sample_id: str) -> int:

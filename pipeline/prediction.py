@@ -44,6 +44,7 @@ from pipeline.inference import STREAM_SPECS, load_mappers, stream_maps
 from pipeline.models.backbones import Backbone, backbone_dtype, load_backbone
 from pipeline.models.diffusion import ModelSource, demo_threads, load_marigold
 from pipeline.normals_estimation import (
+    PRECISION_DTYPES,
     MarigoldRun,
     image_seeds,
     predict_normals,
@@ -56,7 +57,6 @@ from pipeline.scoring import ScoredMaps, finish_maps
 
 STEPS = ("read", "preprocess", "normals", "features", "mappers", "score")
 MODALITIES = ("rgb", "real", "est")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # estimate_normals.precision
 # A chunk is the least common multiple of the stages' batch sizes, so every step's batches
 # start where the stage's do; above this the largest batch size is used instead.
 MAX_CHUNK = 64
@@ -141,6 +141,7 @@ class Predictor:
         self.marigold_source = marigold_source
         self.marigold_run = marigold_run
         self.device = device
+        self.feature_dtype = getattr(torch, params.extract_features.feature_dtype)
         self.preprocess_config = PreprocessConfig.from_params(params.data, category)
         self.seconds = dict.fromkeys(("load", *STEPS), 0.0)
 
@@ -155,13 +156,9 @@ class Predictor:
         backbone = _load_backbone(params, device)
         _check_backbone(config, backbone, Path(mapper_dir) / "config.json", params.data.size)
         p = params.estimate_normals
-        dtype = inference_dtype(device) if p.precision == "auto" else _DTYPES[p.precision]
+        dtype = inference_dtype(device) if p.precision == "auto" else PRECISION_DTYPES[p.precision]
         pipe, source = load_marigold(params.models.normals, params.models.cache_dir, device, dtype)
-        run = MarigoldRun(
-            steps=p.steps, ensemble=p.ensemble,
-            processing_resolution=resolve_resolution(pipe, p.processing_resolution, source.spec),
-            reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
-        )
+        run = MarigoldRun.of(p, resolve_resolution(pipe, p.processing_resolution, source.spec))
         predictor = cls(params, category, config, mappers, backbone, pipe, source, run, device)
         predictor.seconds["load"] = time.perf_counter() - started
         return predictor
@@ -245,7 +242,8 @@ class Predictor:
         return np.concatenate(out)
 
     def _features(self, chunk: _Chunk, estimated: np.ndarray) -> dict[str, list[np.ndarray]]:
-        """The three layers of each modality (float16), as ``extract_features`` stores them."""
+        """The three layers of each modality (``extract_features.feature_dtype``), as
+        ``extract_features`` stores them."""
         inputs = {"rgb": (np.stack(chunk.rgb), "rgb"), "real": (np.stack(chunk.real), "normals"),
                   "est": (estimated, "normals")}
         layers: dict[str, list[list[np.ndarray]]] = {m: [] for m in MODALITIES}
@@ -253,13 +251,13 @@ class Predictor:
         for start, stop in _batches([0] * size, self.params.extract_features.batch_size):
             for modality, (images, kind) in inputs.items():
                 x = to_input(images[start:stop], kind, f"{modality} of {chunk.refs[start].id}")
-                layers[modality].append(encode(self.backbone, x, kind))
+                layers[modality].append(encode(self.backbone, x, kind, dtype=self.feature_dtype))
         return {m: [np.concatenate([batch[layer] for batch in per_batch])
                     for layer in range(len(per_batch[0]))]
                 for m, per_batch in layers.items()}
 
     def _streams(self, features: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-        """The four stream maps (B, S, S) float16, as ``infer`` stores them."""
+        """The four stream maps (B, S, S) of ``infer.map_dtype``, as ``infer`` stores them."""
         p, size = self.params.infer, self.params.data.size
         resolution = int(self.mapper_config["resolution"])
         n = len(features["rgb"][0])
@@ -271,7 +269,7 @@ class Predictor:
             with torch.inference_mode():
                 maps = stream_maps(self.mappers, batch, resolution, size, p.distance)
             for name in STREAM_SPECS:
-                out[name].append(maps[name].float().cpu().numpy().astype(np.float16))
+                out[name].append(maps[name].float().cpu().numpy().astype(p.map_dtype))
         return {name: np.concatenate(parts) for name, parts in out.items()}
 
     def _score(self, streams: dict[str, np.ndarray], fg: np.ndarray) -> ScoredMaps:

@@ -41,6 +41,7 @@ from pipeline.models.diffusion import (
     model_info,
 )
 from pipeline.normals_estimation import (
+    PRECISION_DTYPES,
     MarigoldRun,
     finish_normals,
     image_seeds,
@@ -54,9 +55,6 @@ from stages import layout
 
 # Sample metadata carried over from the input store so readers can align the two.
 _CARRIED_ATTRS = ("ids", "labels", "defect_types", "category", "dataset", "source_ids")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # estimate_normals.precision
-
-
 def _check_images(store: Any, name: str, side: int | None, why: str) -> int:
     """``store[name]`` must be (N, R, R, 3) uint8 with one image per id (R = ``side`` if
     given); returns R."""
@@ -277,16 +275,11 @@ def run(params: Params, category: str, shots: int | None = None,
 
     p = params.estimate_normals
     device = pick_device()
-    dtype = inference_dtype(device) if p.precision == "auto" else _DTYPES[p.precision]
+    dtype = inference_dtype(device) if p.precision == "auto" else PRECISION_DTYPES[p.precision]
     loading = time.perf_counter()
     pipe, source = load_marigold(params.models.normals, params.models.cache_dir, device, dtype)
     load_s = time.perf_counter() - loading
-    marigold = MarigoldRun(
-        steps=p.steps, ensemble=p.ensemble,
-        processing_resolution=resolve_resolution(pipe, p.processing_resolution, source.spec),
-        reduction=p.reduction, seeding=p.seeding, output=p.output, flip_x=p.flip_x,
-        input_resize=p.input_resize,
-    )
+    marigold = MarigoldRun.of(p, resolve_resolution(pipe, p.processing_resolution, source.spec))
     info(f"estimate_normals {category}: Marigold {source.spec} ({source.kind}) on {device}, "
          f"{p.input} input, processing resolution {marigold.processing_resolution or 'input'}, "
          f"{p.steps} steps, ensemble {p.ensemble}")

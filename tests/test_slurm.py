@@ -323,8 +323,11 @@ def test_ctrl_c_ends_the_run_with_a_failure_status_and_no_job_left(env, slurm, s
     assert run.returncode == 0, run.stderr[-6000:]
     clone = tmp_path / "clone"  # everything to run, all of it restored from the remote
     sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    # Ctrl-C as in a terminal: a suite started in the background (`make test &`) ignores
+    # SIGINT, and a Python started with SIGINT ignored keeps ignoring it
     proc = subprocess.Popen(["cmds-ad", "distribute"], cwd=clone, env=environ,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:  # until the first instance is done
         lines.append(line)
