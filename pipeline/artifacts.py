@@ -110,6 +110,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: str | Path, missing: str) -> Any:
+    """The JSON value of a file the user or an earlier stage wrote. A missing file is an
+    InputError saying ``missing`` (what makes the file); an unreadable one says why."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: JSON and UTF-8 decoding errors
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
 def _samples_per_shard(
     sample_shape: tuple[int, ...], dtype: np.dtype, n: int, shard_bytes: int
 ) -> int:

@@ -17,13 +17,12 @@ on this machine have the recorded digests. Each refusal is one error naming the 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.artifacts import atomic_dir, atomic_write_json, file_sha256
+from pipeline.artifacts import atomic_dir, atomic_write_json, file_sha256, read_json
 from pipeline.errors import InputError, ModelError
 from pipeline.models.backbones import load_backbone
 from pipeline.models.diffusion import resolve_source
@@ -84,13 +83,7 @@ def export_bundle(params: Params, category: str, shots: int, seed: int, mapper_d
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(f"{path}: missing from the bundle (not a folder written by "
-                         "`cmds-ad export`?)")
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    value = read_json(path, "missing from the bundle (not a folder written by `cmds-ad export`?)")
     if not isinstance(value, dict) or value.get("format") != FORMAT:
         raise InputError(f"{path}: not a {FORMAT} file")
     return value

@@ -210,6 +210,18 @@ def _encode_batch(
     return out
 
 
+def _feature_attrs(backbone: Backbone, noise: Noise) -> dict[str, Any]:
+    """The store attributes that say how the features were made (grid and channels follow)."""
+    return {
+        "backbone": backbone.name,
+        "backbone_source": backbone.source,
+        "layers": list(backbone.layers),
+        "noisy_copies": noise.copies,
+        "noise_sigma": noise.sigma if noise.copies else 0.0,
+        "noise_space": noise.space,
+    }
+
+
 def extract_store(
     backbone: Backbone,
     sources: Sequence[Source],
@@ -231,14 +243,7 @@ def extract_store(
     noise = noise or Noise()
     n, height, width = check_sources(sources)
     backbone.check_input_size(height, width, str(sources[0].store.path))
-    feature_attrs: dict[str, Any] = {
-        "backbone": backbone.name,
-        "backbone_source": backbone.source,
-        "layers": list(backbone.layers),
-        "noisy_copies": noise.copies,
-        "noise_sigma": noise.sigma if noise.copies else 0.0,
-        "noise_space": noise.space,
-    }
+    feature_attrs = _feature_attrs(backbone, noise)
     starts = list(range(0, n, batch_size))
     encode_s = 0.0
     with StoreWriter(out_path, attrs={**attrs, **feature_attrs}) as writer:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -221,6 +222,68 @@ def smallest_eigenvector_sym(
     return out
 
 
+@dataclass(frozen=True)
+class _Window:
+    """The cloud's three coordinate planes, padded by the window radius r and flattened, with
+    the window's flat offsets: one index array gathers all three planes."""
+
+    planes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    width: int  # of a padded row
+    r: int
+    offsets: np.ndarray  # (K,) flat offsets of the (2r + 1)^2 window from its centre
+    outer: np.ndarray  # (K,) bool: the offset lies on the window's outer ring
+
+    @classmethod
+    def of(cls, xyz: np.ndarray, valid: np.ndarray, r: int) -> _Window:
+        h, w = xyz.shape[:2]
+        far = np.float32(1e6)  # padding and missing points: outside every radius
+        width = w + 2 * r
+        planes = []
+        for c in range(3):
+            plane = np.full((h + 2 * r, width), far, dtype=np.float32)
+            plane[r : r + h, r : r + w] = np.where(valid, xyz[..., c], far)
+            planes.append(plane.ravel())
+        dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+        offsets = ((dy + r) * width + (dx + r)).ravel() - (r * width + r)
+        outer = (np.maximum(np.abs(dy), np.abs(dx)) == r).ravel()
+        return cls(tuple(planes), width, r, offsets, outer)
+
+
+def _block_normals(
+    win: _Window, ys: np.ndarray, xs: np.ndarray, k: int, radius: float, check: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """PCA normals of one block of points (ys, xs) [m]; and, with check, which are unsure."""
+    r = win.r
+    centres = (ys + r) * win.width + (xs + r)
+    idx = centres[:, None] + win.offsets
+    # Offsets from the centre point, one contiguous (m, K) plane per coordinate: relative
+    # coordinates keep the float32 covariance stable.
+    d = [plane.take(idx) - plane.take(centres)[:, None] for plane in win.planes]
+    dist2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+    kth = np.partition(dist2, k - 1, axis=1)[:, k - 1] if k < len(win.offsets) else dist2.max(1)
+    # The max_nn nearest within the radius (ties at the k-th distance all count).
+    reach2 = np.minimum(kth, np.float32(radius * radius))
+    use = (dist2 <= reach2[:, None]).astype(np.float32)
+    count = use.sum(axis=1)
+    du = [dc * use for dc in d]
+    mean = [dc.sum(axis=1) / count for dc in du]
+
+    def entry(a: int, b: int) -> np.ndarray:
+        second = np.einsum("mk,mk->m", du[a], d[b]) / count
+        return second.astype(np.float64) - mean[a].astype(np.float64) * mean[b]
+
+    nrm = smallest_eigenvector_sym(
+        entry(0, 0), entry(0, 1), entry(0, 2), entry(1, 1), entry(1, 2), entry(2, 2)
+    )
+    nrm[count < 3] = (0.0, 0.0, 1.0)  # Open3D's value for too few neighbours
+    if not check:
+        return nrm, None
+    # A pixel one ring further is expected at >= (r + 1) / r times the outer ring's
+    # nearest distance; if the k-th distance reaches that, it may be missing.
+    ring = np.sqrt(dist2[:, win.outer].min(axis=1)) * ((r + 1) / r)
+    return nrm, np.sqrt(reach2) >= ring
+
+
 def _pca_window(
     xyz: np.ndarray,
     valid: np.ndarray,
@@ -232,55 +295,18 @@ def _pca_window(
     check: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PCA normals of the points (ys, xs) from the (2r + 1)^2 window; and which are unsure."""
-    h, w = xyz.shape[:2]
-    far = np.float32(1e6)  # padding and missing points: outside every radius
-    width = w + 2 * r
-    planes = []
-    for c in range(3):
-        plane = np.full((h + 2 * r, width), far, dtype=np.float32)
-        plane[r : r + h, r : r + w] = np.where(valid, xyz[..., c], far)
-        planes.append(plane.ravel())
-    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
-    # Flat offsets of the window in the padded planes: one index array serves all three.
-    window = ((dy + r) * width + (dx + r)).ravel() - (r * width + r)
-    outer = (np.maximum(np.abs(dy), np.abs(dx)) == r).ravel()
-    k = min(max_nn, len(window))
-    r2 = np.float32(radius * radius)
+    win = _Window.of(xyz, valid, r)
+    k = min(max_nn, len(win.offsets))
 
-    def chunk(start: int) -> tuple[np.ndarray, np.ndarray | None]:
-        centres = (ys[start : start + _CHUNK] + r) * width + (xs[start : start + _CHUNK] + r)
-        idx = centres[:, None] + window
-        # Offsets from the centre point, one contiguous (m, K) plane per coordinate: relative
-        # coordinates keep the float32 covariance stable.
-        d = [plane.take(idx) - plane.take(centres)[:, None] for plane in planes]
-        dist2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-        kth = np.partition(dist2, k - 1, axis=1)[:, k - 1] if k < len(window) else dist2.max(1)
-        # The max_nn nearest within the radius (ties at the k-th distance all count).
-        use = (dist2 <= np.minimum(kth, r2)[:, None]).astype(np.float32)
-        count = use.sum(axis=1)
-        du = [dc * use for dc in d]
-        mean = [dc.sum(axis=1) / count for dc in du]
-
-        def entry(a: int, b: int) -> np.ndarray:
-            second = np.einsum("mk,mk->m", du[a], d[b]) / count
-            return second.astype(np.float64) - mean[a].astype(np.float64) * mean[b]
-
-        nrm = smallest_eigenvector_sym(
-            entry(0, 0), entry(0, 1), entry(0, 2), entry(1, 1), entry(1, 2), entry(2, 2)
-        )
-        nrm[count < 3] = (0.0, 0.0, 1.0)  # Open3D's value for too few neighbours
-        if not check:
-            return nrm, None
-        # A pixel one ring further is expected at >= (r + 1) / r times the outer ring's
-        # nearest distance; if the k-th distance reaches that, it may be missing.
-        ring = np.sqrt(dist2[:, outer].min(axis=1)) * ((r + 1) / r)
-        return nrm, np.sqrt(np.minimum(kth, r2)) >= ring
+    def block(start: int) -> tuple[np.ndarray, np.ndarray | None]:
+        stop = start + _CHUNK
+        return _block_normals(win, ys[start:stop], xs[start:stop], k, radius, check)
 
     # Blocks are independent and numpy releases the GIL in them: one thread per core.
     # (Callers pass at least one point, so there is at least one block.)
     starts = range(0, len(ys), _CHUNK)
     with ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
-        blocks = list(pool.map(chunk, starts))
+        blocks = list(pool.map(block, starts))
     normals = np.concatenate([nrm for nrm, _ in blocks])
     unsure = np.concatenate([u for _, u in blocks]) if check else np.zeros(len(ys), dtype=bool)
     return normals, unsure

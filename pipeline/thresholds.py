@@ -18,13 +18,13 @@ beside the fitted one as a reference only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import read_json
 from pipeline.errors import InputError, ParamsError
 from pipeline.params import ThresholdsParams
 
@@ -124,13 +124,11 @@ def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> dict:
 
 def read_thresholds(path: Path) -> tuple[float, float]:
     """(image, pixel) thresholds of a file written by the ``thresholds`` stage."""
-    if not path.is_file():
-        raise InputError(f"{path}: thresholds not found (made by the thresholds stage: "
-                         "`dvc repro`, or `cmds-ad thresholds CATEGORY --shots K --seed S`)")
+    table = read_json(path, "thresholds not found (made by the thresholds stage: `dvc repro`, "
+                            "or `cmds-ad thresholds CATEGORY --shots K --seed S`)")
     try:
-        table = json.loads(path.read_text())
         values = float(table["image"]["threshold"]), float(table["pixel"]["threshold"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"{path}: not a thresholds file ({type(err).__name__}: {err})") from None
     if not all(np.isfinite(values)):
         raise InputError(f"{path}: thresholds must be finite numbers, got {values}")

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -114,24 +115,20 @@ def push_run_cache(repo, addr: str, remote: str) -> None:
     repo.stage_cache.push(remote)
 
 
-def main(spec_path: str) -> int:
-    _die_with_parent()
-    spec = json.loads(Path(spec_path).read_text())
-    clone = Path(spec["clone"])
-    timings: dict[str, float] = {}
-
-    from dvc.repo import Repo
-
+def _listen_to_dvc() -> _StageLog:
+    """Capture DVC's log lines: they say whether the instance ran or came from a cache."""
     handler = _StageLog()
     dvc_logger = logging.getLogger("dvc")
     dvc_logger.addHandler(handler)
     dvc_logger.setLevel(logging.INFO)
     dvc_logger.propagate = False
+    return handler
 
-    # DVC resolves stage addresses against the working directory
-    os.chdir(clone)
-    sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-    start = time.perf_counter()
+
+def _use_remote(clone: Path, spec: dict[str, Any]) -> None:
+    """The clone's local DVC config: the shared remote, and the cache folder if one is given."""
+    from dvc.repo import Repo
+
     repo = Repo(str(clone))
     with repo.config.edit("local") as conf:
         conf["remote"][spec["remote"]] = spec["remote_config"]
@@ -140,8 +137,13 @@ def main(spec_path: str) -> int:
             conf["cache"]["dir"] = spec["cache_dir"]
     repo.close()
 
-    # What the upstream instances produced: their lock entries (so DVC knows the hashes of
-    # this instance's inputs) and their uncached outputs (metrics, plots: in no remote).
+
+def _fetch_inputs(clone: Path, spec: dict[str, Any]) -> Any:
+    """What the upstream instances produced: their lock entries (so DVC knows the hashes of this
+    instance's inputs), their uncached outputs (metrics, plots: in no remote) and, pulled from
+    the remote, their cached outputs. Returns the open DVC repo."""
+    from dvc.repo import Repo
+
     merge_lock_entries(clone, [p["lock"] for p in spec["parents"] if p.get("lock")])
     for parent in spec["parents"]:
         write_files(clone, parent.get("uncached", {}))
@@ -149,27 +151,51 @@ def main(spec_path: str) -> int:
     pulls = [p["addr"] for p in spec["parents"] if p.get("pull", True)]
     if pulls:
         repo.pull(targets=pulls, remote=spec["remote"], force=True)
-    timings["pull_s"] = time.perf_counter() - start
+    return repo
 
+
+def _reproduce(repo: Any, clone: Path, spec: dict[str, Any]) -> None:
     # Stage commands import the clone's code (the commit's), not the worker's installation.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(clone)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
-    start = time.perf_counter()
     # this process runs DVC in-process: the stage's orphan check watches it as its dvc
     os.environ["CMDS_AD_DVC_PID"] = str(os.getpid())
     repo.reproduce(spec["addr"], single_item=True, pull=True)
-    timings["repro_s"] = time.perf_counter() - start
 
+
+def _push(repo: Any, spec: dict[str, Any]) -> None:
+    # Outputs first, the run cache after: a worker killed in between leaves objects the
+    # remote holds but no run-cache entry or lock that points at them.
+    repo.push(targets=[spec["addr"]], remote=spec["remote"])
+    push_run_cache(repo, spec["addr"], spec["remote"])
+
+
+def main(spec_path: str) -> int:
+    _die_with_parent()
+    spec = json.loads(Path(spec_path).read_text())
+    clone = Path(spec["clone"])
+    timings: dict[str, float] = {}
+    handler = _listen_to_dvc()
+    # 1. The clone, its remote and the instance's inputs (DVC resolves addresses against the
+    # working directory).
+    os.chdir(clone)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+    start = time.perf_counter()
+    _use_remote(clone, spec)
+    repo = _fetch_inputs(clone, spec)
+    timings["pull_s"] = time.perf_counter() - start
+    # 2. The instance itself.
+    start = time.perf_counter()
+    _reproduce(repo, clone, spec)
+    timings["repro_s"] = time.perf_counter() - start
+    # 3. Its outputs to the remote, if it computed them.
     start = time.perf_counter()
     if handler.ran:
-        # Outputs first, the run cache after: a worker killed in between leaves objects the
-        # remote holds but no run-cache entry or lock that points at them.
-        repo.push(targets=[spec["addr"]], remote=spec["remote"])
-        push_run_cache(repo, spec["addr"], spec["remote"])
+        _push(repo, spec)
     timings["push_s"] = time.perf_counter() - start
     repo.close()
-
+    # 4. The result the scheduler merges into the workspace.
     lock = read_lock(clone / spec["lockfile"])["stages"].get(spec["name"])
     if lock is None:
         print(f"error: {spec['lockfile']} has no entry {spec['name']} after the run", flush=True)

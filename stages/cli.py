@@ -525,6 +525,11 @@ def demo_models(
     typer.echo(f"{out}: demo normals model trained in {time.perf_counter() - start:.0f} s")
 
 
+def _maybe(kind: type, help: str, *names: str) -> Any:
+    """The annotation of an optional option (None: the settings file or the default decides)."""
+    return Annotated[Optional[kind], typer.Option(*names, help=help)]
+
+
 @app.command("distribute")
 def distribute(
     targets: Annotated[
@@ -534,52 +539,25 @@ def distribute(
     settings: Annotated[
         Path, typer.Option(help="Settings file with a distribute: block; options override it.")
     ] = Path("distribute.yaml"),
-    cluster: Annotated[
-        Optional[str],
-        typer.Option(help="local (processes here), slurm (dask-jobqueue) or tcp://HOST:PORT "
-                          "(default: local)."),
-    ] = None,
-    jobs: Annotated[
-        Optional[int],
-        typer.Option("--jobs", "--workers",
-                     help="Local worker processes / SLURM jobs (default: 2)."),
-    ] = None,
-    remote: Annotated[
-        Optional[str], typer.Option(help="DVC remote the workers share (default: the default).")
-    ] = None,
-    gpus: Annotated[
-        Optional[int],
-        typer.Option(help="GPUs per worker (local; slurm: gres gpu:N) (default: 0)."),
-    ] = None,
-    gres: Annotated[
-        Optional[str], typer.Option(help="SLURM: gres per job, e.g. gpu:a100:1.")
-    ] = None,
-    cores: Annotated[Optional[int], typer.Option(help="SLURM: cores per job (default: 4).")] = None,
-    memory: Annotated[
-        Optional[str], typer.Option(help="SLURM: memory per job (default: 16GB).")
-    ] = None,
-    partition: Annotated[Optional[str], typer.Option(help="SLURM: partition (queue).")] = None,
-    account: Annotated[Optional[str], typer.Option(help="SLURM: account to charge.")] = None,
-    walltime: Annotated[
-        Optional[str], typer.Option(help="SLURM: job walltime (default: 04:00:00).")
-    ] = None,
-    sbatch: Annotated[
-        Optional[list[str]],
-        typer.Option(help="SLURM: one more #SBATCH line, e.g. --sbatch=--qos=normal (repeat).")
-    ] = None,
-    cpu_jobs: Annotated[
-        Optional[int], typer.Option(help="SLURM: more jobs without the gres, for the stages "
-                                         "that need no GPU (default: 0).")
-    ] = None,
-    cpu_partition: Annotated[
-        Optional[str], typer.Option(help="SLURM: partition of the cpu jobs (default: partition).")
-    ] = None,
-    scratch: Annotated[
-        Optional[str], typer.Option(help="Folder on the workers for their clones.")
-    ] = None,
-    git_url: Annotated[
-        Optional[str], typer.Option(help="Where workers clone from (default: this repository).")
-    ] = None,
+    cluster: _maybe(str, "local (processes here), slurm (dask-jobqueue) or tcp://HOST:PORT "
+                         "(default: local).") = None,
+    jobs: _maybe(int, "Local worker processes / SLURM jobs (default: 2).",
+                 "--jobs", "--workers") = None,
+    remote: _maybe(str, "DVC remote the workers share (default: the default).") = None,
+    gpus: _maybe(int, "GPUs per worker (local; slurm: gres gpu:N) (default: 0).") = None,
+    gres: _maybe(str, "SLURM: gres per job, e.g. gpu:a100:1.") = None,
+    cores: _maybe(int, "SLURM: cores per job (default: 4).") = None,
+    memory: _maybe(str, "SLURM: memory per job (default: 16GB).") = None,
+    partition: _maybe(str, "SLURM: partition (queue).") = None,
+    account: _maybe(str, "SLURM: account to charge.") = None,
+    walltime: _maybe(str, "SLURM: job walltime (default: 04:00:00).") = None,
+    sbatch: _maybe(list[str], "SLURM: one more #SBATCH line, e.g. --sbatch=--qos=normal "
+                              "(repeat).") = None,
+    cpu_jobs: _maybe(int, "SLURM: more jobs without the gres, for the stages that need no GPU "
+                          "(default: 0).") = None,
+    cpu_partition: _maybe(str, "SLURM: partition of the cpu jobs (default: partition).") = None,
+    scratch: _maybe(str, "Folder on the workers for their clones.") = None,
+    git_url: _maybe(str, "Where workers clone from (default: this repository).") = None,
 ) -> None:
     """Run the out-of-date stage instances as Dask tasks, each in a worker's own clone.
     Settings come from distribute.yaml (its distribute: block), then from these options."""

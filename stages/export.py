@@ -4,9 +4,9 @@ trained (category, k, seed) of this project (:mod:`pipeline.bundle`), for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pipeline.artifacts import read_json
 from pipeline.bundle import export_bundle
 from pipeline.errors import InputError
 from pipeline.params import Params
@@ -21,10 +21,5 @@ def run(params: Params, category: str, shots: int, seed: int, out: Path) -> None
         raise InputError(f"{mapper_dir}: no trained model {category}/{layout.run_key(shots, seed)}"
                          " here (run `dvc repro` or `dvc pull` first)")
     path = layout.thresholds(category, shots, seed)
-    if not path.is_file():
-        raise InputError(f"{path}: thresholds not found (run `dvc repro` first)")
-    try:
-        thresholds = json.loads(path.read_text())
-    except ValueError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    thresholds = read_json(path, "thresholds not found (run `dvc repro` first)")
     export_bundle(params, category, shots, seed, mapper_dir, thresholds, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.artifacts import read_json
 from pipeline.errors import InputError
 
 ARTIFACTS = Path("artifacts")
@@ -35,12 +36,7 @@ def shots_file(category: str) -> Path:
 def read_shot_ids(category: str, shots: int, seed: int) -> list[str]:
     """The shot ids that prepare chose for (k, seed), from shots.json."""
     path = shots_file(category)
-    if not path.is_file():
-        raise InputError(f"{path}: shots file not found (run the prepare stage)")
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    table = read_json(path, "shots file not found (run the prepare stage)")
     key = run_key(shots, seed)
     if not isinstance(table, dict) or key not in table:
         have = ", ".join(sorted(table)) if isinstance(table, dict) else "nothing"

@@ -28,19 +28,14 @@ from pathlib import Path
 
 from pipeline import report as R
 from pipeline.ablations import ABLATIONS
-from pipeline.artifacts import atomic_dir, atomic_write_text
+from pipeline.artifacts import atomic_dir, atomic_write_text, read_json
 from pipeline.errors import InputError
 from pipeline.params import Params
 from stages import layout
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: not found (run the evaluate stage for this category and k)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, "not found (run the evaluate stage for this category and k)")
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data

@@ -21,12 +21,12 @@ without a mask makes the pixel metrics undefined (``evaluate`` says why).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import read_json
 from pipeline.data.mvtec import (
     GOOD,
     SPLITS,
@@ -53,13 +53,8 @@ class Intrinsics:
 
 def read_intrinsics(path: Path) -> Intrinsics:
     """The camera of a category's depth images; every error names the file and the key."""
-    if not path.is_file():
-        raise InputError(f"{path}: camera intrinsics not found (depth images need "
-                         f"{', '.join(INTRINSIC_KEYS)})")
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    table = read_json(path, f"camera intrinsics not found (depth images need "
+                            f"{', '.join(INTRINSIC_KEYS)})")
     values = {}
     for key in INTRINSIC_KEYS:
         value = table.get(key) if isinstance(table, dict) else None
