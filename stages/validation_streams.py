@@ -14,12 +14,13 @@ Writes  artifacts/validation_streams/<cat>/k<k>-s<seed>.zarr: psi2d_real, psi2d_
         psi3d_real, psi3d_est (N, S, S) of ``infer.map_dtype`` and fg (N, S, S) uint8; attrs
         ids, labels, category (the layout of ``infer``'s store, so ``score``'s reader reads it)
 
-The validation samples go through the prediction path (:mod:`pipeline.prediction`: preprocessing, real
-and estimated normals, backbone, mappers), the same code ``cmds-ad predict`` runs and whose
-maps equal the stages' on the test set. No ``score`` or ``thresholds`` parameter but
-``normal_samples`` is read here: changing one of them re-runs the cheap ``thresholds`` stage only. A dataset without a
-validation split gets an empty store; the ``thresholds`` stage then needs manual thresholds
-or ``normal_samples: leave_one_out``.
+The validation samples go through the prediction path (:mod:`pipeline.prediction`:
+preprocessing, real and estimated normals, backbone, mappers), the same code ``cmds-ad
+predict`` runs and whose maps equal the stages' on the test set. No ``score`` parameter and
+no ``thresholds`` parameter but ``normal_samples`` is read here: changing a rule or a fusion
+weight re-runs the cheap ``thresholds`` stage only. A dataset without a validation split gets
+an empty store; the ``thresholds`` stage then needs manual thresholds or ``normal_samples:
+leave_one_out``.
 """
 
 from __future__ import annotations
