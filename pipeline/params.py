@@ -565,9 +565,13 @@ class EvaluateParams(Section):
 
 class ThresholdsParams(Section):
     """``thresholds``: decision thresholds from the scores of normal samples the model was
-    not trained on (the dataset's validation split; pipeline/thresholds.py). A sample or a
-    pixel is anomalous when its score is above its threshold."""
+    not trained on (the dataset's validation split, or each shot under mappers trained
+    without it; pipeline/thresholds.py). A sample or a pixel is anomalous when its score is
+    above its threshold."""
 
+    # validation: the validation split's normal samples; leave_one_out: each shot scored by
+    # the mappers trained on the other k - 1 shots (for data without a validation split)
+    normal_samples: Literal["validation", "leave_one_out"] = "validation"
     rule: Literal["quantile", "max_margin"] = "quantile"
     quantile: Float = Field(0.99, ge=0, le=1)  # image scores, rule quantile
     pixel_quantile: Float = Field(0.999, ge=0, le=1)  # foreground pixels, rule quantile
@@ -615,7 +619,7 @@ class Params(Section):
             raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "
                              "published feature setup; inconsistent: " + "; ".join(issues))
         problems = [*checkpoint_problems(self), *self._online_noise_problems(),
-                    *memory_problems(self)]
+                    *self._leave_one_out_problems(), *memory_problems(self)]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -626,6 +630,23 @@ class Params(Section):
             return [f"extract_features.noisy_copies: {copies} copies would be made and never "
                     "read: fit_mapper.noise=online draws fresh noise every step (set 0)"]
         return []
+
+    def _leave_one_out_problems(self) -> list[str]:
+        t = self.thresholds
+        if t.normal_samples != "leave_one_out" or (t.image is not None and t.pixel is not None):
+            return []
+        way_out = ("thresholds.normal_samples: validation (a validation split), or both "
+                   "thresholds.image and thresholds.pixel set by hand")
+        problems = []
+        if 1 in self.fewshot.shots:
+            problems.append("thresholds.normal_samples: leave_one_out trains each model again "
+                            "without one of its k shots, and fewshot.shots has k=1 (no shot "
+                            f"left to train on); use k >= 2, or {way_out}")
+        if self.fit_mapper.mappers == "official":
+            problems.append("thresholds.normal_samples: leave_one_out trains mappers, but "
+                            "fit_mapper.mappers is official (released weights, no training); "
+                            f"use {way_out}")
+        return problems
 
     def _duplicates(self) -> list[str]:
         problems = []

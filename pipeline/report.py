@@ -420,3 +420,75 @@ def write_bytes(path: Path, data: bytes) -> None:
     """Plain write, for files inside a directory that ``atomic_dir`` moves into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+
+
+# ------------------------------------------------------------------- decision thresholds
+
+DECISION_FIELDS = ("threshold", "precision", "recall", "f1")
+DECISION_HEADINGS = ("category", "k", "seed", "level", "threshold", "P %", "R %", "F1 %",
+                     "F1* %", "threshold*")
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """One (category, k, seed) and level (image or pixel): the fitted threshold with precision,
+    recall and F1 on the test set, and the test set's F1-optimal threshold (F1*, a reference
+    that looks at the test labels). None where undefined (no masks: no pixel entries)."""
+
+    category: str
+    shots: int
+    seed: int
+    level: str
+    at_threshold: tuple[float | None, ...]  # DECISION_FIELDS
+    reference: tuple[float | None, ...]  # DECISION_FIELDS of the F1-optimal threshold
+
+
+def decision_rows(metrics: Mapping[tuple[str, int, int], Mapping]) -> list[DecisionRow]:
+    """The rows of metrics.json's ``at_threshold`` and ``test_reference_f1_optimal``, image
+    then pixel, in the order of ``metrics``."""
+    def values(entry: Mapping | None) -> tuple[float | None, ...]:
+        return tuple(None if not entry else entry.get(f) for f in DECISION_FIELDS)
+
+    rows = []
+    for (category, k, seed), m in metrics.items():
+        at, ref = m.get("at_threshold") or {}, m.get("test_reference_f1_optimal") or {}
+        rows += [DecisionRow(category, k, seed, level, values(at.get(level)),
+                             values(ref.get(level))) for level in ("image", "pixel")]
+    return rows
+
+
+def _decision_cells(row: DecisionRow) -> list[str]:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4g}"
+
+    (t, p, r, f1), (t_ref, _, _, f1_ref) = row.at_threshold, row.reference
+    return [row.category, str(row.shots), str(row.seed), row.level, num(t), pct(p), pct(r),
+            pct(f1), pct(f1_ref), num(t_ref)]
+
+
+def decision_table(rows: Sequence[DecisionRow]) -> list[list[str]]:
+    """The cells of the thresholds table as shown (thresholds to 4 digits, P/R/F1 in %)."""
+    return [_decision_cells(r) for r in rows]
+
+
+def decision_markdown(rows: Sequence[DecisionRow], intro: str) -> str:
+    out = [intro.rstrip(), "", "| " + " | ".join(DECISION_HEADINGS) + " |",
+           "|" + "---|" * len(DECISION_HEADINGS)]
+    out += ["| " + " | ".join(cells) + " |" for cells in decision_table(rows)]
+    return "\n".join(out) + "\n"
+
+
+def decision_csv(rows: Sequence[DecisionRow]) -> str:
+    """Every value unrounded (P/R/F1 as fractions), empty where undefined."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["category", "k", "seed", "level", *DECISION_FIELDS,
+                     *(f"test_reference_{f}" for f in DECISION_FIELDS)])
+    for r in rows:
+        writer.writerow([r.category, r.shots, r.seed, r.level,
+                         *("" if v is None else repr(float(v))
+                           for v in (*r.at_threshold, *r.reference))])
+    return buf.getvalue()

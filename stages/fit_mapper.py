@@ -10,6 +10,7 @@ Writes  artifacts/mappers/<cat>/k<k>-s<seed>/{real,est}_{2d_to_3d,3d_to_2d}.safe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,16 @@ from safetensors.torch import save_file
 from pipeline.artifacts import atomic_dir, atomic_write_json, atomic_write_text, open_store, \
     provenance
 from pipeline.device import pick_device
+from pipeline.models.mapper import Mapper
 from pipeline.errors import InputError
 from pipeline.params import FitMapperParams, Params, section_dict
 from pipeline.progress import info
 from pipeline.training import (
     DIRECTIONS,
+    FeatureMeta,
     OnlineNoise,
     StreamData,
+    StreamResult,
     TrainConfig,
     check_same_features,
     derive_seed,
@@ -116,14 +120,38 @@ def _write_mappers(folder: Path, results: dict, architecture: str, config: dict)
         atomic_write_json(tmp / "config.json", config)
 
 
-def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+@dataclass
+class Trained:
+    """The four trained mappers of one (category, k, seed) and what they were trained on."""
+
+    results: dict[str, StreamResult]  # stream -> its two mappers and loss curves
+    meta: FeatureMeta  # the shots' feature store
+    shot_ids: list[str]
+    train_path: Path
+    gen_path: Path
+    gen_ids: list[str]
+    steps: int
+
+    def mappers(self) -> dict[str, Mapper]:
+        """Mapper name (``real_2d_to_3d``, ...) -> its module, in eval mode (as ``infer``)."""
+        return {mapper_name(stream, direction): result.mappers[direction].eval()
+                for stream, result in self.results.items() for direction in DIRECTIONS}
+
+
+def generated_source(gen_id: str) -> str:
+    """The shot a generated image was made from: its id is ``gen/<shot id>/<j>``."""
+    return gen_id[len("gen/"):].rsplit("/", 1)[0]
+
+
+def train_mappers(params: Params, category: str, shots: int, seed: int,
+                  left_out: str | None = None) -> Trained:
+    """Train the four mappers of (category, k, seed) on the shots and their generated images;
+    ``left_out``: a shot that, with the images generated from it, is left out of training
+    (the leave-one-out thresholds of ``validation_streams``), all else unchanged."""
     p = params.fit_mapper
-    if p.mappers == "official":
-        run_official(params, category, shots, seed)
-        return
     steps = p.steps_for(shots)
     # 1. The shots' features (and masks) and the generated images' features, checked
-    shot_ids = layout.read_shot_ids(category, shots, seed)
+    shot_ids = [s for s in layout.read_shot_ids(category, shots, seed) if s != left_out]
     train_path = layout.features(category) / "train.zarr"
     train = open_store(train_path)
     meta = feature_meta(train, ("rgb", "real", "est"))
@@ -134,29 +162,42 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
     gen = open_store(gen_path)
     gen_meta = feature_meta(gen, ("rgb", "est"))
     check_same_features(meta, str(train_path), gen_meta)
-    gen_rows = list(range(len(gen_meta.ids)))
+    gen_rows = [i for i, g in enumerate(gen_meta.ids) if generated_source(g) != left_out]
+    gen_ids = [gen_meta.ids[i] for i in gen_rows]
     # 2. The training pairs of each stream: real = shots, est = shots + generated
     online = p.noise == "online"
     data = {stream: _stream_data(stream, train, rows, gen, gen_rows, masks if stream == "real"
                                  else None, clean_targets=p.noise_on == "source" and not online)
             for stream in STREAMS}
     if online:  # fresh noise through the backbone every step (the stored features: targets)
-        _add_online_noise(params, data, meta, category, shots, seed, shot_ids, gen_meta.ids)
+        _add_online_noise(params, data, meta, category, shots, seed, shot_ids, gen_ids)
     config = train_config(p, steps)
     device = pick_device()
-    info(f"fit_mapper {category} {layout.run_key(shots, seed)}: {p.architecture}, {steps} steps, "
-         f"{len(shot_ids)} shots + {len(gen_rows)} generated, on {device}")
+    without = "" if left_out is None else f" without {left_out}"
+    info(f"fit_mapper {category} {layout.run_key(shots, seed)}{without}: {p.architecture}, "
+         f"{steps} steps, {len(shot_ids)} shots + {len(gen_rows)} generated, on {device}")
     # 3. Train the two mappers of each stream
     results = {
         stream: train_stream(data[stream], config, derive_seed(p.seed, seed, index), device,
-                             description=f"fit {stream} mappers {category} k{shots}")
+                             description=f"fit {stream} mappers {category} k{shots}{without}")
         for stream, index in STREAMS.items()
     }
-    # 4. The loss curves and the mapper folder
-    atomic_write_text(layout.loss_curve(category, shots, seed), _loss_csv(results, steps))
-    _write_mappers(layout.mappers(category, shots, seed), results, p.architecture,
-                   _mapper_folder_config(p, category, shots, seed, results, meta, shot_ids,
-                                         train_path, gen_path, gen_meta.ids))
+    return Trained(results, meta, shot_ids, train_path, gen_path, gen_ids, steps)
+
+
+def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
+    p = params.fit_mapper
+    if p.mappers == "official":
+        run_official(params, category, shots, seed)
+        return
+    trained = train_mappers(params, category, shots, seed)
+    # The loss curves and the mapper folder
+    atomic_write_text(layout.loss_curve(category, shots, seed),
+                      _loss_csv(trained.results, trained.steps))
+    _write_mappers(layout.mappers(category, shots, seed), trained.results, p.architecture,
+                   _mapper_folder_config(p, category, shots, seed, trained.results, trained.meta,
+                                         trained.shot_ids, trained.train_path, trained.gen_path,
+                                         trained.gen_ids))
 
 
 def run_official(params: Params, category: str, shots: int, seed: int) -> None:

@@ -10,9 +10,14 @@ Writes  results/summary/ (atomically):
                                   categories per k
         summary.png               bars per category and k (I-AUROC, headline AUPRO at the
                                   first limit)
+        thresholds.md / .csv      per category, k and seed, image and pixel: the threshold
+                                  fitted on normal samples (the thresholds stage), precision,
+                                  recall and F1 at it on the test set, and the test set's
+                                  F1-optimal threshold with its F1 (F1*: a reference only,
+                                  it looks at the test labels)
         results/summary.json      the mean rows of summary.csv as DVC metrics (per k, every
                                   column, in %): what `dvc exp show` compares
-and prints the summary table to the terminal. AUPRO: the columns titled ``AUPRO@L%`` are the
+and prints the summary and thresholds tables to the terminal. AUPRO: the columns titled ``AUPRO@L%`` are the
 headline computation (``evaluate.headline_aupro``: exact, or thr<T> = the published T-threshold
 approximation); the others follow, titled ``AUPRO@L% exact`` / ``AUPRO@L% thr99``. The CSVs
 hold every computation at every limit, the Markdown and terminal tables the others at the
@@ -34,6 +39,16 @@ from pipeline.params import Params
 from stages import layout
 
 
+DECISIONS_INTRO = (
+    "# Decision thresholds: {}\n\n"
+    "Per category, k and seed: the image and pixel thresholds fitted on normal samples the model "
+    "was not trained on (`thresholds.normal_samples`: the validation split or leave-one-out over "
+    "the shots; `artifacts/thresholds/`), with precision (P), recall (R) and F1 on the test set "
+    "at them, in % (pixel: every pixel of the test set, `map_roc`). F1* and threshold* are the "
+    "test set's F1-optimal threshold: a reference only, it looks at the test labels. n/a: "
+    "undefined (no prediction above the threshold for P; no masks for the pixel row).")
+
+
 def _load_json(path: Path) -> dict:
     data = read_json(path, "not found (run the evaluate stage for this category and k)")
     if not isinstance(data, dict):
@@ -51,6 +66,19 @@ def _print_table(rows: list[R.Row], columns: list[R.Column]) -> None:
     for r in rows:
         style = "bold" if r.name == "mean" else None
         table.add_row(r.dataset, str(r.shots), r.name, *(c.text() for c in r.cells), style=style)
+    Console(width=160).print(table)
+
+
+def _print_decisions(rows: list[R.DecisionRow]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Thresholds from normal samples: P/R/F1 on the test set (F1*: the "
+                        "test set's F1-optimal threshold, a reference)")
+    for heading in R.DECISION_HEADINGS:
+        table.add_column(heading, justify="left" if heading in ("category", "level") else "right")
+    for cells in R.decision_table(rows):
+        table.add_row(*cells)
     Console(width=160).print(table)
 
 
@@ -87,6 +115,7 @@ def run(params: Params) -> None:
                     )
 
     rows = R.summary_rows(metrics, dataset, categories, shots, seeds, columns)
+    decisions = R.decision_rows(metrics)
     variants = [v for v in ABLATIONS if any(v in a for a in ablations.values())]
     abl_rows = R.ablation_rows(ablations, metrics, variants, dataset, categories, shots, seeds,
                                columns)
@@ -116,6 +145,10 @@ def run(params: Params) -> None:
                                       abl_intro).encode())
         R.write_bytes(out / "ablations.csv", R.rows_csv(abl_rows, columns, "variant").encode())
         R.write_bytes(out / "summary.png", R.summary_png(rows, columns, dataset, headline))
+        R.write_bytes(out / "thresholds.md", R.decision_markdown(decisions, DECISIONS_INTRO
+                                                                  .format(dataset)).encode())
+        R.write_bytes(out / "thresholds.csv", R.decision_csv(decisions).encode())
     summary = json.dumps(R.mean_metrics(rows, columns), indent=2)
     atomic_write_text(layout.summary_metrics(), summary + "\n")
     _print_table(_only(rows, columns, shown), shown)
+    _print_decisions(decisions)

@@ -1,5 +1,6 @@
 """Stage ``thresholds`` (category, k, seed): image and pixel decision thresholds fitted on
-the scores of the validation split's normal samples (pipeline/thresholds.py).
+the scores of normal samples the model was not trained on (pipeline/thresholds.py): the
+validation split's, or the shots' by leave-one-out (``thresholds.normal_samples``).
 
 Reads   artifacts/validation_streams/<cat>/k<k>-s<seed>.zarr (from ``validation_streams``)
 Writes  artifacts/thresholds/<cat>/k<k>-s<seed>.json::
@@ -7,7 +8,8 @@ Writes  artifacts/thresholds/<cat>/k<k>-s<seed>.json::
             {"image": {"threshold", "source", "quantile", "margin", "n_normal",
                        "normal_max", "normal_mean"},
              "pixel": {... the same, over the foreground pixels of map_roc},
-             "pixel_map": "map_roc", "validation_ids": [...], "category", "shots", "seed"}
+             "pixel_map": "map_roc", "normal_samples", "validation_ids": [...] (the normal
+             samples' ids: validation samples or shots), "category", "shots", "seed"}
 
 The stream maps are scored here as ``score`` scores the test set (numpy only), so a change of
 a ``score`` or ``thresholds`` parameter re-runs this stage, ``evaluate`` and the report, and
@@ -57,10 +59,12 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
         raise ParamsError(
             f"thresholds.rule: {p.rule!r} needs the scores of normal validation samples, but "
             f"{split} has no validation split with normal samples; add one (MVTec 3D-AD: "
-            "validation/good) or give both thresholds.image and thresholds.pixel by hand")
+            "validation/good), set thresholds.normal_samples: leave_one_out (k >= 2), or give "
+            "both thresholds.image and thresholds.pixel by hand")
     fitted = fit_thresholds(scores, p)
     result = {**fitted, "pixel_map": PIXEL_MAP, "category": category, "shots": shots,
-              "seed": seed, "validation_ids": [] if scores is None else scores.ids,
+              "seed": seed, "normal_samples": p.normal_samples,
+              "validation_ids": [] if scores is None else scores.ids,
               **provenance("thresholds", {"thresholds": section_dict(p),
                                           "score": section_dict(params.score)})}
     atomic_write_json(layout.thresholds(category, shots, seed), result)

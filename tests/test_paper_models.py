@@ -119,3 +119,35 @@ def test_smoke_overrides_cut_only_budgets_and_validate(preset):
     assert all(not k.startswith(("models.", "infer.", "score.")) for k in overrides)
     params = parse_params(deep_update(raw, overrides))
     assert params.fit_mapper.steps_for(1) == 3
+
+
+@pytest.mark.parametrize("architecture", ["cahfm", "mlp"])
+def test_random_mappers_load_as_trained_ones(tmp_path, architecture):
+    """benchmarks/predict.py --paper-shapes: the random mapper folder is one that the
+    prediction path loads and accepts for the backbone it was written for."""
+    import torch
+
+    from pipeline.inference import load_mappers
+    from pipeline.prediction import _check_backbone
+    from tools.paper_models import write_random_mappers
+
+    features = {"backbone": "toy", "layers": [1, 2, 3], "grid": [4, 4], "channels": [8, 8, 8]}
+    write_random_mappers(tmp_path / "m", architecture, 8, features)
+    config, mappers = load_mappers(tmp_path / "m")
+    assert sorted(mappers) == sorted(["real_2d_to_3d", "real_3d_to_2d", "est_2d_to_3d",
+                                      "est_3d_to_2d"])
+    assert config["architecture"] == architecture and config["resolution"] == 8
+
+    class Probe:
+        name, layers = "toy", (1, 2, 3)
+
+        def probe(self, height, width):
+            return [8, 8, 8], [4, 4]
+
+    _check_backbone(config, Probe(), tmp_path / "m/config.json", 32)
+    x = [torch.randn(1, 8, 8, 8) for _ in range(3)]
+    assert [tuple(y.shape) for y in mappers["real_2d_to_3d"](x)] == [(1, 8, 8, 8)] * 3
+    again = tmp_path / "again"
+    write_random_mappers(again, architecture, 8, features)
+    assert (again / "est_3d_to_2d.safetensors").read_bytes() == \
+        (tmp_path / "m/est_3d_to_2d.safetensors").read_bytes()

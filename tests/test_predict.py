@@ -170,6 +170,14 @@ def test_bad_input_is_refused_with_nothing_in_out(project) -> None:
              "artifacts/mappers/disc/k9-s0: no trained model disc/k9-s0")
     _refused(project, ["predict", "--model", "disc", "--input", TEST],
              "--model: 'disc' is not CATEGORY/kK-sS")
+    # a model without thresholds (no validation data, none given by hand): the file is named
+    thresholds = project / layout.thresholds("disc", 1, 0)
+    thresholds.rename(thresholds.with_name("aside.json"))
+    try:
+        _refused(project, [*model, TEST],
+                 f"{layout.thresholds('disc', 1, 0)}: thresholds not found")
+    finally:
+        thresholds.with_name("aside.json").rename(thresholds)
 
 
 def test_one_sample_path_predicts_that_sample(project, predicted) -> None:

@@ -63,7 +63,8 @@ def test_report_tables(tmp_path: Path, monkeypatch, capsys) -> None:
     stage.run(make_params())
     out = layout.summary()
     assert sorted(p.name for p in out.iterdir()) == [
-        "ablations.csv", "ablations.md", "summary.csv", "summary.md", "summary.png"]
+        "ablations.csv", "ablations.md", "summary.csv", "summary.md", "summary.png",
+        "thresholds.csv", "thresholds.md"]
 
     rows = rows_by_name((out / "summary.csv").read_text())
     assert len(rows) == 2 * (len(CATS) + 1)
@@ -110,6 +111,37 @@ def test_report_tables(tmp_path: Path, monkeypatch, capsys) -> None:
         for title, value in summary[f"k{k}"].items():
             assert value == pytest.approx(float(rows[(k, "mean")][title]), abs=1e-4), title
     assert "AUPRO@30%" in summary["k4"] and "AUPRO@1% thr99 std" in summary["k4"]
+
+
+def _decision(threshold, precision, recall, f1) -> dict:
+    return {"threshold": threshold, "precision": precision, "recall": recall, "f1": f1,
+            "tp": 1, "fp": 2, "fn": 3}
+
+
+def test_thresholds_table(tmp_path: Path, monkeypatch, capsys) -> None:
+    """thresholds.md / .csv and the terminal: per (category, k, seed) and level the fitted
+    threshold with P/R/F1 and the test-reference F1*, from metrics.json."""
+    monkeypatch.chdir(tmp_path)
+    write_results(seeds=(0,))
+    entries = {"at_threshold": {"image": _decision(0.512345, 0.75, 0.5, 0.6), "pixel": None},
+               "test_reference_f1_optimal": {"image": _decision(0.25, 0.8, 1.0, 0.888889),
+                                             "pixel": None}}
+    path = layout.evaluation("carrot", 4, 0) / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+    stage.run(make_params(seeds=(0,)))
+    md = (layout.summary() / "thresholds.md").read_text()
+    assert ("| category | k | seed | level | threshold | P % | R % | F1 % | F1* % | threshold* |"
+            in md)
+    assert "| carrot | 4 | 0 | image | 0.5123 | 75.0 | 50.0 | 60.0 | 88.9 | 0.25 |" in md
+    assert "| carrot | 4 | 0 | pixel | n/a | n/a | n/a | n/a | n/a | n/a |" in md
+    assert md.count("| image |") == md.count("| pixel |") == len(CATS) * 2
+    assert "a reference only, it looks at the test labels" in md
+    rows = list(csv.DictReader(io.StringIO((layout.summary() / "thresholds.csv").read_text())))
+    (image,) = [r for r in rows if (r["category"], r["k"], r["level"]) == ("carrot", "4", "image")]
+    assert float(image["threshold"]) == 0.512345 and float(image["f1"]) == 0.6
+    assert float(image["test_reference_threshold"]) == 0.25
+    printed = capsys.readouterr().out
+    assert "Thresholds from normal samples" in printed and "0.5123" in printed
 
 
 def test_published_headline_leads_the_tables(tmp_path: Path, monkeypatch, capsys) -> None:

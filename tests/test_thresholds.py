@@ -116,6 +116,30 @@ def test_a_rule_without_validation_data_is_refused(tmp_path, monkeypatch) -> Non
     assert read_thresholds(layout.thresholds(CAT, 1, 0)) == (1.0, 2.0)
 
 
+def test_the_command_without_validation_data_fails_in_one_line(tmp_path) -> None:
+    """`cmds-ad thresholds` on a model whose data have no validation split (an empty store):
+    one line naming the parameter and the ways out, exit 1, no thresholds file."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.failures import assert_one_line
+
+    write_validation(tmp_path, make_params(), [])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        make_params().model_dump(mode="json")))
+    cmd = [str(Path(sys.executable).parent / "cmds-ad"), "thresholds", CAT, "-k", "1", "-s", "0"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert_one_line(result, "thresholds.rule: 'quantile' needs the scores of normal validation",
+                    "thresholds.normal_samples: leave_one_out", "thresholds.image")
+    assert result.returncode == 1
+    assert not (tmp_path / layout.thresholds(CAT, 1, 0)).exists()
+    assert not list((tmp_path / layout.thresholds(CAT, 1, 0)).parent.glob(".*tmp*"))
+
+
 def test_read_thresholds_names_the_file(tmp_path) -> None:
     missing = tmp_path / "none.json"
     with pytest.raises(InputError, match="none.json: thresholds not found"):

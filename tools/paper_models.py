@@ -262,3 +262,70 @@ def ensure_paper_models(cache: Path | None = None, log: Any = print) -> dict[str
     _atomic_build(dino, lambda tmp: write_dino(tmp / DINO_FILE, log=log))
     arch = load_fixture("dino_vitb8")["timm_name"]
     return {"diffusion": str(sd), "normals": str(marigold), "backbone": f"{arch}@{dino / DINO_FILE}"}
+
+
+# --- the prediction path alone: Marigold and DINO without SD 2.1's UNet -----------------------
+
+
+def write_marigold_standalone(folder: Path, seed: int = DEFAULT_SEED, log: Any = print) -> None:
+    """Marigold normals v1-1 with its shared components (VAE, text encoder, tokenizer) built
+    here from the SD 2.1-base fixture with the seeds ``write_sd21_base`` gives them, so the
+    folder holds the same weights as the one ``ensure_paper_models`` links from SD's folder,
+    without building SD's UNet (what ``cmds-ad predict`` never runs)."""
+    sd = load_fixture("sd21_base")["components"]
+    shared = load_fixture("marigold_normals_v1_1")["shared_with"]
+    offsets = {"vae": 1, "text_encoder": 2}  # write_sd21_base: unet 0, vae 1, text_encoder 2
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        sd_folder = Path(tmp)
+        for name in shared:
+            if name in offsets:
+                log(f"  building {name} ({sd[name]['class']}, {sd[name]['params']:,} parameters)")
+                module = build_component(sd[name], seed=seed + offsets[name])
+                _save_module(module, sd_folder / name)
+                del module
+                gc.collect()
+            elif name == "tokenizer":
+                build_tokenizer(sd[name], sd_folder).save_pretrained(sd_folder / name)
+        write_marigold_normals(folder, sd_folder, seed, log)
+
+
+def ensure_prediction_models(cache: Path | None = None, log: Any = print) -> dict[str, str]:
+    """Build (once) and return ``models.normals`` and ``models.backbone`` of the random-weight
+    Marigold and DINO, in the cache ``ensure_paper_models`` uses (the same folders)."""
+    root = (cache or default_cache()) / f"v{BUILDER_VERSION}-{fixtures_digest()}"
+    marigold, dino = root / "marigold-normals-v1-1", root / "dino"
+    if not marigold.exists():
+        log(f"writing random-weight Marigold normals v1-1 to {marigold}")
+    _atomic_build(marigold, lambda tmp: write_marigold_standalone(tmp, log=log))
+    if not dino.exists():
+        log(f"writing random-weight DINO ViT-B/8 to {dino}")
+    _atomic_build(dino, lambda tmp: write_dino(tmp / DINO_FILE, log=log))
+    arch = load_fixture("dino_vitb8")["timm_name"]
+    return {"normals": str(marigold), "backbone": f"{arch}@{dino / DINO_FILE}"}
+
+
+def write_random_mappers(folder: Path, architecture: str, resolution: int,
+                         features: dict[str, Any], seed: int = DEFAULT_SEED) -> None:
+    """A mapper folder as ``fit_mapper`` writes it (four safetensors and config.json) with
+    seeded random weights, for the backbone features ``features`` describes (``backbone``,
+    ``layers``, ``grid``, ``channels``: a probe of the backbone)."""
+    from safetensors.torch import save_file
+
+    from pipeline.inference import MAPPER_NAMES
+    from pipeline.models.mapper import build_mapper
+
+    channels = [int(c) for c in features["channels"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = {}
+    for offset, name in enumerate(MAPPER_NAMES):
+        stream, direction = name.split("_", 1)
+        with _seeded(seed + 30 + offset):
+            mapper = build_mapper(architecture, channels, channels)
+        save_file({k: v.contiguous() for k, v in mapper.state_dict().items()},
+                  str(folder / f"{name}.safetensors"), metadata={"architecture": architecture})
+        source, target = ("rgb", stream) if direction == "2d_to_3d" else (stream, "rgb")
+        specs[name] = {"file": f"{name}.safetensors", "source": source, "target": target,
+                       "in_channels": channels, "out_channels": channels}
+    config = {"architecture": architecture, "resolution": resolution, "mappers": specs,
+              "random_weights": True, **features}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
