@@ -110,6 +110,10 @@ class DataParams(Section):
     ransac_sample: Int = Field(3, ge=3)
     clean_xyz: Bool = True  # plane removal + clustering of the xyz (published Eyecandies: none)
     eyecandies_xyz: Literal["camera", "published"] = "camera"
+    # With eyecandies_xyz published: the background pixels' xyz. zero: 0 (clean); published:
+    # the constant non-zero point the published converter leaves there, which its foreground
+    # test and real-normal script then take for object points (docs/reproducing.md, row 20).
+    eyecandies_background: Literal["zero", "published"] = "zero"
     foreground: Literal["dilated", "published"] = "dilated"
     # RGB to data.size (prepare) and generated images to data.size (augment): PIL's filters;
     # bilinear = torchvision's default Resize, the published one (OFFICIAL 16)
@@ -126,6 +130,15 @@ class DataParams(Section):
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
         return _plain_names(v)
+
+    @model_validator(mode="after")
+    def _background(self) -> DataParams:
+        if self.eyecandies_background == "published" and (
+                self.dataset != "eyecandies" or self.eyecandies_xyz != "published"):
+            raise ValueError("data.eyecandies_background: published is the published Eyecandies "
+                             "converter's background; it needs data.dataset: eyecandies and "
+                             "data.eyecandies_xyz: published")
+        return self
 
     @field_validator("normals_plane_distance")
     @classmethod

@@ -11,6 +11,10 @@ Writes ``artifacts/augment/<cat>/k<k>-s<seed>/`` (one atomic directory):
        ``generated.zarr`` (``rgb`` (M, S, S, 3) uint8 at data.size and ``rgb_full``
        (M, R, R, 3) uint8 at R = augment.resolution; attrs ``ids`` = ``gen/<shot id>/<j>``,
        ``source_ids``, ``seeds``, ``base_model``, ``token``, provenance).
+``augment.lora: official`` trains nothing: the released lora_pti file
+``<augment.lora_checkpoints>/<cat>/final_lora.safetensors`` is converted
+(``pipeline/augment/lora_pti.py``), loaded, and written as ``lora.safetensors`` /
+``token.safetensors``; generation is the same.
 ``augment.n_per_shot: 0`` disables augmentation: no model is loaded, ``generated.zarr`` is
 empty (M = 0) and ``lora.safetensors`` is an empty marker (no tensors, metadata
 ``cmds_ad.status = empty``), so DVC's declared outputs exist.
