@@ -255,3 +255,16 @@ def test_cli_import_official_lora(tmp_path: Path, cache: Path, monkeypatch: pyte
     assert lora_files.load_lora(fresh, tmp_path / "converted" / "lora.safetensors", md.DEMO_SD)
     result = CliRunner().invoke(app, ["import-official", "LORA", "-c", "bagel", "-o", "x"])
     assert result.exit_code != 0 and "--shots" in result.output
+
+
+def test_random_release_of_the_smoke_run_converts(cache: Path, tmp_path: Path) -> None:
+    """tools/released_lora.py (the paper-shape smoke's LoRA files) writes what the stage reads."""
+    from tools.released_lora import write_random_lora_pti
+
+    pipe, _ = md.load_img2img(md.DEMO_SD, cache, CPU, torch.float32)
+    path = write_random_lora_pti(tmp_path, "bagel", pipe.unet, pipe.text_encoder, rank=2)
+    assert path == lora_pti.released_path(tmp_path, "bagel")
+    assert load_file(path)["unet:0:up"].dtype == torch.float16  # lora_pti's as_fp16
+    snapshot = lora_pti.released_snapshot(pipe, path, TOKEN)
+    assert snapshot.unet_metadata["r"] == 2 and len(snapshot.unet) == 2 * len(
+        lora_pti.adapted_layers(pipe.unet, UNET_TARGETS))
