@@ -228,7 +228,7 @@ def test_stage_uses_the_released_lora_instead_of_training(tmp_path: Path, cache:
     assert store["rgb"].shape == (2, SIZE, SIZE, 3) and stats["lora_steps"] == 0
     assert f'"released": "{path}"' in json.dumps(dict(store.attrs))
     meta = lora_files.read_lora_metadata(out / "lora.safetensors")
-    assert meta[lora_files.STATUS_KEY] == "trained" and meta[lora_files.TOKEN_KEY] == TOKEN
+    assert meta[lora_files.STATUS_KEY] == "released" and meta[lora_files.TOKEN_KEY] == TOKEN
     # without the file the params name the key
     with pytest.raises(Exception, match="augment.lora_checkpoints.*not found"):
         make_params(cache, tmp_path, lora="official", lora_checkpoints=str(tmp_path / "LORA2x"))

@@ -216,4 +216,5 @@ def released_snapshot(pipe: Any, path: str | Path, token: str | None = None) -> 
         state = _match(lora, name, model)
         parts[name] = (convert_state_dict_to_diffusers(state), _metadata(lora, name, state))
     return LoraSnapshot(parts["unet"][0], parts["unet"][1], parts["text_encoder"][0],
-                        parts["text_encoder"][1], token=lora.token, token_embedding=lora.embedding)
+                        parts["text_encoder"][1], token=lora.token, token_embedding=lora.embedding,
+                        status="released")
