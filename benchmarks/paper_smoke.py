@@ -8,8 +8,10 @@ What it checks: that ``presets/paper.yaml`` (or ``--preset``) runs from ``prepar
 ``report`` without a shape, dtype or config error on models built from the published configs
 (``tests/fixtures/paper_models/``, written once by ``tools/paper_models.py`` under
 ``~/.cache/cmds-ad-paper-models``: ~7 GB, a few minutes the first time). Only the budgets are
-cut (one LoRA step, one denoising step, ensemble 1, a few mapper steps, k = 1, one image per
-shot); every protocol setting stays the preset's. The data are a tiny demo dataset in the MVTec
+cut (one denoising step, ensemble 1, one step per mapper, k = 1, one image per shot); every
+protocol setting stays the preset's, with ``fit_mapper.noise: online`` (fresh noise through the
+backbone every step) as the preset has it. The LoRA comes from a released-layout file with
+random weights (``augment.lora: official``; ``--lora train`` trains it for one step instead). The data are a tiny demo dataset in the MVTec
 3D-AD layout (2 train, 1 validation, 3 test samples) under an official category name, beside the
 project (``<project>-data``, an absolute ``data.root`` as for a real dataset).
 
@@ -60,7 +62,9 @@ def budget_overrides(params: dict[str, Any]) -> dict[str, Any]:
         "augment.inference_steps": max(1, math.ceil(1 / strength - 1e-9)),
         "estimate_normals.steps": 1,
         "estimate_normals.ensemble": 1,
-        "fit_mapper.steps": {1: 3},
+        # one step per mapper: each step at 224 x 224 x 2304 channels is tens of seconds on
+        # this CPU, and with fit_mapper.noise online it adds two ViT-B/8 forwards per stream
+        "fit_mapper.steps": {1: 1},
         "evaluate.heatmaps_per_class": 1,
     }
     present = {}
@@ -84,10 +88,24 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def released_lora(dest: Path, category: str) -> dict[str, Any]:
+    """Random LoRA weights in the published lora_pti layout for the paper SD 2.1-base
+    (``<dest>-lora/<category>/final_lora.safetensors``) and the overrides that use them."""
+    from tools.paper_models import build_component, load_fixture
+    from tools.released_lora import write_random_lora_pti
+
+    comps = load_fixture("sd21_base")["components"]
+    root = dest.with_name(f"{dest.name}-lora")
+    write_random_lora_pti(root, category, build_component(comps["unet"], meta=True),
+                          build_component(comps["text_encoder"], meta=True))
+    return {"augment.lora": "official", "augment.lora_checkpoints": str(root)}
+
+
 def make_paper_project(dest: Path, preset: Path, models: dict[str, str],
-                       extra: dict[str, Any]) -> dict[str, Any]:
+                       extra: dict[str, Any], lora: str = "official") -> dict[str, Any]:
     """A clone of this repository with the preset as params.yaml, and a tiny dataset beside it
-    (``<dest>-data``, an absolute ``data.root``, as for a real dataset)."""
+    (``<dest>-data``, an absolute ``data.root``, as for a real dataset); with ``lora``
+    official, released-layout LoRA files with random weights beside it too."""
     from pipeline.data.demo import write_demo_category
 
     params = yaml.safe_load(preset.read_text())
@@ -105,7 +123,8 @@ def make_paper_project(dest: Path, preset: Path, models: dict[str, str],
         "data.root": str(data_root), "data.categories": [category],
         "models.diffusion": models["diffusion"], "models.normals": models["normals"],
         "models.backbone": models["backbone"],
-        **budget_overrides(params), **extra,
+        **budget_overrides(params),
+        **(released_lora(dest, category) if lora == "official" else {}), **extra,
     }
     write_params(dest, overrides)
     sh(["git", "commit", "-q", "-am", "paper smoke project"], dest)
@@ -144,6 +163,9 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=None,
                         help="cache of the random-weight models (default ~/.cache/cmds-ad-paper-models)")
     parser.add_argument("--keep", type=Path, default=None, help="build the scratch project here and keep it")
+    parser.add_argument("--lora", choices=["official", "train"], default="official",
+                        help="official (default): released-layout LoRA files with random "
+                             "weights (augment.lora: official); train: the preset's training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="one more params override (YAML value), e.g. augment.steps=2")
     args = parser.parse_args()
@@ -162,7 +184,8 @@ def main() -> int:
         if project.exists():
             raise SystemExit(f"--keep {project}: exists; give a new folder")
     try:
-        overrides = make_paper_project(project, args.preset, models, parse_set(args.set))
+        overrides = make_paper_project(project, args.preset, models, parse_set(args.set),
+                                       args.lora)
         print(f"preset: {args.preset.relative_to(REPO) if args.preset.is_relative_to(REPO) else args.preset}")
         print(f"models (random weights, published architectures; ready in {build_s:.1f} s):")
         for key in ("diffusion", "normals", "backbone"):

@@ -6,6 +6,7 @@ raised as :class:`ParamsError` with the dotted key path, e.g. ``score.fusion``.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -109,6 +110,10 @@ class DataParams(Section):
     ransac_sample: Int = Field(3, ge=3)
     clean_xyz: Bool = True  # plane removal + clustering of the xyz (published Eyecandies: none)
     eyecandies_xyz: Literal["camera", "published"] = "camera"
+    # With eyecandies_xyz published: the background pixels' xyz. zero: 0 (clean); published:
+    # the constant non-zero point the published converter leaves there, which its foreground
+    # test and real-normal script then take for object points (docs/reproducing.md, row 20).
+    eyecandies_background: Literal["zero", "published"] = "zero"
     foreground: Literal["dilated", "published"] = "dilated"
     # RGB to data.size (prepare) and generated images to data.size (augment): PIL's filters;
     # bilinear = torchvision's default Resize, the published one (OFFICIAL 16)
@@ -125,6 +130,15 @@ class DataParams(Section):
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
         return _plain_names(v)
+
+    @model_validator(mode="after")
+    def _background(self) -> DataParams:
+        if self.eyecandies_background == "published" and (
+                self.dataset != "eyecandies" or self.eyecandies_xyz != "published"):
+            raise ValueError("data.eyecandies_background: published is the published Eyecandies "
+                             "converter's background; it needs data.dataset: eyecandies and "
+                             "data.eyecandies_xyz: published")
+        return self
 
     @field_validator("normals_plane_distance")
     @classmethod
@@ -200,6 +214,11 @@ class AugmentParams(Section):
     LoRA recipe of the demo.
     """
 
+    # train: pivotal tuning here; official: the released lora_pti file
+    # <lora_checkpoints>/<category>/final_lora.safetensors, converted (pipeline/augment/lora_pti.py).
+    # `lora_checkpoints` is always a path: upstream/dvc.yaml lists it as augment's dependency.
+    lora: Literal["train", "official"] = "train"
+    lora_checkpoints: str = Field("checkpoints", min_length=1)
     train_on: Literal["shots", "train_split"] = "shots"
     # Where the shots' images come from: the dataset's original RGB padded to a square
     # (published), or the prepare store's data.size crop (upscaled to the resolution).
@@ -370,6 +389,13 @@ class FitMapperParams(Section):
     # upstream/dvc.yaml lists it as a dependency, so DVC hashes the files (docs/reproducing.md).
     mappers: Literal["train", "official"] = "train"
     checkpoints: str = Field("checkpoints", min_length=1)
+    # DVC cannot branch on a value, so each route's stages run once per entry of its own
+    # list (upstream/dvc.yaml): trained_seeds drives augment, the generated-image stages and
+    # fit_mapper; released_seeds drives fit_mapper_released (the conversion, which reads no
+    # generated image). The route `mappers` names lists fewshot.seeds, the other [];
+    # None (a params file without the key) means exactly that.
+    trained_seeds: list[Seed] | None = None
+    released_seeds: list[Seed] | None = None
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -434,6 +460,54 @@ def checkpoint_problems(params: Params) -> list[str]:
         return []  # the in-repo placeholder
     return [f"{key} holds no released checkpoints ({layout})"
             + ("" if official else " and is not the in-repo placeholder (only a README)")]
+
+
+# fit_mapper keys that pick the graph's route, not what a stage computes: the stages that
+# train mappers neither declare nor record them (adding a seed re-runs no trained mapper);
+# fit_mapper_released declares and records mappers and checkpoints.
+ROUTE_KEYS = ("mappers", "checkpoints", "trained_seeds", "released_seeds")
+
+
+def route_problems(params: Params) -> list[str]:
+    """``fit_mapper.trained_seeds`` / ``released_seeds`` (the DVC graph's two routes) must
+    follow ``fit_mapper.mappers``: fewshot.seeds in its route, [] in the other."""
+    f, seeds = params.fit_mapper, list(params.fewshot.seeds)
+    want = {"trained_seeds": seeds if f.mappers == "train" else [],
+            "released_seeds": seeds if f.mappers == "official" else []}
+    got = {"trained_seeds": f.trained_seeds, "released_seeds": f.released_seeds}
+    wrong = [k for k in want if got[k] is not None and list(got[k]) != want[k]]
+    if not wrong:
+        return []
+    fix = " ".join(f"fit_mapper.{k}={json.dumps(v)}" for k, v in want.items())
+    return [f"fit_mapper.{k}: {got[k]} does not follow fit_mapper.mappers={f.mappers} and "
+            f"fewshot.seeds={seeds} (the {'trained' if k == 'trained_seeds' else 'released'}-"
+            f"mapper stages run once per entry; set {fix})" for k in wrong]
+
+
+LORA_RELEASE_FILE = "final_lora.safetensors"  # lora_pti's last save, one per category
+
+
+def lora_checkpoint_problems(params: Params) -> list[str]:
+    """``augment.lora_checkpoints`` is a DVC dependency of every augment instance: with
+    ``augment.lora: official`` it must hold ``<category>/final_lora.safetensors`` for every
+    category that generates images (not with released mappers: augment then generates none)."""
+    a, raw = params.augment, params.augment.lora_checkpoints
+    key, folder = f"augment.lora_checkpoints: {short(raw)}", Path(raw)
+    generates = a.n_per_shot > 0 and params.fit_mapper.mappers == "train"
+    if not folder.exists():
+        return [f"{key} not found (augment.lora=official reads <category>/{LORA_RELEASE_FILE} "
+                "there)"] if a.lora == "official" and generates else []
+    if not folder.is_dir():
+        return [f"{key} is a file; give the folder of the released LoRA files"]
+    here, target = Path.cwd().resolve(), folder.resolve()
+    if target == here or target in here.parents:
+        return [f"{key} is the project folder or one that holds it; give the folder of the "
+                "released LoRA files or keep the default checkpoints/"]
+    if a.lora != "official" or not generates:
+        return []
+    missing = [c for c in params.data.categories if not (folder / c / LORA_RELEASE_FILE).is_file()]
+    return [f"{key}: no {c}/{LORA_RELEASE_FILE} (augment.lora=official, data.categories has {c})"
+            for c in missing]
 
 
 def official_setup_issues(params: Params) -> list[str]:
@@ -618,7 +692,8 @@ class Params(Section):
         if issues:
             raise ValueError("fit_mapper.mappers=official: the released checkpoints need the "
                              "published feature setup; inconsistent: " + "; ".join(issues))
-        problems = [*checkpoint_problems(self), *self._online_noise_problems(),
+        problems = [*route_problems(self), *checkpoint_problems(self),
+                    *lora_checkpoint_problems(self), *self._online_noise_problems(),
                     *self._leave_one_out_problems(), *memory_problems(self)]
         if problems:
             raise ValueError("\n".join(problems))

@@ -215,11 +215,11 @@ class Predictor:
 
     def _prepare(self, chunk: _Chunk, ref: SampleRef, raw: RawSample) -> None:
         """What ``prepare`` stores for a sample: rgb, real normals (float16) and fg at S."""
-        prep = preprocess(raw.rgb, raw.xyz, raw.gt, self.preprocess_config)
+        prep = preprocess(raw.rgb, raw.xyz, raw.gt, self.preprocess_config, raw.background)
         if not prep.fg.any():
             raise InputError(f"{ref.geometry_path}: no object points left after plane removal "
                              "and clustering (check data.plane_distance, data.cluster_eps)")
-        normals = real_normals(raw.xyz, prep, self.preprocess_config)
+        normals = real_normals(raw.xyz, prep, self.preprocess_config, raw.background)
         chunk.rgb.append(prep.rgb)
         chunk.real.append(normals.astype(np.float16))
         chunk.fg.append((prep.fg > 0).astype(np.uint8))

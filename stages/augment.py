@@ -11,6 +11,10 @@ Writes ``artifacts/augment/<cat>/k<k>-s<seed>/`` (one atomic directory):
        ``generated.zarr`` (``rgb`` (M, S, S, 3) uint8 at data.size and ``rgb_full``
        (M, R, R, 3) uint8 at R = augment.resolution; attrs ``ids`` = ``gen/<shot id>/<j>``,
        ``source_ids``, ``seeds``, ``base_model``, ``token``, provenance).
+``augment.lora: official`` trains nothing: the released lora_pti file
+``<augment.lora_checkpoints>/<cat>/final_lora.safetensors`` is converted
+(``pipeline/augment/lora_pti.py``), loaded, and written as ``lora.safetensors`` /
+``token.safetensors``; generation is the same.
 ``augment.n_per_shot: 0`` disables augmentation: no model is loaded, ``generated.zarr`` is
 empty (M = 0) and ``lora.safetensors`` is an empty marker (no tensors, metadata
 ``cmds_ad.status = empty``), so DVC's declared outputs exist.
@@ -28,7 +32,14 @@ import torch
 from pipeline.artifacts import StoreWriter, atomic_dir, open_store, provenance
 from pipeline.augment.generation import generate, shot_seeds, use_euler_ancestral
 from pipeline.augment.images import resize_rgb, to_square
-from pipeline.augment.lora_files import lora_snapshot, save_empty_lora, write_lora
+from pipeline.augment.lora_files import (
+    LoraSnapshot,
+    load_lora,
+    lora_snapshot,
+    save_empty_lora,
+    write_lora,
+)
+from pipeline.augment.lora_pti import released_path, released_snapshot
 from pipeline.augment.lora_training import (
     OBJECT_TEMPLATES,
     LoraTraining,
@@ -144,6 +155,37 @@ def _training_images(params: Params, category: str, shot_rgb: list[np.ndarray]) 
     return read_training_split(params, category, a.resolution, a.interpolation)
 
 
+def _lora_plan(a: Any, category: str) -> str:
+    if a.lora == "official":
+        return f"released LoRA {released_path(a.lora_checkpoints, category)}"
+    where = "the k shots" if a.train_on == "shots" else "the full training split"
+    return (f"{a.textual_inversion.steps} textual inversion steps, LoRA rank {a.lora_rank}, "
+            f"{a.steps} steps on {where}")
+
+
+def _load_released(params: Params, pipe: Any, category: str, token: str) -> LoraSnapshot:
+    """``augment.lora: official``: the published lora_pti file of the category, converted and
+    loaded into ``pipe`` through this project's own LoRA files (as a trained one reloads)."""
+    import tempfile
+
+    base = params.models.diffusion
+    snapshot = released_snapshot(pipe, released_path(params.augment.lora_checkpoints, category),
+                                 token)
+    with tempfile.TemporaryDirectory(prefix="cmds-ad-lora-") as folder:
+        load_lora(pipe, write_lora(snapshot, Path(folder), LORA_FILE, base), base)
+    return snapshot
+
+
+def _released_record(params: Params, category: str) -> dict[str, str]:
+    """Provenance of a released LoRA: its file and sha256."""
+    from pipeline.artifacts import file_sha256
+
+    if params.augment.lora != "official":
+        return {}
+    path = released_path(params.augment.lora_checkpoints, category)
+    return {"released": str(path), "sha256": file_sha256(path)}
+
+
 def _generate_and_write(pipe: Any, a: Any, shot_rgb: list[np.ndarray], prompt: str,
                         seeds_per_shot: list[list[int]], writer: StoreWriter, size: int,
                         background: BackgroundWriter, clock: ModelClock, label: str,
@@ -196,23 +238,26 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
     with deterministic(device, warn_only=True):
         # 3. The base model
         train_dtype, gen_dtype = _dtype(device, a.train_precision), _dtype(device, a.precision)
+        if a.lora == "official":  # nothing trains: the model loads in its generation precision
+            train_dtype = gen_dtype
         loading = time.perf_counter()
         pipe, source = load_img2img(base, params.models.cache_dir, device, train_dtype)
         load_s = time.perf_counter() - loading
         info(f"augment {category} k={shots} seed={seed}: base model {source.spec} "
-             f"({source.kind}) on {device}; {a.textual_inversion.steps} textual inversion "
-             f"steps, LoRA rank {a.lora_rank}, {a.steps} steps on "
-             f"{'the k shots' if a.train_on == 'shots' else 'the full training split'}; "
+             f"({source.kind}) on {device}; {_lora_plan(a, category)}; "
              f"{a.n_per_shot} images per shot; prompt {prompt!r}")
         _check_model(a, pipe, source.spec, token, prompt)
-        train_images = _training_images(params, category, shot_rgb)
         train_clock, gen_clock = ModelClock(device), ModelClock(device)
         with demo_threads(device, source):
-            # 4. Train; a copy of what was learned, before the pipeline may change precision
-            losses = train_lora(pipe, train_images, train_prompts, _lora_config(params, token),
-                                train_clock)
-            snapshot = lora_snapshot(pipe, a.train_text_encoder,
-                                     token if a.learns_token() else None)
+            # 4. Train, or load the released LoRA; a copy of the adapters, before the
+            # pipeline may change precision
+            if a.lora == "official":
+                losses, snapshot = [], _load_released(params, pipe, category, token)
+            else:
+                losses = train_lora(pipe, _training_images(params, category, shot_rgb),
+                                    train_prompts, _lora_config(params, token), train_clock)
+                snapshot = lora_snapshot(pipe, a.train_text_encoder,
+                                         token if a.learns_token() else None)
             if gen_dtype != train_dtype:
                 pipe.to(dtype=gen_dtype)
             use_euler_ancestral(pipe)
@@ -222,7 +267,8 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
             with atomic_dir(out_dir) as tmp, BackgroundWriter() as background:
                 attrs = _generated_attrs(
                     gen_ids, source_ids, seeds, section, model_info(source),
-                    {"lora": lora_summary(losses), "prompt": prompt, "token": token,
+                    {"lora": lora_summary(losses) or _released_record(params, category),
+                     "prompt": prompt, "token": token,
                      "precision": str(pipe.dtype).replace("torch.", "")})
                 writer = StoreWriter(tmp / "generated.zarr", attrs=attrs)
                 background.submit(write_lora, snapshot, tmp, LORA_FILE, base)

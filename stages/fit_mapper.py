@@ -23,7 +23,7 @@ from pipeline.artifacts import atomic_dir, atomic_write_json, atomic_write_text,
 from pipeline.device import pick_device
 from pipeline.models.mapper import Mapper
 from pipeline.errors import InputError
-from pipeline.params import FitMapperParams, Params, section_dict
+from pipeline.params import ROUTE_KEYS, FitMapperParams, Params, section_dict
 from pipeline.progress import info
 from pipeline.training import (
     DIRECTIONS,
@@ -96,7 +96,7 @@ def _mapper_folder_config(p: FitMapperParams, category: str, shots: int, seed: i
             "train": {"path": str(train_path), "ids": shot_ids},
             "generated": {"path": str(gen_path), "ids": gen_ids},
         },
-        "provenance": provenance("fit_mapper", section_dict(p)),
+        "provenance": provenance("fit_mapper", _recorded(p, ROUTE_KEYS)),
     }
 
 
@@ -200,6 +200,11 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> None:
                                          trained.gen_ids))
 
 
+def _recorded(p: FitMapperParams, leave_out: tuple[str, ...]) -> dict:
+    """The fit_mapper keys the instance's stage declares (upstream/dvc.yaml), for provenance."""
+    return {k: v for k, v in section_dict(p).items() if k not in leave_out}
+
+
 def run_official(params: Params, category: str, shots: int, seed: int) -> None:
     """fit_mapper.mappers = official: convert the released checkpoints instead of training."""
     from pipeline.official import check_features, import_official
@@ -214,7 +219,7 @@ def run_official(params: Params, category: str, shots: int, seed: int) -> None:
          f"checkpoints under {p.checkpoints} (fit_mapper.mappers=official)")
     import_official(p.checkpoints, params.data.dataset, category, shots,
                     layout.mappers(category, shots, seed), features=features, seed=seed,
-                    provenance=provenance("fit_mapper", section_dict(p)))
+                    provenance=provenance("fit_mapper", _recorded(p, ROUTE_KEYS[2:])))
     # No training, no loss: the plot file DVC expects holds the header only.
     header = "step," + ",".join(mapper_name(s, d) for s in STREAMS for d in DIRECTIONS)
     atomic_write_text(layout.loss_curve(category, shots, seed), header + "\n")

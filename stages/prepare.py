@@ -71,13 +71,13 @@ def _write_split(
         writer.create("gt", len(refs), (s, s), np.uint8)
         for ref in track(refs, description):
             raw = load_sample(ref, eyecandies_xyz)
-            prep = preprocess(raw.rgb, raw.xyz, raw.gt, cfg)
+            prep = preprocess(raw.rgb, raw.xyz, raw.gt, cfg, raw.background)
             if not prep.fg.any():
                 raise InputError(
                     f"{ref.geometry_path}: no object points left after plane removal and "
                     f"clustering (check data.plane_distance, data.cluster_eps)"
                 )
-            normals = real_normals(raw.xyz, prep, cfg)
+            normals = real_normals(raw.xyz, prep, cfg, raw.background)
             writer.append("rgb", prep.rgb[None])
             writer.append("xyz", prep.xyz[None])
             writer.append("normals", normals.astype(np.float16)[None])

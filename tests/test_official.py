@@ -358,3 +358,48 @@ def test_fit_mapper_refuses_features_of_another_backbone(tmp_path, monkeypatch):
                                          r"'random:vit_base_patch8_224.dino'"):
         fit_mapper.run(official_params(), CAT, 2, 0)
     assert not layout.mappers(CAT, 2, 0).exists()
+
+
+def test_released_route_runs_no_stage_whose_output_is_unused(tmp_path):
+    """With released mappers the graph itself has no augment, generated-normals,
+    generated-features or training instance; fit_mapper_released converts instead."""
+    from tools.scratch_project import clone_repository, sh, write_params
+
+    project = clone_repository(tmp_path / "project")
+    unused = {"augment", "estimate_normals_generated", "extract_features_generated", "fit_mapper"}
+
+    def instances() -> dict[str, int]:
+        out = sh(["dvc", "stage", "list", "upstream/dvc.yaml"], project).stdout
+        names = [line.split()[0].split(":")[1].split("@")[0] for line in out.splitlines() if line]
+        return {n: names.count(n) for n in set(names)}
+
+    write_params(project, {"data.categories": ["a", "b"], "demo_data.categories": ["a", "b"],
+                           "fewshot.shots": [1, 2], "fewshot.seeds": [0],
+                           "fit_mapper.steps": {1: 1, 2: 1}})
+    trained = instances()
+    assert all(trained[n] == 4 for n in unused) and "fit_mapper_released" not in trained
+    write_params(project, {"fit_mapper.mappers": "official", "fit_mapper.trained_seeds": [],
+                           "fit_mapper.released_seeds": [0]})
+    released = instances()
+    assert not unused & set(released) and released["fit_mapper_released"] == 4
+    assert released["infer"] == trained["infer"] == 4
+    assert sum(trained.values()) - sum(released.values()) == 4 * 3  # 3 unused stages per (c, k)
+    # and DVC builds the whole graph (no dependency on an output nobody produces)
+    dag = sh(["dvc", "dag", "upstream/dvc.yaml:infer@a-1-0"], project).stdout
+    assert "fit_mapper_released@a-1-0" in dag and "augment" not in dag
+    assert _unproduced_artifacts(project) == []
+
+
+def _unproduced_artifacts(project: Path) -> list[str]:
+    """Dependencies under artifacts/ that no stage instance of the graph writes (`dvc repro`
+    would stop at them as missing)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        stages = list(repo.index.stages)
+        outs = [Path(o.fs_path) for stage in stages for o in stage.outs]
+        root = Path(repo.root_dir) / "artifacts"
+        return sorted(f"{stage.addressing}: {dep.def_path}" for stage in stages
+                      for dep in stage.deps if root in Path(dep.fs_path).parents
+                      and not any(o == Path(dep.fs_path) or o in Path(dep.fs_path).parents
+                                  for o in outs))

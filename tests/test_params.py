@@ -206,7 +206,10 @@ def test_checkpoint_folder_must_hold_checkpoints_or_be_the_placeholder(tmp_path,
     raw["data"]["root"] = "data/demo"
 
     def check(folder: str, mappers: str = "train") -> str:
-        raw["fit_mapper"].update(checkpoints=folder, mappers=mappers)
+        seeds = raw["fewshot"]["seeds"]  # the graph's route follows mappers
+        raw["fit_mapper"].update(checkpoints=folder, mappers=mappers,
+                                 trained_seeds=seeds if mappers == "train" else [],
+                                 released_seeds=seeds if mappers == "official" else [])
         if mappers == "official":  # the released checkpoints' feature setup
             raw.update(models={"backbone": "vit_base_patch8_224.dino"},
                        estimate_normals={"flip_x": False}, infer={"distance": "concatenated"},
@@ -276,4 +279,21 @@ def test_textual_inversion_section_checks_its_keys():
     raw = _demo_raw()
     raw["augment"]["textual_inversion"]["norm"] = 0.4
     with pytest.raises(ParamsError, match=r"augment\.textual_inversion\.norm: unknown key"):
+        parse_params(raw)
+
+
+def test_route_seed_lists_follow_mappers():
+    """The DVC graph's routes (fit_mapper.trained_seeds / released_seeds) must follow
+    fit_mapper.mappers and fewshot.seeds; the message gives the values to set."""
+    raw = _demo_raw()
+    raw["fewshot"]["seeds"] = [0, 1]
+    with pytest.raises(ParamsError, match=r"fit_mapper\.trained_seeds: \[0\] does not follow.*"
+                       r"set fit_mapper\.trained_seeds=\[0, 1\] fit_mapper\.released_seeds=\[\]"):
+        parse_params(raw)
+    raw["fit_mapper"]["trained_seeds"] = [0, 1]
+    assert parse_params(raw).fit_mapper.trained_seeds == [0, 1]
+    del raw["fit_mapper"]["trained_seeds"], raw["fit_mapper"]["released_seeds"]
+    assert parse_params(raw).fit_mapper.trained_seeds is None  # without the keys: derived
+    raw["fit_mapper"]["released_seeds"] = [0, 1]
+    with pytest.raises(ParamsError, match=r"fit_mapper\.released_seeds: \[0, 1\] does not"):
         parse_params(raw)

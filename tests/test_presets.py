@@ -23,7 +23,10 @@ STRICT_KEYS = {
     "infer.distance": ("concatenated", "layerwise"),
     "evaluate.headline_aupro": ("thr99", "exact"),
 }
-# What the Eyecandies presets change beside the dataset itself (OFFICIAL items 4 and 14).
+# Eyecandies only: strict writes the background 0, paper the published converter's point
+# (OFFICIAL item 20).
+EYECANDIES_STRICT_KEYS = {"data.eyecandies_background": ("published", "zero")}
+# What the Eyecandies presets change beside the dataset itself (OFFICIAL items 4, 14, 20).
 EYECANDIES_KEYS = {"data.dataset", "data.root", "data.categories", "data.clean_xyz",
                    "data.normals_plane_distance"}
 
@@ -45,22 +48,24 @@ def _differences(a: dict, b: dict) -> dict:
 def test_strict_differs_from_paper_in_the_four_protocol_keys(dataset):
     paper = _flat(REPO / "presets" / f"paper{dataset}.yaml")
     strict = _flat(REPO / "presets" / f"strict{dataset}.yaml")
-    assert _differences(paper, strict) == STRICT_KEYS
+    assert _differences(paper, strict) == {**STRICT_KEYS,
+                                           **(EYECANDIES_STRICT_KEYS if dataset else {})}
 
 
 @pytest.mark.parametrize("protocol", ["paper", "strict"])
 def test_eyecandies_preset_differs_only_in_the_dataset(protocol):
     mvtec = _flat(REPO / "presets" / f"{protocol}.yaml")
     eyecandies = _flat(REPO / "presets" / f"{protocol}-eyecandies.yaml")
-    assert set(_differences(mvtec, eyecandies)) == EYECANDIES_KEYS
+    assert set(_differences(mvtec, eyecandies)) == EYECANDIES_KEYS | (
+        set(EYECANDIES_STRICT_KEYS) if protocol == "paper" else set())
 
 
 def test_readme_protocol_table_names_every_official_item_and_strict_key():
     doc = (REPO / "docs" / "reproducing.md").read_text()  # the README's protocol table
     section = doc.split("## Protocols", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (\d+) \|", section, flags=re.MULTILINE)
-    assert [int(r) for r in rows] == list(range(1, 23))
-    for key in STRICT_KEYS:
+    assert [int(r) for r in rows] == list(range(1, 25))
+    for key in {**STRICT_KEYS, **EYECANDIES_STRICT_KEYS}:
         assert f"**`{key}:" in section, key
 
 

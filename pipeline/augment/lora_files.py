@@ -2,8 +2,8 @@
 
 LoRA files are written with diffusers' own ``save_lora_weights`` (plus peft adapter metadata),
 so ``pipe.load_lora_weights(dir, weight_name="lora.safetensors")`` reads them back. Our
-safetensors metadata adds ``cmds_ad.base_model`` and ``cmds_ad.status`` (``trained`` or
-``empty``). A learned token goes to a sibling ``token.safetensors`` in diffusers' textual
+safetensors metadata adds ``cmds_ad.base_model`` and ``cmds_ad.status`` (``trained``,
+``released`` (converted from the published lora_pti file) or ``empty``). A learned token goes to a sibling ``token.safetensors`` in diffusers' textual
 inversion format (one tensor, named by the token), which ``pipe.load_textual_inversion`` reads;
 :func:`load_lora` loads both. An ``empty`` LoRA file holds no tensors: it is what the stage
 writes when ``augment.n_per_shot`` is 0, so DVC's declared output exists.
@@ -77,6 +77,7 @@ class LoraSnapshot:
     text_encoder_metadata: dict[str, Any] | None = None
     token: str | None = None  # the learned placeholder token and its embedding row
     token_embedding: torch.Tensor | None = None
+    status: str = "trained"  # or "released": converted from the published lora_pti file
 
 
 def token_snapshot(pipe: Any, token: str) -> torch.Tensor:
@@ -122,7 +123,7 @@ def write_lora(snapshot: LoraSnapshot, folder: Path, weight_name: str, base_mode
         text_encoder_lora_adapter_metadata=snapshot.text_encoder_metadata,
     )
     path = folder / weight_name
-    extra = {BASE_MODEL_KEY: base_model, STATUS_KEY: "trained"}
+    extra = {BASE_MODEL_KEY: base_model, STATUS_KEY: snapshot.status}
     if snapshot.token is not None:
         extra[TOKEN_KEY] = snapshot.token
         write_token(folder / TOKEN_FILE, snapshot.token, snapshot.token_embedding, base_model)

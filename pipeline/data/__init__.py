@@ -56,6 +56,9 @@ class RawSample:
     rgb: np.ndarray
     xyz: np.ndarray
     gt: np.ndarray
+    # Eyecandies in the published frame: the constant point the published converter leaves at
+    # the background pixels (those at 0 in ``xyz``); data.eyecandies_background decides its use
+    background: np.ndarray | None = None
 
 
 def list_samples(dataset: str, root: str | Path, category: str, split: str) -> list[SampleRef]:
@@ -97,12 +100,13 @@ def load_sample(ref: SampleRef, eyecandies_xyz: str = "camera") -> RawSample:
     Eyecandies cloud (see :mod:`pipeline.data.eyecandies`); MVTec clouds ignore it.
     """
     rgb = read_rgb(ref.rgb)
+    background = None
     if ref.xyz is not None:
         xyz = read_xyz(ref.xyz)
     elif ref.dataset == "folder" and ref.depth is not None and ref.depth_info is not None:
         xyz = read_depth_xyz(ref.depth, ref.depth_info)
     elif ref.depth is not None and ref.depth_info is not None:
-        xyz = read_eyecandies_xyz(ref.depth, ref.depth_info, ref.pose, eyecandies_xyz)
+        xyz, background = read_eyecandies_xyz(ref.depth, ref.depth_info, ref.pose, eyecandies_xyz)
     else:
         raise InputError(f"{ref.rgb}: sample {ref.id!r} has no geometry file")
     if xyz.shape[:2] != rgb.shape[:2]:
@@ -121,4 +125,4 @@ def load_sample(ref: SampleRef, eyecandies_xyz: str = "camera") -> RawSample:
         raise InputError(f"{ref.gt}: ground-truth mask not found")
     else:
         gt = np.zeros(rgb.shape[:2], dtype=bool)
-    return RawSample(rgb=rgb, xyz=xyz, gt=gt)
+    return RawSample(rgb=rgb, xyz=xyz, gt=gt, background=background)

@@ -93,8 +93,13 @@ def read_pose(path: str | Path) -> np.ndarray:
     return pose
 
 
-def published_xyz(depth_m: np.ndarray, pose: np.ndarray, focal: float = FOCAL_LENGTH) -> np.ndarray:
-    """The published converter's organised cloud (see the module docstring), float32."""
+def published_frame(depth_m: np.ndarray, pose: np.ndarray, focal: float = FOCAL_LENGTH
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The published converter's organised cloud (float32, background 0) and the constant
+    point it leaves at every background pixel instead (processing/preprocess_eyecandies.py:
+    74-86: ``-start`` in the rotated frame, rotated back and shifted: ``start - R^T start``,
+    then permuted and scaled like the points; its x is 0). ``data.eyecandies_background``
+    chooses which of the two the background gets."""
     h, w = depth_m.shape
     cam = depth_to_xyz(depth_m, focal).astype(np.float64).reshape(-1, 3)
     # inv(K @ pose) @ (u d, v d, d, 1) = inv(pose) @ (camera point, 1)
@@ -109,9 +114,16 @@ def published_xyz(depth_m: np.ndarray, pose: np.ndarray, focal: float = FOCAL_LE
     start = np.array([0.0, bottom[1], bottom[2]])
     local = (pts - start) @ rot.T
     background = (local[:, 1] > -0.02) | (local[:, 2] > 1.8) | (np.abs(local[:, 0]) > 1)
-    out = pts[:, [0, 2, 1]] * np.array([0.1, -0.1, 0.1])
+    scale = np.array([0.1, -0.1, 0.1])
+    out = pts[:, [0, 2, 1]] * scale
     out[background | ~z_ok] = 0.0
-    return out.reshape(h, w, 3).astype(np.float32)
+    point = ((-start) @ rot + start)[[0, 2, 1]] * scale  # R^T (-start) + start
+    return out.reshape(h, w, 3).astype(np.float32), point.astype(np.float32)
+
+
+def published_xyz(depth_m: np.ndarray, pose: np.ndarray, focal: float = FOCAL_LENGTH) -> np.ndarray:
+    """The published converter's organised cloud with the background at 0, float32."""
+    return published_frame(depth_m, pose, focal)[0]
 
 
 def read_eyecandies_xyz(
@@ -119,7 +131,8 @@ def read_eyecandies_xyz(
     info_path: str | Path,
     pose_path: str | Path | None = None,
     frame: str = "camera",
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cloud (background 0) and, in the published frame, the published background point."""
     depth_path = Path(depth_path)
     raw = read_depth16(depth_path)
     lo, hi = read_depth_info(info_path)
@@ -127,11 +140,11 @@ def read_eyecandies_xyz(
     if frame == "published":
         if pose_path is None:
             raise InputError(f"{depth_path}: no pose file (needed by data.eyecandies_xyz: published)")
-        xyz = published_xyz(depth_m, read_pose(pose_path))
+        xyz, point = published_frame(depth_m, read_pose(pose_path))
         if not xyz.any():
             raise InputError(f"{depth_path}: no point left after the published background thresholds")
-        return clean_xyz(xyz, depth_path)
-    return clean_xyz(depth_to_xyz(depth_m), depth_path)
+        return clean_xyz(xyz, depth_path), point
+    return clean_xyz(depth_to_xyz(depth_m), depth_path), None
 
 
 def _item(data_dir: Path, stem: str, item: str) -> Path:

@@ -58,6 +58,7 @@ class PreprocessConfig:
     normals_radius: float = 0.01
     normals_max_neighbours: int = 30
     normals_plane_distance: float = 0.005  # resolved for the category
+    eyecandies_background: str = "zero"
 
     @classmethod
     def from_params(cls, data: DataParams, category: str | None = None) -> PreprocessConfig:
@@ -79,6 +80,7 @@ class PreprocessConfig:
             normals_radius=data.normals_radius,
             normals_max_neighbours=data.normals_max_neighbours,
             normals_plane_distance=distances.get(category or "", distances["default"]),
+            eyecandies_background=data.eyecandies_background,
         )
 
 
@@ -317,8 +319,30 @@ def clean_for_normals(xyz: np.ndarray, cfg: PreprocessConfig, distance: float) -
     return largest_cluster(xyz, cfg.cluster_eps, cfg.cluster_min_points)
 
 
-def real_normals(raw_xyz: np.ndarray, prep: Prepared, cfg: PreprocessConfig) -> np.ndarray:
-    """Encoded real normals (S, S, 3) float32 in [0, 1] as ``cfg.normals`` says."""
+def published_background(xyz: np.ndarray, point: np.ndarray | None, cfg: PreprocessConfig
+                         ) -> np.ndarray | None:
+    """The pixels that hold the published Eyecandies background point (``data.
+    eyecandies_background: published``), None when the background stays 0."""
+    if point is None or cfg.eyecandies_background != "published":
+        return None
+    return ~valid_mask(xyz)
+
+
+def background_normal(point: np.ndarray) -> np.ndarray:
+    """The published real normal of a pixel at the background point. Its neighbours are the
+    other background pixels, all at that same point: Open3D's normal of a zero covariance is
+    (0, 0, 1) (checked with Open3D 0.20's tensor ``estimate_normals``), oriented towards the
+    camera at the origin, then negated: (0, 0, 1) when the point's z > 0, else (0, 0, -1).
+    The script's zero test (pc2sn_o3d_gpu_mvtec3dad.py:165-166) misses the point, so the
+    normal stays instead of the clean (0, 0, 1)."""
+    return np.array([0.0, 0.0, 1.0 if point[2] > 0 else -1.0], dtype=np.float32)
+
+
+def real_normals(raw_xyz: np.ndarray, prep: Prepared, cfg: PreprocessConfig,
+                 background: np.ndarray | None = None) -> np.ndarray:
+    """Encoded real normals (S, S, 3) float32 in [0, 1] as ``cfg.normals`` says.
+
+    ``background``: the published Eyecandies background point (``RawSample.background``)."""
     from pipeline.normals import (
         encode_normals,
         estimate_normals,
@@ -329,17 +353,31 @@ def real_normals(raw_xyz: np.ndarray, prep: Prepared, cfg: PreprocessConfig) -> 
     if cfg.normals == "grid":
         return encode_normals(estimate_normals(prep.xyz))
     # The published real-normal script cleans the raw cloud again, with its own distance.
-    if cfg.clean_xyz and cfg.normals_plane_distance == cfg.plane_distance and prep.xyz_full is not None:
+    at_point = published_background(raw_xyz, background, cfg)
+    if cfg.clean_xyz and cfg.normals_plane_distance == cfg.plane_distance \
+            and prep.xyz_full is not None and at_point is None:
         cleaned = prep.xyz_full  # the same cleaning: reuse it
     else:
         cleaned = clean_for_normals(raw_xyz, cfg, cfg.normals_plane_distance)
     normals = estimate_normals_published(cleaned, cfg.normals_radius, cfg.normals_max_neighbours)
+    # The published cleaning skips the background point (its x is 0: the all-non-zero tests),
+    # so cleaning the cloud with background 0 is the same; only its own normal differs.
+    if at_point is not None:
+        normals[at_point] = background_normal(background)
     return normal_image_published(normals, cfg.size)
 
 
-def preprocess(rgb: np.ndarray, xyz: np.ndarray, gt: np.ndarray, cfg: PreprocessConfig) -> Prepared:
-    """Steps 1-4 for one sample; the result may have no foreground (the caller decides)."""
+def preprocess(rgb: np.ndarray, xyz: np.ndarray, gt: np.ndarray, cfg: PreprocessConfig,
+               background: np.ndarray | None = None) -> Prepared:
+    """Steps 1-4 for one sample; the result may have no foreground (the caller decides).
+
+    ``background``: the published Eyecandies background point (``RawSample.background``);
+    with ``eyecandies_background: published`` it fills the background pixels, as the
+    published xyz files hold it, before the xyz is resized and the foreground found."""
+    at_point = published_background(xyz, background, cfg)
     xyz = clean_points(xyz, cfg)
+    if at_point is not None:
+        xyz = np.where(at_point[..., None], background, xyz).astype(np.float32)
     rgb_s = resize_rgb(pad_square(rgb, RGB_PAD_VALUE), cfg.size, cfg.rgb_interpolation)
     xyz_s = resize_nearest(pad_square(xyz, 0.0), cfg.size).astype(np.float32)
     gt_s = resize_nearest(pad_square(gt.astype(np.uint8), 0), cfg.size)
