@@ -43,6 +43,17 @@ def test_clone_carries_uncommitted_work_but_not_ignored_files_or_locks(tmp_path)
         "uncommitted work of the checkout"
 
 
+def test_clone_carries_staged_work(tmp_path):
+    """`git add`ed changes (a merge in progress, a staged edit or deletion) are uncommitted
+    work too: the clone has them."""
+    source = _source(tmp_path / "source")
+    sh(["git", "add", "-A"], source)
+    clone = clone_repository(tmp_path / "clone", source)
+    assert (clone / "edited.py").read_text() == "b = 2\n"
+    assert (clone / "sub/new.py").read_text() == "e = 1\n"
+    assert not (clone / "gone.py").exists() and not (clone / "dvc.lock").exists()
+
+
 def test_clone_of_a_clean_tree_is_its_head(tmp_path):
     source = tmp_path / "source"
     source.mkdir()

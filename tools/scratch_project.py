@@ -84,15 +84,17 @@ def write_params(project: Path, overrides: Mapping[str, Any]) -> None:
 
 
 def _worktree_files(repo: Path) -> tuple[list[str], list[str]]:
-    """(files to copy, tracked files deleted) of the working tree against HEAD: modified and
-    untracked files that git does not ignore."""
+    """(files to copy, tracked files deleted) of the working tree against HEAD: changed files,
+    staged or not, and untracked files that git does not ignore."""
     def listing(*args: str) -> list[str]:
-        out = subprocess.run(["git", "ls-files", "-z", *args], cwd=repo, check=True,
+        out = subprocess.run(["git", *args, "-z"], cwd=repo, check=True,
                              capture_output=True).stdout.decode()
         return [p for p in out.split("\0") if p and Path(p).name not in NOT_OVERLAID]
 
-    deleted = set(listing("--deleted"))
-    changed = listing("--modified", "--others", "--exclude-standard")
+    # against HEAD, not the index: `git add`ed changes count (ls-files --modified misses them)
+    deleted = set(listing("diff", "--name-only", "--no-renames", "--diff-filter=D", "HEAD"))
+    changed = listing("diff", "--name-only", "--no-renames", "HEAD") + \
+        listing("ls-files", "--others", "--exclude-standard")
     return sorted(set(changed) - deleted), sorted(deleted)
 
 
