@@ -23,6 +23,7 @@ empty (M = 0) and ``lora.safetensors`` is an empty marker (no tensors, metadata
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from pipeline.determinism import deterministic
 from pipeline.device import pick_device
 from pipeline.errors import InputError, ParamsError
 from pipeline.models.diffusion import ModelClock, demo_threads, load_img2img, model_info
-from pipeline.params import Params, section_dict
+from pipeline.params import AugmentParams, Params, section_dict
 from pipeline.progress import info, track
 from stages import layout
 
@@ -204,6 +205,47 @@ def _generate_and_write(pipe: Any, a: Any, shot_rgb: list[np.ndarray], prompt: s
         background.submit(writer.append, "rgb_full", full)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one augment instance generates, known before any model loads."""
+
+    token: str
+    prompt: str
+    train_prompts: list[str]
+    seeds_per_shot: list[list[int]]
+    gen_ids: list[str]  # gen/<shot id>/<j>, shot-major
+    source_ids: list[str]  # the shot each image comes from
+    seeds: list[int]  # each image's seed
+
+
+def _plan(a: AugmentParams, category: str, shot_ids: list[str], shots: int, seed: int) -> _Plan:
+    # the templates and the step count were checked with the params
+    token = a.placeholder_token.format(category=category)
+    prompt = a.prompt.format(category=category, token=token)
+    train_prompts = [prompt] if a.train_prompts == "fixed" else \
+        [t.format(token) for t in OBJECT_TEMPLATES]
+    seeds_per_shot = shot_seeds(a.image_seeds, a.n_per_shot, a.seed, shots, seed, len(shot_ids))
+    return _Plan(
+        token, prompt, train_prompts, seeds_per_shot,
+        gen_ids=[f"gen/{shot_id}/{j}" for shot_id in shot_ids for j in range(a.n_per_shot)],
+        source_ids=[shot_id for shot_id in shot_ids for _ in range(a.n_per_shot)],
+        seeds=[s for per_shot in seeds_per_shot for s in per_shot],
+    )
+
+
+def _adapt(params: Params, pipe: Any, category: str, plan: _Plan, shot_rgb: list,
+           clock: ModelClock) -> tuple[list, dict]:
+    """Train the LoRA on the shots, or load the released one: (losses, a copy of the adapters
+    taken before the pipeline may change precision)."""
+    a = params.augment
+    if a.lora == "official":
+        return [], _load_released(params, pipe, category, plan.token)
+    losses = train_lora(pipe, _training_images(params, category, shot_rgb), plan.train_prompts,
+                        _lora_config(params, plan.token), clock)
+    return losses, lora_snapshot(pipe, a.train_text_encoder,
+                                 plan.token if a.learns_token() else None)
+
+
 def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, float]:
     """Train the LoRA, generate, write the artifacts; returns timing figures (benchmark)."""
     started = time.perf_counter()
@@ -221,43 +263,27 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
         _write_disabled(params, out_dir, section)
         return {"lora_steps": 0.0, "lora_s": 0.0, "images": 0.0, "generate_s": 0.0,
                 "model_s": 0.0, "load_s": 0.0, "total_s": time.perf_counter() - started}
-    # 2. Prompts and seeds (the templates and the step count were checked with the params)
-    token = a.placeholder_token.format(category=category)
-    prompt = a.prompt.format(category=category, token=token)
-    train_prompts = [prompt] if a.train_prompts == "fixed" else \
-        [t.format(token) for t in OBJECT_TEMPLATES]
-    seeds_per_shot = shot_seeds(a.image_seeds, a.n_per_shot, a.seed, shots, seed, len(shot_ids))
+    # 2. Prompts, ids and seeds of every image, before any is generated
+    plan = _plan(a, category, shot_ids, shots, seed)
     if a.image_source == "original":
         shot_rgb = read_original_shots(params, category, shot_ids)
-    # Every image's id, source shot and seed are known before any is generated.
-    gen_ids = [f"gen/{shot_id}/{j}" for shot_id in shot_ids for j in range(a.n_per_shot)]
-    source_ids = [shot_id for shot_id in shot_ids for _ in range(a.n_per_shot)]
-    seeds = [s for per_shot in seeds_per_shot for s in per_shot]
     device = pick_device()
     # before CUDA initialises (cuBLAS reads its workspace setting)
     with deterministic(device, warn_only=True):
-        # 3. The base model
-        train_dtype, gen_dtype = _dtype(device, a.train_precision), _dtype(device, a.precision)
-        if a.lora == "official":  # nothing trains: the model loads in its generation precision
-            train_dtype = gen_dtype
+        # 3. The base model (in its generation precision when nothing trains)
+        gen_dtype = _dtype(device, a.precision)
+        train_dtype = gen_dtype if a.lora == "official" else _dtype(device, a.train_precision)
         loading = time.perf_counter()
         pipe, source = load_img2img(base, params.models.cache_dir, device, train_dtype)
         load_s = time.perf_counter() - loading
         info(f"augment {category} k={shots} seed={seed}: base model {source.spec} "
              f"({source.kind}) on {device}; {_lora_plan(a, category)}; "
-             f"{a.n_per_shot} images per shot; prompt {prompt!r}")
-        _check_model(a, pipe, source.spec, token, prompt)
+             f"{a.n_per_shot} images per shot; prompt {plan.prompt!r}")
+        _check_model(a, pipe, source.spec, plan.token, plan.prompt)
         train_clock, gen_clock = ModelClock(device), ModelClock(device)
         with demo_threads(device, source):
-            # 4. Train, or load the released LoRA; a copy of the adapters, before the
-            # pipeline may change precision
-            if a.lora == "official":
-                losses, snapshot = [], _load_released(params, pipe, category, token)
-            else:
-                losses = train_lora(pipe, _training_images(params, category, shot_rgb),
-                                    train_prompts, _lora_config(params, token), train_clock)
-                snapshot = lora_snapshot(pipe, a.train_text_encoder,
-                                         token if a.learns_token() else None)
+            # 4. Train, or load the released LoRA
+            losses, snapshot = _adapt(params, pipe, category, plan, shot_rgb, train_clock)
             if gen_dtype != train_dtype:
                 pipe.to(dtype=gen_dtype)
             use_euler_ancestral(pipe)
@@ -266,19 +292,19 @@ def run(params: Params, category: str, shots: int, seed: int = 0) -> dict[str, f
             # leave no folder behind; a failed write re-raises here and the folder goes.
             with atomic_dir(out_dir) as tmp, BackgroundWriter() as background:
                 attrs = _generated_attrs(
-                    gen_ids, source_ids, seeds, section, model_info(source),
+                    plan.gen_ids, plan.source_ids, plan.seeds, section, model_info(source),
                     {"lora": lora_summary(losses) or _released_record(params, category),
-                     "prompt": prompt, "token": token,
+                     "prompt": plan.prompt, "token": plan.token,
                      "precision": str(pipe.dtype).replace("torch.", "")})
                 writer = StoreWriter(tmp / "generated.zarr", attrs=attrs)
                 background.submit(write_lora, snapshot, tmp, LORA_FILE, base)
-                background.submit(_open_generated, writer, len(gen_ids), size, a.resolution)
-                _generate_and_write(pipe, a, shot_rgb, prompt, seeds_per_shot, writer, size,
-                                    background, gen_clock, f"{category} k={shots}",
+                background.submit(_open_generated, writer, len(plan.gen_ids), size, a.resolution)
+                _generate_and_write(pipe, a, shot_rgb, plan.prompt, plan.seeds_per_shot, writer,
+                                    size, background, gen_clock, f"{category} k={shots}",
                                     params.data.rgb_interpolation)
                 background.submit(writer.__exit__, None, None, None)
     return {"lora_steps": float(len(losses)), "lora_s": train_clock.seconds,
-            "images": float(len(gen_ids)), "generate_s": gen_clock.seconds,
+            "images": float(len(plan.gen_ids)), "generate_s": gen_clock.seconds,
             "model_s": train_clock.seconds + gen_clock.seconds, "load_s": load_s,
             "total_s": time.perf_counter() - started}
 

@@ -27,6 +27,7 @@ largest and the smallest limit only (readable width). A metric undefined for any
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +89,28 @@ def _only(rows: list[R.Row], columns: list[R.Column], shown: list[R.Column]) -> 
     return [replace(r, cells=tuple(r.cells[i] for i in index)) for r in rows]
 
 
+Run = tuple[str, int, int]  # (category, k, seed)
+
+
+def _read_evaluations(categories: list[str], shots: list[int], seeds: list[int],
+                      columns: list[R.Column]) -> tuple[dict[Run, dict], dict[Run, dict]]:
+    """Every evaluate instance's metrics.json and ablations.json, each with every column."""
+    metrics: dict[Run, dict] = {}
+    ablations: dict[Run, dict] = {}
+    for run in itertools.product(categories, shots, seeds):
+        folder = layout.evaluation(*run)
+        metrics[run] = _load_json(folder / "metrics.json")
+        ablations[run] = _load_json(folder / "ablations.json")
+        missing = [c.key for c in columns if c.key not in metrics[run]]
+        if missing:
+            raise InputError(
+                f"{folder / 'metrics.json'}: no value for {', '.join(missing)} "
+                "(evaluate.limits or evaluate.aupro_thresholds changed? re-run the "
+                "evaluate stage)"
+            )
+    return metrics, ablations
+
+
 def run(params: Params) -> None:
     dataset = params.data.dataset
     categories = list(params.data.categories)
@@ -98,22 +121,7 @@ def run(params: Params) -> None:
     columns = R.metric_columns(p.limits, p.aupro_thresholds, headline)
     shown = R.table_columns(p.limits, p.aupro_thresholds, headline)
 
-    metrics: dict[tuple[str, int, int], dict] = {}
-    ablations: dict[tuple[str, int, int], dict] = {}
-    for cat in categories:
-        for k in shots:
-            for s in seeds:
-                folder = layout.evaluation(cat, k, s)
-                metrics[(cat, k, s)] = _load_json(folder / "metrics.json")
-                ablations[(cat, k, s)] = _load_json(folder / "ablations.json")
-                missing = [c.key for c in columns if c.key not in metrics[(cat, k, s)]]
-                if missing:
-                    raise InputError(
-                        f"{folder / 'metrics.json'}: no value for {', '.join(missing)} "
-                        "(evaluate.limits or evaluate.aupro_thresholds changed? re-run the "
-                        "evaluate stage)"
-                    )
-
+    metrics, ablations = _read_evaluations(categories, shots, seeds, columns)
     rows = R.summary_rows(metrics, dataset, categories, shots, seeds, columns)
     decisions = R.decision_rows(metrics)
     variants = [v for v in ABLATIONS if any(v in a for a in ablations.values())]

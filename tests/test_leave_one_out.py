@@ -128,4 +128,5 @@ def test_only_the_normal_scores_stage_reads_the_source() -> None:
                 if param in ("thresholds", "thresholds.normal_samples"):
                     readers[name] = param
     assert readers == {"validation_streams": "thresholds.normal_samples",
+                       "validation_streams_released": "thresholds.normal_samples",
                        "thresholds": "thresholds"}
