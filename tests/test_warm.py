@@ -206,14 +206,18 @@ def test_warm_exits_with_the_commands_code_and_stops_its_server(project, tmp_pat
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.mark.slow
-def test_the_reduced_demo_is_byte_identical_with_and_without_the_server(reduced_demo, tmp_path):
-    """The session's reduced demo (tests/conftest.py) reproduced again from scratch through
-    `cmds-ad warm -- dvc repro -f`: every file under artifacts/ and results/ is the same."""
+def test_the_reduced_demo_is_byte_identical_with_and_without_the_server(reduced_demo,
+                                                                        session_server, tmp_path):
+    """The session's reduced demo (tests/conftest.py; through the session's server unless
+    CMDS_AD_TEST_WARM=0) reproduced again from scratch the other way (`dvc repro -f` without
+    a server, or `cmds-ad warm -- dvc repro -f`): every file under artifacts/ and results/ is
+    the same."""
     copy = copy_project(reduced_demo, tmp_path / "p")
     env = project_env()
     env.pop(SERVER_ENV, None)
-    result = subprocess.run(["cmds-ad", "warm", "--", "dvc", "repro", "-f"], cwd=copy, env=env,
-                            capture_output=True, text=True)
+    command = ["dvc", "repro", "-f"] if session_server else ["cmds-ad", "warm", "--", "dvc",
+                                                              "repro", "-f"]
+    result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     before, after = output_files(reduced_demo), output_files(copy)
     assert before and before.keys() == after.keys()
