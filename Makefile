@@ -35,9 +35,10 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# the edit-test loop: every test not marked slow (pyproject.toml: the slow marker)
+# the edit-test loop: every test not marked slow (pyproject.toml: the slow marker), on two
+# pytest-xdist workers
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2
 
 bench: install
 	$(BIN)/python benchmarks/metrics.py

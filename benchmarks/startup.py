@@ -191,6 +191,9 @@ def measure(inst: Instance, project: Path, env: Mapping[str, str],
     direct_s, direct_out = timed(inst.cmd, inst.wdir, env)
     direct = hook_record(direct_out, inst.cmd)
     dvc_s, dvc_out = timed(["dvc", "repro", "-f", "--single-item", inst.address], project, env)
+    if SERVER_ENV in env and "not using the warm server" in direct_out + dvc_out:
+        raise SystemExit(f"{inst.address}: the warm server was not used (were sources "
+                         f"changed during the run?):\n{direct_out[-2000:]}\n{dvc_out[-2000:]}")
     under_dvc = hook_record(dvc_out, f"dvc repro {inst.address}")
     if direct["process_s"] is not None and under_dvc["process_s"] is not None:
         exit_s = direct_s - direct["process_s"]

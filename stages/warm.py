@@ -350,6 +350,10 @@ def serve(path: str) -> None:
     os.rename(path + ".tmp", path)  # clients queue from here on, while the imports run
     _die_with_parent()
     refusal = _warm_up()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the children's collections skip (and do not copy) the server's objects
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -515,9 +519,11 @@ def _become(request: dict, fds: list[int]) -> None:
 
 def _run_cli(client_pid: int) -> int:
     """Run stages/cli.py's command line; the exit code a fresh interpreter would return."""
+    import pipeline.outputs
     import stages.cli as cli
 
     cli._CALLER = client_pid
+    pipeline.outputs.COMMAND_WORDS = [sys.executable, *sys.argv]  # the client's, as it runs
     try:
         cli.app(prog_name="cmds-ad")
     except SystemExit as stop:

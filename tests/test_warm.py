@@ -139,7 +139,7 @@ def test_a_changed_source_file_makes_the_client_run_the_new_code(project, code, 
     said = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
     assert said.returncode == 0 and said.stderr.startswith(USED), said.stderr
     module = code / "stages" / "validate_params.py"
-    original = module.read_text()
+    original, stat = module.read_text(), module.stat()
     try:
         module.write_text(original + '\nimport sys\nsys.stderr.write("the changed code ran\\n")\n')
         stale = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
@@ -151,6 +151,9 @@ def test_a_changed_source_file_makes_the_client_run_the_new_code(project, code, 
     # same bytes, new modification time: still stale
     again = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
     assert "sources changed" in again.stderr and USED not in again.stderr
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as the server started
+    back = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
+    assert back.stderr.startswith(USED), back.stderr
 
 
 def test_an_environment_that_differs_makes_the_client_run_itself(project, code, server):
