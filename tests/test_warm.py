@@ -52,8 +52,13 @@ def code(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A clone with the demo data of `disc` (3 train, 6 test images), not run."""
-    return make_project(tmp_path_factory.mktemp("warm") / "p", REDUCED_DEMO, n_train=3, n_test=6)
+    """A clone with the demo data of `disc` (3 train, 6 test images; written by the command
+    of the demo_data stage, no `dvc repro`), not run."""
+    root = make_project(tmp_path_factory.mktemp("warm") / "p", REDUCED_DEMO, n_train=3,
+                        n_test=6, make_data=False)
+    sh(["cmds-ad", "demo-data", "data/demo", "--category", "disc", "--n-train", "3",
+        "--n-test", "6", "--seed", "0"], root)
+    return root
 
 
 def _env(code: Path, **extra: str) -> dict[str, str]:
