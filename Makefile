@@ -1,4 +1,5 @@
-# make demo: install, run the whole pipeline with DVC on the CPU (its first stage, demo_data, writes
+# make demo: install, run the whole pipeline with DVC on the CPU beside a warm server (cmds-ad warm:
+# stage processes fork from a process that has imported torch & co.; its first stage, demo_data, writes
 # the embedded demo dataset to data/demo).
 # make test: install, run the whole test suite (CI runs it).
 # make test-fast: install, run the unit tests only (no `dvc repro`, no end-to-end run).
@@ -28,15 +29,16 @@ install: $(STAMP)
 
 demo: install
 	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "make demo needs a git checkout (DVC tracks runs with git)"; exit 1; }
-	time dvc repro
+	time cmds-ad warm -- dvc repro
 	@cat results/summary/summary.md
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# the edit-test loop: every test not marked slow (pyproject.toml: the slow marker)
+# the edit-test loop: every test not marked slow (pyproject.toml: the slow marker), on two
+# pytest-xdist workers
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2
 
 bench: install
 	$(BIN)/python benchmarks/metrics.py

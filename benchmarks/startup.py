@@ -26,6 +26,13 @@ DVC = (c) - (b), taken as (c)'s wall minus the wall of its stage process (the ho
 age, plus (b)'s exit), so that the stage's own variation does not enter it; total = their sum,
 what the instance costs under ``dvc repro``.
 
+With ``--warm`` every repeat also measures (b) and (c) through a warm server (``cmds-ad warm``,
+stages/warm.py: the stage process forks from a server that has imported what the stages
+import), in the same run, and prints both tables and the median fixed cost of a torch stage
+instance (start + imports + model loading, and with DVC) without and with the server. Under
+the server the process age is the forked child's, so the client's own start (about 0.1 s)
+counts as DVC there.
+
 (b) and (c) rewrite the instance's outputs with the same bytes (the stages are deterministic);
 in a project of your own, commit first. Without ``--project`` a scratch project is made with
 ``tools.scratch_project.make_project`` (the demo preset, one category, k = 1) and finished
@@ -44,7 +51,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +60,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages.warm import SERVE, SERVER_ENV  # noqa: E402
 from tools.scratch_project import REDUCED_DEMO, make_project, project_env  # noqa: E402
 
 TIMINGS_PREFIX = "cmds-ad-timings "  # stages/cli.py's timing line
 DEMO = {"fewshot.shots": [1]}
 FIRST_PARTY = ("pipeline", "stages")
+TORCH_STAGES = ("augment", "estimate_normals", "extract_features", "fit_mapper", "infer",
+                "validation_streams")  # stage modules that import torch
 BASELINES = {"python -c pass": [sys.executable, "-c", "pass"],
              "python -c 'import torch'": [sys.executable, "-c", "import torch"],
              "dvc --version": ["dvc", "--version"]}
@@ -172,12 +183,17 @@ def import_profile(module: str, env: Mapping[str, str]) -> tuple[float, list[tup
 
 
 # ------------------------------------------------------------------------------- measuring
-def measure(inst: Instance, project: Path, env: Mapping[str, str]) -> dict[str, Any]:
-    """One repeat of (a), (b) and (c) for one instance, as the table's columns."""
-    imports_s, importers = import_profile(inst.module, env)
+def measure(inst: Instance, project: Path, env: Mapping[str, str],
+            profile: bool = True) -> dict[str, Any]:
+    """One repeat of (a) (unless not ``profile``), (b) and (c) for one instance, as the
+    table's columns."""
+    imports_s, importers = import_profile(inst.module, env) if profile else (0.0, [])
     direct_s, direct_out = timed(inst.cmd, inst.wdir, env)
     direct = hook_record(direct_out, inst.cmd)
     dvc_s, dvc_out = timed(["dvc", "repro", "-f", "--single-item", inst.address], project, env)
+    if SERVER_ENV in env and "not using the warm server" in direct_out + dvc_out:
+        raise SystemExit(f"{inst.address}: the warm server was not used (were sources "
+                         f"changed during the run?):\n{direct_out[-2000:]}\n{dvc_out[-2000:]}")
     under_dvc = hook_record(dvc_out, f"dvc repro {inst.address}")
     if direct["process_s"] is not None and under_dvc["process_s"] is not None:
         exit_s = direct_s - direct["process_s"]
@@ -251,30 +267,83 @@ def finished_project(dest: Path, reduced: bool, env: Mapping[str, str]) -> Path:
     return dest
 
 
-def run(project: Path, wanted: Sequence[str], repeats: int, json_out: Path | None) -> None:
+@contextmanager
+def warm_server(env: Mapping[str, str], project: Path) -> Iterator[dict[str, str]]:
+    """The environment of a stage command through a warm server started with ``env`` (as
+    `cmds-ad warm` starts one), after the server's imports (a first command waits for them)."""
+    with tempfile.TemporaryDirectory(prefix="startup-warm-") as tmp:
+        path = os.path.join(tmp, "server.sock")
+        server = subprocess.Popen([sys.executable, "-P", "-c", SERVE, path], env=dict(env),
+                                  start_new_session=True)
+        try:
+            while not os.path.exists(path) and server.poll() is None:
+                time.sleep(0.05)
+            warm = {**env, SERVER_ENV: path, "CMDS_AD_VERBOSE": "1"}
+            seconds, out = timed(["cmds-ad", "validate-params"], project, warm)
+            if "not using the warm server" in out:
+                raise SystemExit(f"the warm server is not used: {out}")
+            print(f"warm server ready after {seconds:.1f} s (its imports)", flush=True)
+            yield warm
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def fixed_cost(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The median fixed cost of the torch stages' instances, without and with DVC."""
+    torch = [r for r in results.values() if r["module"] in TORCH_STAGES]
+    if not torch:
+        return "no torch stage measured"
+    process = statistics.median(r["start_imports"] + r["load"] for r in torch)
+    with_dvc = statistics.median(r["start_imports"] + r["load"] + r["dvc"] for r in torch)
+    return (f"median fixed cost of a torch stage instance ({len(torch)} instances): start + "
+            f"imports + model loading {process:.2f} s; with DVC {with_dvc:.2f} s")
+
+
+def run(project: Path, wanted: Sequence[str], repeats: int, json_out: Path | None,
+        warm: bool = False) -> None:
     env = {**project_env(), "CMDS_AD_TIMINGS": "1"}
+    env.pop(SERVER_ENV, None)
     before = load_average()
     print(f"load average before: {before}", flush=True)
     base = baselines(env, repeats)
     chosen = instances(project, wanted)
     samples: dict[str, list[dict[str, Any]]] = {inst.stage: [] for inst in chosen}
-    for i in range(repeats):  # each repeat runs every stage once: load swings spread out
-        for inst in chosen:
-            samples[inst.stage].append(measure(inst, project, env))
-            print(f"  #{i + 1} {inst.address}: direct {samples[inst.stage][-1]['direct']:.2f} s, "
-                  f"dvc repro {samples[inst.stage][-1]['under_dvc']:.2f} s", flush=True)
-    results = {inst.stage: {**medians(samples[inst.stage]), "module": inst.module,
-                            "instance": inst.address.split("@")[1] if "@" in inst.address else "",
-                            "address": inst.address} for inst in chosen}
+    warm_samples: dict[str, list[dict[str, Any]]] = {inst.stage: [] for inst in chosen}
+    with warm_server(env, project) if warm else nullcontext(None) as warm_env:
+        for i in range(repeats):  # each repeat runs every stage once: load swings spread out
+            for inst in chosen:
+                samples[inst.stage].append(measure(inst, project, env))
+                print(f"  #{i + 1} {inst.address}: direct {samples[inst.stage][-1]['direct']:.2f}"
+                      f" s, dvc repro {samples[inst.stage][-1]['under_dvc']:.2f} s", flush=True)
+                if warm_env is not None:
+                    warm_samples[inst.stage].append(measure(inst, project, warm_env, False))
+                    print(f"  #{i + 1} {inst.address} warm: direct "
+                          f"{warm_samples[inst.stage][-1]['direct']:.2f} s, dvc repro "
+                          f"{warm_samples[inst.stage][-1]['under_dvc']:.2f} s", flush=True)
+    results = summarise(chosen, samples)
     after = load_average()
     lines = [f"Median of {repeats} runs per figure, seconds; load average {before} before, "
              f"{after} after.", "", "Baselines: " + ", ".join(
                  f"{k} {v:.2f} s" for k, v in base.items()), ""] + table(results)
+    lines += ["", fixed_cost(results)]
+    warm_results = summarise(chosen, warm_samples) if warm else {}
+    if warm:
+        lines += ["", "With the warm server (cmds-ad warm), same run:", ""]
+        lines += table(warm_results) + ["", fixed_cost(warm_results)]
     lines += ["", "Top importers (cumulative seconds under -X importtime):"]
     print("\n".join(lines + importer_lines(results)))
     if json_out is not None:
         json_out.write_text(json.dumps({"load_average": [before, after], "baselines": base,
-                                        "repeats": repeats, "stages": results}, indent=1))
+                                        "repeats": repeats, "stages": results,
+                                        "warm": warm_results}, indent=1))
+
+
+def summarise(chosen: Sequence[Instance],
+              samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {inst.stage: {**medians(samples[inst.stage]), "module": inst.module,
+                         "instance": inst.address.split("@")[1] if "@" in inst.address else "",
+                         "address": inst.address} for inst in chosen}
 
 
 def main() -> int:
@@ -287,21 +356,23 @@ def main() -> int:
     parser.add_argument("--stages", default="", help="comma-separated stage names (default all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--warm", action="store_true",
+                        help="also measure through a warm server (cmds-ad warm), same run")
     args = parser.parse_args()
     wanted = [s for s in args.stages.split(",") if s]
     if args.project is not None:
-        run(args.project.resolve(), wanted, args.repeats, args.json)
+        run(args.project.resolve(), wanted, args.repeats, args.json, args.warm)
         return 0
     env = project_env()
     if args.keep is not None:
         if args.keep.exists():
             parser.error(f"--keep {args.keep}: exists; give a new folder (or --project it)")
         run(finished_project(args.keep.resolve(), args.reduced, env), wanted, args.repeats,
-            args.json)
+            args.json, args.warm)
         return 0
     with tempfile.TemporaryDirectory(prefix="startup-") as tmp:
         run(finished_project(Path(tmp) / "project", args.reduced, env), wanted, args.repeats,
-            args.json)
+            args.json, args.warm)
     return 0
 
 

@@ -155,10 +155,16 @@ class _Lock:
             self.fd = None
 
 
+# The command line to name instead of /proc/self/cmdline: a child of the warm server
+# (stages/warm.py) runs its client's command line under the server's.
+COMMAND_WORDS: list[str] | None = None
+
+
 def _command() -> str:
     """This process's command line (for the message of a writer that finds the lock held)."""
     try:
-        words = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")
+        words = COMMAND_WORDS or Path("/proc/self/cmdline").read_bytes().decode(
+            errors="replace").split("\0")
     except OSError:
         return "?"
     return " ".join([Path(words[0]).name, *words[1:]]).strip()[:200]

@@ -38,6 +38,9 @@ MaybeSeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Few-s
 
 
 _PARENT = os.getppid()  # read at import, the earliest point: the parent may die before the call
+# In a child of the warm server (stages/warm.py): the client process that stands for this one;
+# the client dies with its parent, and the server kills the child of a client that is gone.
+_CALLER = 0
 
 
 def _is_dvc(pid: int) -> bool:
@@ -84,16 +87,20 @@ def _exit_with_parent() -> None:
     import ctypes
     import signal
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != _PARENT:  # the parent died before the call: nothing would signal us
-        _orphaned("the process that started it has exited")
+    if _CALLER:
+        parent = _parent_of(_CALLER)
+    else:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != _PARENT:  # the parent died before the call: nothing would signal us
+            _orphaned("the process that started it has exited")
+        parent = os.getppid()
     if "DVC_STAGE" not in os.environ:  # run by hand, not by dvc
         return
-    pid = os.getppid()
+    pid = parent
     for _ in range(3):  # the dvc process: the parent, or above a shell or two
         if _is_dvc(pid):
             break
@@ -101,7 +108,7 @@ def _exit_with_parent() -> None:
     else:
         # dvc died before this process got here (it was re-parented) or is not an ancestor
         _orphaned("the dvc process that started it is gone")
-    if pid != os.getppid():
+    if pid != parent:
         import threading
 
         threading.Thread(target=_watch, args=(pid,), daemon=True).start()
@@ -608,6 +615,19 @@ def distribute(
         raise typer.Exit(130) from None
     if not outcome.ok:
         raise typer.Exit(1)
+
+
+@app.command("warm", context_settings={"allow_interspersed_args": False,
+                                        "ignore_unknown_options": True})
+def warm(
+    command: Annotated[list[str], typer.Argument(help="The command, e.g. dvc repro.")],
+) -> None:
+    """Run COMMAND (e.g. `cmds-ad warm -- dvc repro`) with a server that has imported what the
+    stages import, so each stage instance starts in a fraction of a second (stages/warm.py);
+    the outputs are the same as without it. Exits with COMMAND's exit code."""
+    from stages.warm import run_warm
+
+    raise typer.Exit(run_warm(command))
 
 
 def main() -> None:  # pragma: no cover - console entry

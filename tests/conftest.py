@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a stray hub call fails in a second, not a minute
@@ -36,8 +40,46 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@contextmanager
+def warm_server(folder: Path, env: dict[str, str] | None = None):
+    """A warm server (stages/warm.py) started with ``env`` (default: the projects'
+    environment); yields its socket path, or None with CMDS_AD_TEST_WARM=0 (no server)."""
+    from stages.warm import SERVE, SERVER_ENV
+    from tools.scratch_project import project_env
+
+    if os.environ.get("CMDS_AD_TEST_WARM", "1") == "0":
+        yield None
+        return
+    env = dict(env or project_env())
+    env.pop(SERVER_ENV, None)
+    path = folder / "warm.sock"
+    proc = subprocess.Popen([sys.executable, "-P", "-c", SERVE, str(path)], env=env,
+                            start_new_session=True)
+    try:
+        while not path.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        yield str(path) if proc.poll() is None else None
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 @pytest.fixture(scope="session")
-def reduced_demo(tmp_path_factory) -> Path:
+def session_server(tmp_path_factory):
+    """One warm server for the session's end-to-end runs: from the first test that asks for
+    it on, every `cmds-ad` stage command run with the projects' environment goes through it
+    (tests/test_warm.py shows that changes no output); CMDS_AD_TEST_WARM=0 runs without."""
+    from stages.warm import SERVER_ENV
+
+    with warm_server(tmp_path_factory.mktemp("warm")) as path:
+        if path:
+            os.environ[SERVER_ENV] = path
+        yield path
+        os.environ.pop(SERVER_ENV, None)
+
+
+@pytest.fixture(scope="session")
+def reduced_demo(tmp_path_factory, session_server) -> Path:
     """The reduced demo (``disc``, k = 1, REDUCED_DEMO budgets, 3 train and 6 test images) in a
     clone of this repository, reproduced once per session with `dvc repro` and committed
     (dvc.lock files included). Shared: a test module that changes it works on a copy

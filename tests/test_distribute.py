@@ -86,9 +86,22 @@ def _commands(counts: Path) -> Counter:
 @pytest.fixture(scope="module")
 def serial(env) -> tuple[Path, int]:
     """The reference: a serial `dvc repro`, and how many stage instances it ran."""
+    from stages.warm import SERVER_ENV
+    from tests.conftest import warm_server
+
     base, _ = env
     root = _new_project(base / "serial", None)
-    ran = stages_run(sh(["dvc", "repro"], root).stdout)
+    session = os.environ.pop(SERVER_ENV, None)
+    # a server of this module's environment (the counting shim on PATH): warm stage processes
+    with warm_server(base, project_env()) as path:
+        if path:
+            os.environ[SERVER_ENV] = path
+        try:
+            ran = stages_run(sh(["dvc", "repro"], root).stdout)
+        finally:
+            os.environ.pop(SERVER_ENV, None)
+            if session:
+                os.environ[SERVER_ENV] = session
     assert len(ran) > 20, ran  # 13 a category (demo_data first), validate_params and report
     return root, len(ran)
 

@@ -457,12 +457,16 @@ def _appears(folder: Path, pattern: str) -> Callable[[], bool]:
 
 
 def _stage_processes(project: Path) -> list:
+    """The project's stage processes: `cmds-ad <stage>`, and a warm server's child running
+    one (its command line is the server's; tests/conftest.py session_server)."""
     import psutil
 
     found = []
     for p in psutil.process_iter(["cmdline", "cwd"]):
         try:
-            if stage_command(p.info["cmdline"] or []) and p.info["cwd"] == str(project):
+            line = p.info["cmdline"] or []
+            warm_child = any("stages.warm import serve" in word for word in line)
+            if (stage_command(line) or warm_child) and p.info["cwd"] == str(project):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

@@ -44,6 +44,7 @@ GIT_IDENTITY = {
 def project_env() -> dict[str, str]:
     """Environment for dvc/git subprocesses: this interpreter's scripts on PATH, offline."""
     env = dict(os.environ)
+    env.pop("PYTEST_CURRENT_TEST", None)  # one value per test: the warm server compares the rest
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                CMDS_AD_QUIET="1", **GIT_IDENTITY)

@@ -1,0 +1,233 @@
+"""The warm server (stages/warm.py, `cmds-ad warm`): a stage command through it behaves as a
+fresh process does (exit code, stdout, stderr, signals, outputs), and the client runs the
+command itself whenever the server could differ (changed sources, environment, no answer)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.e2e_helpers import output_files
+from tools.scratch_project import REDUCED_DEMO, copy_project, make_project, project_env, sh
+from stages.warm import PACKAGES, SERVE, SERVER_ENV, STAGE_NAMES
+
+USED = "cmds-ad: running in a child of the warm server"
+NOT_USED = "cmds-ad: not using the warm server"
+
+
+def test_stage_names_are_the_cli_stage_commands():
+    from stages.cli import STAGE_COMMANDS
+
+    assert STAGE_NAMES == {name.replace("_", "-") for name in STAGE_COMMANDS}
+
+
+def test_the_entry_point_imports_only_the_standard_library():
+    code = ("import sys, stages.warm; "
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in "
+            "('typer', 'click', 'numpy', 'pipeline', 'pydantic', 'yaml', 'torch', 'rich')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------------------ a server
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory) -> Path:
+    """A copy of the project's packages, imported through PYTHONPATH by server and clients,
+    so that a test may change a source file."""
+    root = tmp_path_factory.mktemp("code")
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, root / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A clone with the demo data of `disc` (3 train, 6 test images; written by the command
+    of the demo_data stage, no `dvc repro`), not run."""
+    root = make_project(tmp_path_factory.mktemp("warm") / "p", REDUCED_DEMO, n_train=3,
+                        n_test=6, make_data=False)
+    sh(["cmds-ad", "demo-data", "data/demo", "--category", "disc", "--n-train", "3",
+        "--n-test", "6", "--seed", "0"], root)
+    return root
+
+
+def _env(code: Path, **extra: str) -> dict[str, str]:
+    env = project_env()
+    env.pop(SERVER_ENV, None)
+    env.pop("CMDS_AD_VERBOSE", None)
+    env["PYTHONPATH"] = str(code)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(code, tmp_path_factory):
+    """A server started as `cmds-ad warm` starts one; yields its socket; stopped after."""
+    path = str(tmp_path_factory.mktemp("sock") / "s.sock")
+    proc = subprocess.Popen([sys.executable, "-P", "-c", SERVE, path], env=_env(code),
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield path
+    proc.terminate()
+    proc.wait(30)
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["cmds-ad", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _warm(code: Path, server: str, **extra: str) -> dict[str, str]:
+    return _env(code, **{SERVER_ENV: server, **extra})
+
+
+def test_a_failing_stage_exits_and_says_the_same_through_the_server(project, code, server):
+    for args in (["score", "nope", "-k", "1"], ["validate-params", "--params", "missing.yaml"],
+                 ["fit-mapper", "disc", "-k", "7"], ["evaluate", "--bogus-option"]):
+        cold = _run(args, project, _env(code))
+        warm = _run(args, project, _warm(code, server))
+        assert cold.returncode != 0, cold
+        assert (warm.returncode, warm.stdout, warm.stderr) == \
+            (cold.returncode, cold.stdout, cold.stderr), args
+        # and it did go through the server
+        said = _run(args, project, _warm(code, server, CMDS_AD_VERBOSE="1")).stderr
+        assert said.startswith(USED) and NOT_USED not in said, said
+
+
+def test_a_stage_through_the_server_writes_what_a_fresh_process_writes(project, code, server,
+                                                                       tmp_path):
+    warm_project = copy_project(project, tmp_path / "warm")
+    for root, env in ((project, _env(code)), (warm_project, _warm(code, server))):
+        for args in (["validate-params"], ["prepare", "disc"]):
+            result = _run(args, root, env)
+            assert result.returncode == 0, result.stderr
+    cold, warm = output_files(project), output_files(warm_project)
+    assert cold and cold.keys() == warm.keys()
+    assert [k for k in cold if cold[k] != warm[k]] == []
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_client_ends_the_child_as_it_ends_a_fresh_process(project, code, server,
+                                                                          tmp_path, number):
+    """Ctrl-C (SIGINT) and DVC's SIGTERM reach the child, which ends as a fresh process in
+    the command does: exit 130 (typer's answer to KeyboardInterrupt), or killed by SIGTERM;
+    the client exits or dies the same way."""
+    copy = copy_project(project, tmp_path / "p")
+    client = subprocess.Popen(["cmds-ad", "prepare", "disc"], cwd=copy,
+                              env=_warm(code, server, CMDS_AD_VERBOSE="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = client.stderr.readline()
+    assert first.startswith(USED), first
+    child = int(first.rsplit("pid ", 1)[1].rstrip(")\n"))
+    time.sleep(1.0)  # into the stage's work
+    client.send_signal(number)
+    _, err = client.communicate(timeout=120)
+    assert client.returncode == (130 if number == signal.SIGINT else -number), err
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def test_a_changed_source_file_makes_the_client_run_the_new_code(project, code, server):
+    said = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
+    assert said.returncode == 0 and said.stderr.startswith(USED), said.stderr
+    module = code / "stages" / "validate_params.py"
+    original, stat = module.read_text(), module.stat()
+    try:
+        module.write_text(original + '\nimport sys\nsys.stderr.write("the changed code ran\\n")\n')
+        stale = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
+        assert stale.returncode == 0
+        assert "the project's sources changed since the server started" in stale.stderr
+        assert "the changed code ran" in stale.stderr and USED not in stale.stderr
+    finally:
+        module.write_text(original)
+    # same bytes, new modification time: still stale
+    again = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
+    assert "sources changed" in again.stderr and USED not in again.stderr
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as the server started
+    back = _run(["validate-params"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
+    assert back.stderr.startswith(USED), back.stderr
+
+
+def test_an_environment_that_differs_makes_the_client_run_itself(project, code, server):
+    differs = _run(["validate-params"], project,
+                   _warm(code, server, CMDS_AD_VERBOSE="1", OMP_NUM_THREADS="1"))
+    assert differs.returncode == 0
+    assert "the environment variable OMP_NUM_THREADS differs" in differs.stderr
+    assert USED not in differs.stderr
+    # what DVC and the shell add to a stage's environment does not count
+    dvc_adds = _run(["validate-params"], project,
+                    _warm(code, server, CMDS_AD_VERBOSE="1", DVC_ROOT=str(project), SHLVL="7"))
+    assert dvc_adds.returncode == 0 and dvc_adds.stderr.startswith(USED), dvc_adds.stderr
+
+
+def test_a_dead_socket_makes_the_client_run_itself(project, code, tmp_path):
+    import socket
+
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(dead))  # a socket file that nobody listens on
+    for path in (dead, tmp_path / "missing.sock"):
+        result = _run(["validate-params"], project,
+                      _warm(code, str(path), CMDS_AD_VERBOSE="1"))
+        assert result.returncode == 0, result.stderr
+        assert f"{NOT_USED}: {path} does not answer" in result.stderr
+    quiet = _run(["validate-params"], project, _warm(code, str(dead)))
+    assert quiet.returncode == 0 and quiet.stderr == ""  # silent unless verbose
+
+
+def test_other_commands_run_in_the_client(project, code, server):
+    result = _run(["--help"], project, _warm(code, server, CMDS_AD_VERBOSE="1"))
+    assert result.returncode == 0 and "--help is not a stage command" in result.stderr
+
+
+# ------------------------------------------------------------------------------ cmds-ad warm
+
+def test_warm_exits_with_the_commands_code_and_stops_its_server(project, tmp_path):
+    env = project_env()
+    env.pop(SERVER_ENV, None)
+    shown = subprocess.run(["cmds-ad", "warm", "--", "bash", "-c", f'echo "${SERVER_ENV}"'],
+                           cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    socket_path = Path(shown.stdout.strip())
+    assert socket_path.name == "server.sock"
+    assert not socket_path.parent.exists()  # stopped, its folder removed
+    codes = [subprocess.run(["cmds-ad", "warm", "--", *c], cwd=project, env=env,
+                            capture_output=True, timeout=300).returncode
+             for c in (["bash", "-c", "exit 3"], ["bash", "-c", "kill -TERM $$"],
+                       ["no-such-command-here"])]
+    assert codes == [3, 128 + signal.SIGTERM, 127]
+
+
+# ------------------------------------------------------------------------------ end to end
+
+@pytest.mark.slow
+def test_the_reduced_demo_is_byte_identical_with_and_without_the_server(reduced_demo,
+                                                                        session_server, tmp_path):
+    """The session's reduced demo (tests/conftest.py; through the session's server unless
+    CMDS_AD_TEST_WARM=0) reproduced again from scratch the other way (`dvc repro -f` without
+    a server, or `cmds-ad warm -- dvc repro -f`): every file under artifacts/ and results/ is
+    the same."""
+    copy = copy_project(reduced_demo, tmp_path / "p")
+    env = project_env()
+    env.pop(SERVER_ENV, None)
+    command = ["dvc", "repro", "-f"] if session_server else ["cmds-ad", "warm", "--", "dvc",
+                                                              "repro", "-f"]
+    result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    before, after = output_files(reduced_demo), output_files(copy)
+    assert before and before.keys() == after.keys()
+    assert [k for k in before if before[k] != after[k]] == []
+    assert sh(["dvc", "status", "--json"], copy).stdout.strip() in ("{}", "")
