@@ -66,7 +66,9 @@ def test_fusion_weight_change_reruns_only_score_thresholds_and_evaluate(project)
 
 def test_mapper_change_reruns_fit_mapper_and_downstream_only(project):
     write_params(project, {"fit_mapper.lr": 3e-4})
-    assert _changed_stages(project) == {f"{UPSTREAM}fit_mapper@{KEY}"}
+    # validation_streams reads fit_mapper's keys too: leave-one-out thresholds train with them
+    assert _changed_stages(project) == {f"{UPSTREAM}fit_mapper@{KEY}",
+                                        f"{UPSTREAM}validation_streams@{KEY}"}
     ran = stages_run(sh(["dvc", "repro"], project).stdout) - {VALIDATE}
     assert f"{UPSTREAM}fit_mapper@{KEY}" in ran
     assert ran <= {f"{UPSTREAM}fit_mapper@{KEY}", f"{UPSTREAM}infer@{KEY}", f"score@{KEY}",

@@ -126,13 +126,20 @@ def test_a_signal_to_the_client_ends_the_child_as_it_ends_a_fresh_process(projec
     the command does: exit 130 (typer's answer to KeyboardInterrupt), or killed by SIGTERM;
     the client exits or dies the same way."""
     copy = copy_project(project, tmp_path / "p")
+    # More test images than the module's project, so that the stage is surely still at work
+    # when the signal comes (a quiet machine prepares the 6 of the project in about a second).
+    sh(["cmds-ad", "demo-data", "data/demo", "--category", "disc", "--n-train", "3",
+        "--n-test", "48", "--seed", "0", "--force"], copy)
     client = subprocess.Popen(["cmds-ad", "prepare", "disc"], cwd=copy,
                               env=_warm(code, server, CMDS_AD_VERBOSE="1"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = client.stderr.readline()
     assert first.startswith(USED), first
     child = int(first.rsplit("pid ", 1)[1].rstrip(")\n"))
-    time.sleep(1.0)  # into the stage's work
+    # into the stage's work: its output folder is claimed once the data are read
+    deadline = time.monotonic() + 120
+    while not any((copy / "artifacts").glob("prepare/.*tmp*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
     client.send_signal(number)
     _, err = client.communicate(timeout=120)
     assert client.returncode == (130 if number == signal.SIGINT else -number), err
