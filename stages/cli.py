@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pipeline.errors import CmdsAdError, InputError
+from stages.commands import STAGE_COMMANDS
 
 app = typer.Typer(
     name="cmds-ad",
@@ -321,23 +322,6 @@ def metrics(
         metrics_command(file, aupro_thresholds or ())
 
 
-# The DVC stages' commands: module -> (the instance its arguments name, help). "": none,
-# "category", "k": a category, k and seed, "maybe_k": a category and, for generated images, k
-# and seed.
-STAGE_COMMANDS = {
-    "validate_params": ("", "Stage: validate the whole parameter file before any work."),
-    "prepare": ("category", "Stage: read, preprocess and store one category; choose the shots."),
-    "augment": ("k", "Stage: fine-tune a LoRA on the shots and generate augmented images."),
-    "estimate_normals": ("maybe_k", "Stage: Marigold normals of real (or generated) images."),
-    "extract_features": ("maybe_k", "Stage: backbone features of real (or generated) images."),
-    "fit_mapper": ("k", "Stage: train the four cross-modal feature mappers."),
-    "infer": ("k", "Stage: run the four mappers on the test set; store the raw stream maps."),
-    "score": ("k", "Stage: fuse, mask, smooth and normalise the stream maps (no torch)."),
-    "validation_streams": ("k", "Stage: stream maps of the validation split's normal samples."),
-    "thresholds": ("k", "Stage: image and pixel thresholds from the normal samples' scores."),
-    "evaluate": ("k", "Stage: metrics, curves, heatmaps and fusion ablations of one instance."),
-    "report": ("", "Stage: summary tables (mean over categories per k) and the overview figure."),
-}
 PARAMS_FILE = Path("params.yaml")
 
 
@@ -347,7 +331,7 @@ def _keyword(name: str, annotation: Any,
                              default=default)
 
 
-# The command-line arguments of each form of STAGE_COMMANDS (before --params).
+# The command-line arguments of each instance form of STAGE_COMMANDS (before --params).
 _CATEGORY = _keyword("category", CategoryArg)
 INSTANCE_ARGUMENTS = {
     "": [],

@@ -27,12 +27,9 @@ import socket
 import struct
 import sys
 
+from stages.commands import STAGE_NAMES
+
 SERVER_ENV = "CMDS_AD_SERVER"
-# The stage commands of stages/cli.py (STAGE_COMMANDS; tests/test_warm.py checks the two agree).
-STAGE_NAMES = frozenset({
-    "validate-params", "prepare", "augment", "estimate-normals", "extract-features",
-    "fit-mapper", "infer", "score", "validation-streams", "thresholds", "evaluate", "report",
-})
 # Variables that may differ between the server's start and a stage: what DVC adds to a stage's
 # environment (`dvc repro`, `dvc exp run`; printed by a stage `cmd: env`), what the shell that
 # runs the stage's cmd sets, and ours that are read at run time only. Nothing else: any other
