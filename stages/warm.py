@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 
-from stages.commands import STAGE_NAMES
+from stages.commands import STAGE_COMMANDS, STAGE_NAMES
 
 SERVER_ENV = "CMDS_AD_SERVER"
 # Variables that may differ between the server's start and a stage: what DVC adds to a stage's
@@ -220,7 +220,7 @@ def source_digest() -> str:
 # What the stages import, lazily included: the server imports it all once.
 WARM_MODULES = (
     "stages.cli", "pipeline.params", "pipeline.errors", "pipeline.limits", "pipeline.outputs",
-    *(f"stages.{name.replace('-', '_')}" for name in sorted(STAGE_NAMES)),
+    *(f"stages.{module}" for module in STAGE_COMMANDS),
     "torch", "torchvision", "timm", "safetensors.torch", "safetensors", "peft", "peft.utils",
     "transformers", "diffusers", "diffusers.optimization", "diffusers.utils",
     "diffusers.pipelines.marigold.marigold_image_processing",
