@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CUDA build that lies on this machine's disk (see README)
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# --no-compile: Python compiles a module when it is first imported (about 5 s of the
+	# first run) instead of pip compiling every file of torch & co. (about 60 s)
+	$(BIN)/python -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
 	# open3d (the normals tests' reference) loads libusb-1.0, which slim Debian images lack
 	$(BIN)/python -c 'import open3d' 2>/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && apt-get install -y -qq libusb-1.0-0 >/dev/null; } \
@@ -32,8 +34,11 @@ demo: install
 	time cmds-ad warm -- dvc repro
 	@cat results/summary/summary.md
 
+# two pytest-xdist workers, a test file on one worker, the longest files first (tests/conftest.py):
+# the end-to-end runs fill both cores; TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the edit-test loop: every test not marked slow (pyproject.toml: the slow marker), on two
 # pytest-xdist workers

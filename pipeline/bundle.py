@@ -18,17 +18,15 @@ on this machine have the recorded digests. Each refusal is one error naming the 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
 from pipeline.artifacts import atomic_dir, atomic_write_json, file_sha256, read_json
 from pipeline.errors import InputError, ModelError
-from pipeline.models.backbones import load_backbone
-from pipeline.models.diffusion import resolve_source
 from pipeline.outputs import MARKER, mark
 from pipeline.params import Params, parse_params, section_dict
-from pipeline.prediction import TrainedModel
 from pipeline.thresholds import PIXEL_MAP
 
 FORMAT = "cmds-ad-bundle"
@@ -40,6 +38,18 @@ NORMALISATION = ("per image: map_roc = map / sqrt(mean(map)); image score = max(
                  "stream maps (pipeline/scoring.py)")
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """Everything prediction reads (pipeline/prediction.py): the parameters of the prediction
+    path, the folder of the four mappers and their config.json, and the (image, pixel)
+    thresholds; a bundle's, or a project's (stages/predict.py)."""
+
+    params: Params
+    category: str
+    mapper_dir: Path
+    thresholds: tuple[float, float]
+
+
 def _folder_digests(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): file_sha256(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -47,6 +57,10 @@ def _folder_digests(folder: Path) -> dict[str, str]:
 
 def model_files(params: Params) -> dict[str, Any]:
     """The backbone and Marigold of ``params``: spec, files and their digests."""
+    # here, not at the top: reading and checking a bundle imports no torch (a refusal is quick)
+    from pipeline.models.backbones import load_backbone
+    from pipeline.models.diffusion import resolve_source
+
     models = params.models
     marigold = resolve_source(models.normals, "models.normals", models.cache_dir)
     location = Path(marigold.location)

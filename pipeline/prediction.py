@@ -62,17 +62,6 @@ MODALITIES = ("rgb", "real", "est")
 MAX_CHUNK = 64
 
 
-@dataclass(frozen=True)
-class TrainedModel:
-    """Everything prediction reads: the parameters of the prediction path, the folder of the
-    four mappers and their config.json, and the (image, pixel) thresholds."""
-
-    params: Params
-    category: str
-    mapper_dir: Path
-    thresholds: tuple[float, float]
-
-
 @dataclass
 class SampleResult:
     """One sample's prediction: maps at the working size S (as ``score`` stores them), its

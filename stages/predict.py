@@ -23,24 +23,23 @@ import csv
 import io
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
 
 from pipeline import report as R
 from pipeline.artifacts import atomic_dir
+from pipeline.bundle import TrainedModel
 from pipeline.errors import InputError, ParamsError
 from pipeline.outputs import mark
 from pipeline.params import load_params
 from pipeline.predict_input import find_samples
-from pipeline.prediction import (
-    Predictor,
-    SampleResult,
-    TrainedModel,
-    to_input_resolution,
-)
 from pipeline.thresholds import read_thresholds
 from stages import layout
+
+if TYPE_CHECKING:  # torch: imported once the arguments are checked (a refusal is quick)
+    from pipeline.prediction import SampleResult
 
 COMMAND = "predict"
 MODEL_NAME = re.compile(r"^(?P<category>[^/]+)/k(?P<shots>\d+)-s(?P<seed>\d+)$")
@@ -67,6 +66,8 @@ def project_model(name: str, params_path: Path = Path("params.yaml")) -> Trained
 
 def _sample_files(out: Path, result: SampleResult, thresholds: tuple[float, float]) -> dict:
     """Write one sample's map, mask and overlay; its row of predictions.csv."""
+    from pipeline.prediction import to_input_resolution
+
     image_t, pixel_t = thresholds
     raw = result.raw
     height, width = raw.rgb.shape[:2]
@@ -88,6 +89,8 @@ def _sample_files(out: Path, result: SampleResult, thresholds: tuple[float, floa
 def run(model: TrainedModel, input_path: Path, out: Path) -> dict[str, float]:
     """Predict every sample under ``input_path`` into ``out``; returns seconds per step."""
     refs = find_samples(input_path)
+    from pipeline.prediction import Predictor  # torch: once the input is found
+
     predictor = Predictor.load(model.params, model.category, model.mapper_dir)
     with atomic_dir(out) as tmp:
         mark(tmp, COMMAND)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a stray hub call fails in a second, not a 
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["CMDS_AD_QUIET"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one OpenMP thread for each worker and the
+    # stage processes of its projects, instead of two each fighting over the cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -84,11 +89,39 @@ def reduced_demo(tmp_path_factory, session_server) -> Path:
     clone of this repository, reproduced once per session with `dvc repro` and committed
     (dvc.lock files included). Shared: a test module that changes it works on a copy
     (``copy_project``), which DVC sees unchanged."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _reproduce_reduced_demo(tmp_path_factory.mktemp("reduced-demo") / "cmds-ad")
+    # under pytest-xdist the workers share one run: the first to ask builds it in the run's
+    # common temporary folder, the others wait on the lock and find it done
+    common = tmp_path_factory.getbasetemp().parent
+    root, done = common / "reduced-demo" / "cmds-ad", common / "reduced-demo.done"
+    with FileLock(str(common / "reduced-demo.lock")):
+        if not done.exists():
+            shutil.rmtree(root.parent, ignore_errors=True)  # a failed worker's half-built run
+            _reproduce_reduced_demo(root)
+            done.touch()
+    return root
+
+
+def _reproduce_reduced_demo(root: Path) -> Path:
     from tools.scratch_project import REDUCED_DEMO, make_project, sh
 
-    root = make_project(tmp_path_factory.mktemp("reduced-demo") / "cmds-ad", REDUCED_DEMO,
-                        n_train=3, n_test=6, make_data=False)
+    make_project(root, REDUCED_DEMO, n_train=3, n_test=6, make_data=False)
     sh(["dvc", "repro"], root)
     sh(["git", "add", "-A"], root)
     sh(["git", "commit", "-q", "-m", "reduced demo run"], root)
     return root
+
+
+# The end-to-end modules, longest first (`pytest --durations`, 2026-12-05): under
+# `make test` (`-n 2 --dist loadfile`) a file runs on one worker, and starting the long ones
+# first keeps the two workers busy to the end.
+LONGEST_FIRST = ("test_distribute", "test_slurm", "test_team", "test_predict", "test_hostile",
+                 "test_warm", "test_dvc_pipeline", "test_paper_gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))

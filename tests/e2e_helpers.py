@@ -11,6 +11,8 @@ import stat
 from collections import Counter
 from pathlib import Path
 
+import yaml
+
 
 def counting_shim(folder: Path, path: str) -> tuple[Path, Path]:
     """(a folder to put first on PATH, the file that lists the commands run); ``path``: the
@@ -40,3 +42,13 @@ def output_files(root: Path) -> dict[str, bytes]:
         for p in sorted((root / top).rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     }
+
+
+def lock_instances(root: Path) -> set[str]:
+    """The stage instances a finished run recorded in its lock files (``report``,
+    ``upstream/dvc.yaml:prepare@disc``): every instance of the pipeline."""
+    found = set()
+    for lockfile, prefix in (("dvc.lock", ""), ("upstream/dvc.lock", "upstream/dvc.yaml:")):
+        stages = yaml.safe_load((root / lockfile).read_text())["stages"]
+        found.update(prefix + name for name in stages)
+    return found

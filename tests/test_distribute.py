@@ -1,9 +1,14 @@
 """`cmds-ad distribute` on a LocalCluster of 2 worker processes and a local-path DVC remote,
-on the reduced demo (two categories, k = 1), against a serial `dvc repro` of the same commit.
+on the reduced demo (k = 1), against the session's serial `dvc repro` of the same
+configuration (tests/conftest.py). After `prepare` the branches (normals, features, augment)
+run side by side, so both workers get work. The reference went through the session's warm
+server and every distributed stage process starts fresh (the worker puts its clone first on
+PYTHONPATH, which the server refuses), so the byte identity is also the warm server's
+end-to-end check.
 
-Slow by nature (three pipeline runs on 2 cores), so the runs are module fixtures that the
-tests share: the serial reference, one distributed run in which a worker is killed during a
-model stage, and the bad-input checks that fail before anything runs."""
+Slow by nature, so the runs are module fixtures that the tests share: one distributed run in
+which a worker is killed during a model stage, and the bad-input checks that fail before
+anything runs."""
 
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,20 +31,19 @@ from tools.scratch_project import (
     project_env,
     sh,
     stage_command,
-    stages_run,
 )
-from tests.e2e_helpers import output_files
+from tests.e2e_helpers import lock_instances, output_files
 
 pytestmark = pytest.mark.slow
 
-CATEGORIES = ("disc", "dome")
+CATEGORY = "disc"  # the session's reduced demo, the serial reference
 KILL_STAGE = "fit-mapper"  # the model stage during which a worker process is killed
 CLEAN_ENV: dict[str, str] = {}  # the environment for `cmds-ad` subprocesses
 
 
 def _new_project(path: Path, remote: Path | None) -> Path:
     # the demo data is the first stage's output, made by the run (serial or distributed)
-    root = make_project(path, REDUCED_DEMO, categories=CATEGORIES, n_train=3, n_test=6,
+    root = make_project(path, REDUCED_DEMO, categories=(CATEGORY,), n_train=3, n_test=6,
                         make_data=False)
     if remote is not None:
         sh(["dvc", "remote", "add", "-d", "team", str(remote)], root)
@@ -84,26 +87,10 @@ def _commands(counts: Path) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def serial(env) -> tuple[Path, int]:
-    """The reference: a serial `dvc repro`, and how many stage instances it ran."""
-    from stages.warm import SERVER_ENV
-    from tests.conftest import warm_server
-
-    base, _ = env
-    root = _new_project(base / "serial", None)
-    session = os.environ.pop(SERVER_ENV, None)
-    # a server of this module's environment (the counting shim on PATH): warm stage processes
-    with warm_server(base, project_env()) as path:
-        if path:
-            os.environ[SERVER_ENV] = path
-        try:
-            ran = stages_run(sh(["dvc", "repro"], root).stdout)
-        finally:
-            os.environ.pop(SERVER_ENV, None)
-            if session:
-                os.environ[SERVER_ENV] = session
-    assert len(ran) > 20, ran  # 13 a category (demo_data first), validate_params and report
-    return root, len(ran)
+def serial(reduced_demo) -> tuple[Path, int]:
+    """The reference: the session's reduced demo, reproduced serially by `dvc repro`, and
+    its number of stage instances."""
+    return reduced_demo, len(lock_instances(reduced_demo))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +149,7 @@ def test_results_byte_identical_to_serial_repro(serial, distributed):
     assert len(outcome.results) == n_instances
     reference, ours = output_files(serial_root), output_files(root)
     assert sorted(ours) == sorted(reference)
-    assert sum(p.endswith("metrics.json") for p in ours) == 2
+    assert sum(p.endswith("metrics.json") for p in ours) == 1
     assert sum(p.endswith("zarr.json") for p in ours) > 10
     assert [p for p in reference if reference[p] != ours[p]] == []
     # the workspace is up to date, as after a local dvc repro
@@ -214,20 +201,20 @@ def test_failing_instance_reported_once_with_its_log(distributed, env):
     before = _commands(counts)
     sh(["git", "add", "-A"], root)  # the lock files of the distributed run
     sh(["git", "commit", "-q", "-m", "distributed run"], root)
-    # a teammate records damaged demo data for dome (its stage's output) and pushes it
-    shutil.rmtree(root / "data/demo/dome/test")
-    sh(["dvc", "commit", "-f", "upstream/dvc.yaml:demo_data@dome"], root)
-    sh(["git", "commit", "-q", "-am", "break dome"], root)
+    # a teammate records damaged demo data (its stage's output) and pushes it
+    shutil.rmtree(root / f"data/demo/{CATEGORY}/test")
+    sh(["dvc", "commit", "-f", f"upstream/dvc.yaml:demo_data@{CATEGORY}"], root)
+    sh(["git", "commit", "-q", "-am", "break the demo data"], root)
     sh(["dvc", "push"], root)
     try:
         result = _cli(["distribute", "--workers", "2"], root)
         out = " ".join(result.stderr.split())
         assert result.returncode == 1
-        assert "FAILED upstream/dvc.yaml:prepare@dome on worker tcp://" in out, out
-        assert "last lines of its log" in out and "data/demo/dome" in out, out
+        assert f"FAILED upstream/dvc.yaml:prepare@{CATEGORY} on worker tcp://" in out, out
+        assert "last lines of its log" in out and f"data/demo/{CATEGORY}" in out, out
         assert "Not run (upstream failed)" in out
         # no retry loop: the failing command ran once
-        assert (_commands(counts) - before) == Counter({"prepare dome": 1})
+        assert (_commands(counts) - before) == Counter({f"prepare {CATEGORY}": 1})
     finally:
         sh(["git", "revert", "--no-edit", "HEAD"], root)
         sh(["dvc", "checkout", "-q"], root)

@@ -72,6 +72,14 @@ def test_stage_module_imports_no_heavy_package_it_does_not_use(stage_imports, mo
     assert "rich" not in pulled
 
 
+def test_predict_checks_its_arguments_before_torch_is_imported() -> None:
+    """`cmds-ad predict` reads the model's name, thresholds, bundle and input folder before the
+    prediction path (torch, the models) is imported: a refusal takes a second."""
+    found = imported_after("import stages.predict, pipeline.bundle")
+    assert set(found["packages"]) & set(NEVER + NUMPY_STAGE) == set(), found
+    assert "pipeline.prediction" not in found["ours"], found
+
+
 def test_cli_entry_point_imports_no_stage_and_no_library() -> None:
     found = imported_after("import stages.cli")
     assert found["packages"] == [], found

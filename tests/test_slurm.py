@@ -3,9 +3,9 @@ munged, slurmctld and slurmd of Debian's slurm-wlm, installed where missing and 
 
 One run of the reduced demo (one category, k = 1) with the job settings in distribute.yaml:
 one job with a (fake) GPU and one CPU-only job. The job that runs the first model stage is
-cancelled with `scancel` while the stage runs. Checked against a serial `dvc repro` of the
-same commit, which runs meanwhile (the run leaves a core mostly idle: model stages take turns
-on the one GPU job). Then the refusals, before any work, of what SLURM would not run.
+cancelled with `scancel` while the stage runs. Checked against the session's serial
+`dvc repro` of the same configuration (the reduced demo, tests/conftest.py). Then the
+refusals, before any work, of what SLURM would not run.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import psutil
 import pytest
 
 from scheduler.plan import MODEL_STAGES
-from tools.scratch_project import REDUCED_DEMO, make_project, project_env, sh, stages_run
+from tools.scratch_project import REDUCED_DEMO, make_project, project_env, sh
 from tests import slurm_cluster
-from tests.e2e_helpers import commands_run, counting_shim, output_files
+from tests.e2e_helpers import commands_run, counting_shim, lock_instances, output_files
 
 pytestmark = pytest.mark.slow
 
@@ -89,28 +89,16 @@ def env(tmp_path_factory, slurm) -> tuple[Path, dict[str, str], Path]:
 
 
 def _new_project(path: Path) -> Path:
-    return make_project(path, REDUCED_DEMO, categories=(CATEGORY,), n_train=3, n_test=6)
+    # the configuration of the session's reduced demo (tests/conftest.py), the reference
+    return make_project(path, REDUCED_DEMO, categories=(CATEGORY,), n_train=3, n_test=6,
+                        make_data=False)
 
 
 @pytest.fixture(scope="module")
-def serial_started(env):
-    """The reference, a serial `dvc repro`, started in the background."""
-    base, _, _ = env
-    root = _new_project(base / "serial")
-    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=project_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield root, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def serial(serial_started) -> tuple[Path, int]:
-    root, proc = serial_started
-    out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == 0, out[-4000:]
-    return root, len(stages_run(out))
+def serial(reduced_demo) -> tuple[Path, int]:
+    """The reference: the session's reduced demo, reproduced serially by `dvc repro`, and
+    its number of stage instances."""
+    return reduced_demo, len(lock_instances(reduced_demo))
 
 
 def _settings(slurm) -> str:
@@ -175,7 +163,7 @@ class JobWatcher(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def slurm_run(env, slurm, serial_started):
+def slurm_run(env, slurm):
     """`cmds-ad distribute` with distribute.yaml's SLURM settings, a job cancelled midway."""
     base, environ, counts = env
     root = _new_project(base / "slurm")
@@ -238,7 +226,7 @@ def test_model_stages_ran_only_in_the_gpu_job(slurm_run):
     assert run.returncode == 0, run.stderr[-6000:]
     gpu_jobs = _gpu_jobs(watcher)
     instances = record["instances"]
-    assert len(instances) == 14
+    assert len(instances) == 15  # demo_data included
     for addr, where in instances.items():
         stage = addr.split(":")[-1].split("@")[0]
         assert where["slurm_job"] in watcher.seen, (addr, where)
