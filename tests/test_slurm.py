@@ -190,7 +190,8 @@ def _gpu_jobs(watcher: JobWatcher) -> set[str]:
     return {job_id for job_id, job in watcher.seen.items() if "gpu" in job["gres"]}
 
 
-def test_results_byte_identical_to_serial_repro(serial, slurm_run):
+def test_results_byte_identical_to_serial_repro(slurm_run, serial):
+    # slurm_run first: under xdist the other worker builds the session's reduced demo meanwhile
     root, run, _, _, _, _ = slurm_run
     serial_root, n_instances = serial
     assert run.returncode == 0, run.stderr[-6000:]
