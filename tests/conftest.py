@@ -119,7 +119,7 @@ def _reproduce_reduced_demo(root: Path) -> Path:
 # `make test` (`-n 2 --dist loadfile`) a file runs on one worker, and starting the long ones
 # first keeps the two workers busy to the end.
 LONGEST_FIRST = ("test_distribute", "test_slurm", "test_team", "test_predict", "test_hostile",
-                 "test_warm", "test_dvc_pipeline", "test_paper_gpu")
+                 "test_dvc_pipeline", "test_paper_gpu", "test_warm")
 
 
 def pytest_collection_modifyitems(config, items):
