@@ -15,8 +15,10 @@ export DVC_NO_ANALYTICS := 1
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch pinned: the CUDA build that lies on this machine's disk (see README); one resolve
-	$(BIN)/python -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1 -e '.[test]'
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CUDA build that lies on this machine's disk (see README)
+	$(BIN)/python -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
 	# the bytecode on every core at once, instead of pip's one file after another (about 30 s
 	# less); needed where PYTHONDONTWRITEBYTECODE is set, else every process compiles torch
 	# again. A few files written for other Python versions do not compile, as with pip.
