@@ -105,6 +105,15 @@ def reduced_demo(tmp_path_factory, session_server) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def reduced_demo_run(reduced_demo) -> tuple[Path, int]:
+    """The reduced demo as the serial reference of the distributed and SLURM runs: its folder
+    and its number of stage instances (from its lock files)."""
+    from tests.e2e_helpers import lock_instances
+
+    return reduced_demo, len(lock_instances(reduced_demo))
+
+
 def _reproduce_reduced_demo(root: Path) -> Path:
     from tools.scratch_project import REDUCED_DEMO, make_project, sh
 

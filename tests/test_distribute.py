@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -32,7 +31,7 @@ from tools.scratch_project import (
     sh,
     stage_command,
 )
-from tests.e2e_helpers import lock_instances, output_files
+from tests.e2e_helpers import commands_run, counting_shim, output_files
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +40,13 @@ KILL_STAGE = "fit-mapper"  # the model stage during which a worker process is ki
 CLEAN_ENV: dict[str, str] = {}  # the environment for `cmds-ad` subprocesses
 
 
-def _new_project(path: Path, remote: Path | None) -> Path:
-    # the demo data is the first stage's output, made by the run (serial or distributed)
+def _new_project(path: Path, remote: Path) -> Path:
+    # the demo data is the first stage's output, made by the distributed run
     root = make_project(path, REDUCED_DEMO, categories=(CATEGORY,), n_train=3, n_test=6,
                         make_data=False)
-    if remote is not None:
-        sh(["dvc", "remote", "add", "-d", "team", str(remote)], root)
-        sh(["git", "add", "-A"], root)
-        sh(["git", "commit", "-q", "-m", "remote"], root)
+    sh(["dvc", "remote", "add", "-d", "team", str(remote)], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-q", "-m", "remote"], root)
     return root
 
 
@@ -57,13 +55,7 @@ def env(tmp_path_factory):
     """The project's environment, and a `cmds-ad` shim first on PATH that counts every stage
     command any process runs (the count is independent of distribute's own bookkeeping)."""
     base = tmp_path_factory.mktemp("distribute")
-    shim_dir = base / "shim"
-    shim_dir.mkdir()
-    counts = base / "commands.txt"
-    real = shutil.which("cmds-ad", path=project_env()["PATH"])
-    shim = shim_dir / "cmds-ad"
-    shim.write_text(f'#!/bin/sh\necho "$*" >> "{counts}"\nexec "{real}" "$@"\n')
-    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    shim_dir, counts = counting_shim(base, project_env()["PATH"])
     saved = dict(os.environ)
     os.environ.update(project_env())
     os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ['PATH']}"
@@ -80,19 +72,6 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def _commands(counts: Path) -> Counter:
-    """Stage commands run so far (the shim also sees `cmds-ad distribute` itself)."""
-    lines = counts.read_text().splitlines() if counts.is_file() else []
-    return Counter(line for line in lines if not line.startswith("distribute"))
-
-
-@pytest.fixture(scope="module")
-def serial(reduced_demo) -> tuple[Path, int]:
-    """The reference: the session's reduced demo, reproduced serially by `dvc repro`, and
-    its number of stage instances."""
-    return reduced_demo, len(lock_instances(reduced_demo))
-
-
 @pytest.fixture(scope="module")
 def distributed(env):
     """One distributed run on a LocalCluster of 2 worker processes; the worker running the
@@ -104,7 +83,7 @@ def distributed(env):
 
     base, counts = env
     root = _new_project(base / "distributed", base / "remote")
-    before = _commands(counts)
+    before = commands_run(counts)
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=":0")
     client = Client(cluster)
@@ -138,13 +117,13 @@ def distributed(env):
         killer.join(5)
         client.close()
         cluster.close()
-    commands = _commands(counts) - before
+    commands = commands_run(counts) - before
     return root, outcome, killed, commands
 
 
-def test_results_byte_identical_to_serial_repro(serial, distributed):
+def test_results_byte_identical_to_serial_repro(reduced_demo_run, distributed):
     root, outcome, _, _ = distributed
-    serial_root, n_instances = serial
+    serial_root, n_instances = reduced_demo_run
     assert outcome.ok, (outcome.failures, outcome.skipped)
     assert len(outcome.results) == n_instances
     reference, ours = output_files(serial_root), output_files(root)
@@ -158,9 +137,9 @@ def test_results_byte_identical_to_serial_repro(serial, distributed):
     assert metrics  # DVC sees the metrics files
 
 
-def test_no_instance_computed_twice_and_the_killed_one_was_rescheduled(serial, distributed):
+def test_no_instance_computed_twice_and_the_killed_one_was_rescheduled(reduced_demo_run, distributed):
     root, outcome, killed, commands = distributed
-    _, n_instances = serial
+    _, n_instances = reduced_demo_run
     assert killed, "no worker was killed during a model stage"
     # every stage command ran once, except the one whose worker was killed: twice
     killed_args = killed["args"]
@@ -174,11 +153,11 @@ def test_no_instance_computed_twice_and_the_killed_one_was_rescheduled(serial, d
     assert outcome.starts[f"upstream/dvc.yaml:fit_mapper@{category}-1-0"] == 2
 
 
-def test_second_run_computes_nothing_and_remote_is_complete(serial, distributed, env, tmp_path):
+def test_second_run_computes_nothing_and_remote_is_complete(reduced_demo_run, distributed, env, tmp_path):
     root, _, _, _ = distributed
-    _, n = serial
+    _, n = reduced_demo_run
     _, counts = env
-    before = _commands(counts)
+    before = commands_run(counts)
     # A fresh clone at the same commit knows nothing: every instance is scheduled, and every
     # one comes from the remote's run cache (the killed attempt left nothing half-pushed).
     clone = tmp_path / "clone"
@@ -187,7 +166,7 @@ def test_second_run_computes_nothing_and_remote_is_complete(serial, distributed,
     assert result.returncode == 0, result.stderr
     assert f"{n} of {n} instances done (0 computed, {n} restored from the remote)" in \
         " ".join(result.stderr.split()), result.stderr
-    assert _commands(counts) == before
+    assert commands_run(counts) == before
     assert json.loads(sh(["dvc", "status", "--json"], clone).stdout or "{}") == {}
     assert output_files(clone) == output_files(root)
     # and in the distributed workspace itself nothing is left to do
@@ -198,7 +177,7 @@ def test_second_run_computes_nothing_and_remote_is_complete(serial, distributed,
 def test_failing_instance_reported_once_with_its_log(distributed, env):
     root, _, _, _ = distributed
     _, counts = env
-    before = _commands(counts)
+    before = commands_run(counts)
     sh(["git", "add", "-A"], root)  # the lock files of the distributed run
     sh(["git", "commit", "-q", "-m", "distributed run"], root)
     # a teammate records damaged demo data (its stage's output) and pushes it
@@ -214,7 +193,7 @@ def test_failing_instance_reported_once_with_its_log(distributed, env):
         assert "last lines of its log" in out and f"data/demo/{CATEGORY}" in out, out
         assert "Not run (upstream failed)" in out
         # no retry loop: the failing command ran once
-        assert (_commands(counts) - before) == Counter({f"prepare {CATEGORY}": 1})
+        assert (commands_run(counts) - before) == Counter({f"prepare {CATEGORY}": 1})
     finally:
         sh(["git", "revert", "--no-edit", "HEAD"], root)
         sh(["dvc", "checkout", "-q"], root)

@@ -26,7 +26,7 @@ import pytest
 from scheduler.plan import MODEL_STAGES
 from tools.scratch_project import REDUCED_DEMO, make_project, project_env, sh
 from tests import slurm_cluster
-from tests.e2e_helpers import commands_run, counting_shim, lock_instances, output_files
+from tests.e2e_helpers import commands_run, counting_shim, output_files
 
 pytestmark = pytest.mark.slow
 
@@ -92,13 +92,6 @@ def _new_project(path: Path) -> Path:
     # the configuration of the session's reduced demo (tests/conftest.py), the reference
     return make_project(path, REDUCED_DEMO, categories=(CATEGORY,), n_train=3, n_test=6,
                         make_data=False)
-
-
-@pytest.fixture(scope="module")
-def serial(reduced_demo) -> tuple[Path, int]:
-    """The reference: the session's reduced demo, reproduced serially by `dvc repro`, and
-    its number of stage instances."""
-    return reduced_demo, len(lock_instances(reduced_demo))
 
 
 def _settings(slurm) -> str:
@@ -190,10 +183,10 @@ def _gpu_jobs(watcher: JobWatcher) -> set[str]:
     return {job_id for job_id, job in watcher.seen.items() if "gpu" in job["gres"]}
 
 
-def test_results_byte_identical_to_serial_repro(slurm_run, serial):
+def test_results_byte_identical_to_serial_repro(slurm_run, reduced_demo_run):
     # slurm_run first: under xdist the other worker builds the session's reduced demo meanwhile
     root, run, _, _, _, _ = slurm_run
-    serial_root, n_instances = serial
+    serial_root, n_instances = reduced_demo_run
     assert run.returncode == 0, run.stderr[-6000:]
     out = " ".join(run.stderr.split())
     assert f"{n_instances} of {n_instances} instances done ({n_instances} computed" in out, out
@@ -241,9 +234,9 @@ def test_model_stages_ran_only_in_the_gpu_job(slurm_run):
     # (test_results_byte_identical_to_serial_repro)
 
 
-def test_cancelled_job_rescheduled_nothing_computed_twice(slurm, slurm_run, serial):
+def test_cancelled_job_rescheduled_nothing_computed_twice(slurm, slurm_run, reduced_demo_run):
     _, run, watcher, record, commands, _ = slurm_run
-    _, n_instances = serial
+    _, n_instances = reduced_demo_run
     assert run.returncode == 0, run.stderr[-6000:]
     cancelled = watcher.cancelled
     assert cancelled, "no job was cancelled during a model stage"
