@@ -10,6 +10,11 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
+# Bytecode: pip installs without it (--no-compile) and Python writes each module's .pyc the first
+# time a process imports it, as it does by default. Most of the venv is never imported: this is
+# about 30 s less than compiling all of it at install. Where PYTHONDONTWRITEBYTECODE is set (some
+# CI images), every process would compile torch & co. again, so this Makefile's commands unset it.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install demo test test-fast bench gpu-wheels clean-results
 
@@ -19,10 +24,6 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CUDA build that lies on this machine's disk (see README)
 	$(BIN)/python -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
-	# the bytecode on every core at once, instead of pip's one file after another (about 30 s
-	# less); needed where PYTHONDONTWRITEBYTECODE is set, else every process compiles torch
-	# again. A few files written for other Python versions do not compile, as with pip.
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	# open3d (the normals tests' reference) loads libusb-1.0, which slim Debian images lack
 	$(BIN)/python -c 'import open3d' 2>/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && apt-get install -y -qq libusb-1.0-0 >/dev/null; } \
