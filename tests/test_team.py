@@ -16,6 +16,8 @@ import csv
 import difflib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,17 @@ def test_copied_project_is_up_to_date(reduced_demo, tmp_path):
     copy = copy_project(reduced_demo, tmp_path / "copy")
     assert status(copy) == {}
     assert sh(["git", "status", "--porcelain"], copy).stdout == ""
+
+
+def test_bytecode_beside_the_code_changes_no_stage(reduced_demo, tmp_path):
+    """A user's stage processes import the project's own code, and Python writes __pycache__
+    beside it (here they import this repository's, so the test writes it): a code folder that
+    stages depend on (pipeline/data) must hash the same with it as in a teammate's fresh clone
+    without it, or their `dvc repro` reruns prepare and everything after it."""
+    copy = copy_project(reduced_demo, tmp_path / "copy")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(copy / "pipeline")], check=True)
+    assert list((copy / "pipeline/data/__pycache__").glob("*.pyc"))
+    assert status(copy) == {}
 
 
 def test_git_holds_code_params_and_locks_not_data_or_results(reduced_demo):
