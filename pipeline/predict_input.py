@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data import SampleRef
+import tifffile
+from PIL import Image
+
+from pipeline.data import SampleRef, check_size
 from pipeline.data.folder import INTRINSICS
 from pipeline.data.mvtec import GOOD, ambiguous, by_stem
 from pipeline.errors import InputError
@@ -91,3 +94,29 @@ def find_samples(path: Path) -> list[SampleRef]:
     if not refs:
         raise InputError(f"{path}: no samples found ({LAYOUT})")
     return refs
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) from a TIFF's or PNG's header, without decoding the pixels; None where the header
+    cannot be read (reading the sample names that fault)."""
+    try:
+        if path.suffix.lower() in XYZ_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                return page.imagelength, page.imagewidth
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception:  # noqa: BLE001 - a damaged file is named when its sample is read
+        return None
+
+
+def check_sizes(refs: list[SampleRef]) -> None:
+    """Every sample's point cloud (or depth image) and mask have its RGB image's size. Reads
+    the files' headers only, so a mismatch in a large folder is named before any model loads
+    and not when prediction reaches that sample."""
+    for ref in refs:
+        rgb_size = _header_size(ref.rgb)
+        for path, what in ((ref.geometry_path, "point cloud"), (ref.gt, "mask")):
+            size = _header_size(path) if path is not None and rgb_size is not None else None
+            if size is not None:
+                check_size(path, what, size, ref.rgb, rgb_size)

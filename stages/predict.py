@@ -34,7 +34,7 @@ from pipeline.bundle import TrainedModel
 from pipeline.errors import InputError, ParamsError
 from pipeline.outputs import mark
 from pipeline.params import load_params
-from pipeline.predict_input import find_samples
+from pipeline.predict_input import check_sizes, find_samples
 from pipeline.thresholds import read_thresholds
 from stages import layout
 
@@ -89,7 +89,8 @@ def _sample_files(out: Path, result: SampleResult, thresholds: tuple[float, floa
 def run(model: TrainedModel, input_path: Path, out: Path) -> dict[str, float]:
     """Predict every sample under ``input_path`` into ``out``; returns seconds per step."""
     refs = find_samples(input_path)
-    from pipeline.prediction import Predictor  # torch: once the input is found
+    check_sizes(refs)
+    from pipeline.prediction import Predictor  # torch: once the input is checked
 
     predictor = Predictor.load(model.params, model.category, model.mapper_dir)
     with atomic_dir(out) as tmp:

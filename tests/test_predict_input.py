@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 
-from pipeline.data import list_samples
+from pipeline.data import list_samples, load_sample
 from pipeline.data.demo import write_demo_category
 from pipeline.errors import InputError
-from pipeline.predict_input import find_samples
+from pipeline.predict_input import check_sizes, find_samples
 from pipeline.prediction import to_input_resolution
 
 
@@ -48,6 +52,35 @@ def test_bad_paths_are_one_error_naming_the_path(category, tmp_path) -> None:
     (lonely / "007.png").write_bytes((category / "test/good/rgb/000.png").read_bytes())
     with pytest.raises(InputError, match=r"lonely/xyz/007.tiff: xyz point cloud not found"):
         find_samples(tmp_path / "lonely")
+
+
+def test_sizes_are_checked_from_the_headers_as_the_reader_checks_them(category, tmp_path) -> None:
+    """check_sizes refuses what load_sample refuses, with the same message, and passes the rest
+    (a planar TIFF: its header's size, not its array's first axes)."""
+    good = category / "test" / "good"
+    check_sizes(find_samples(good))
+    xyz = tifffile.imread(good / "xyz/000.tiff")
+    cases = {"cloud": ("xyz/000.tiff", lambda: tifffile.imwrite(
+                 tmp_path / "cloud/xyz/000.tiff", xyz[:-2], photometric="rgb")),
+             "mask": ("gt/000.png", lambda: Image.new("L", (xyz.shape[1] + 1, xyz.shape[0])).save(
+                 tmp_path / "mask/gt/000.png"))}
+    for name, (path, spoil) in cases.items():
+        shutil.copytree(good, tmp_path / name)
+        if name == "mask":
+            (tmp_path / name / "gt").mkdir(exist_ok=True)
+        spoil()
+        (ref,) = [r for r in find_samples(tmp_path / name) if r.id == f"{name}/000"]
+        with pytest.raises(InputError) as from_reader:
+            load_sample(ref)
+        with pytest.raises(InputError) as from_headers:
+            check_sizes([ref])
+        assert str(from_headers.value) == str(from_reader.value)
+        assert f"{name}/{path}: " in str(from_headers.value), from_headers.value
+    planar = tmp_path / "planar"
+    shutil.copytree(good, planar)
+    tifffile.imwrite(planar / "xyz/000.tiff", np.moveaxis(xyz, -1, 0), planarconfig="separate",
+                     photometric="rgb")
+    check_sizes(find_samples(planar))
 
 
 def test_maps_go_back_to_the_input_resolution() -> None:

@@ -22,8 +22,8 @@ from pipeline.errors import InputError
 
 DATASETS = ("mvtec3d", "eyecandies", "folder")
 
-__all__ = ["DATASETS", "RawSample", "SampleRef", "check_masks", "list_samples", "load_sample",
-           "read_rgb"]
+__all__ = ["DATASETS", "RawSample", "SampleRef", "check_masks", "check_size", "list_samples",
+           "load_sample", "read_rgb"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,14 @@ def check_masks(refs: list[SampleRef], accept_empty_defects: bool = False) -> No
                              "such samples")
 
 
+def check_size(path: Path, what: str, size: tuple[int, ...], rgb: Path,
+               rgb_size: tuple[int, ...]) -> None:
+    """A sample's ``what`` at ``path`` has the size of its RGB image (sizes are (H, W))."""
+    if tuple(size) != tuple(rgb_size):
+        raise InputError(f"{path}: {what} size {size[1]}x{size[0]} (WxH) does not match rgb "
+                         f"image {rgb.name} size {rgb_size[1]}x{rgb_size[0]}")
+
+
 def load_sample(ref: SampleRef, eyecandies_xyz: str = "camera") -> RawSample:
     """Read and validate one sample; every error names the file at fault.
 
@@ -109,18 +117,10 @@ def load_sample(ref: SampleRef, eyecandies_xyz: str = "camera") -> RawSample:
         xyz, background = read_eyecandies_xyz(ref.depth, ref.depth_info, ref.pose, eyecandies_xyz)
     else:
         raise InputError(f"{ref.rgb}: sample {ref.id!r} has no geometry file")
-    if xyz.shape[:2] != rgb.shape[:2]:
-        raise InputError(
-            f"{ref.geometry_path}: point cloud size {xyz.shape[1]}x{xyz.shape[0]} (WxH) does not "
-            f"match rgb image {ref.rgb.name} size {rgb.shape[1]}x{rgb.shape[0]}"
-        )
+    check_size(ref.geometry_path, "point cloud", xyz.shape[:2], ref.rgb, rgb.shape[:2])
     if ref.gt is not None and ref.gt.exists():
         gt = read_mask(ref.gt)
-        if gt.shape != rgb.shape[:2]:
-            raise InputError(
-                f"{ref.gt}: mask size {gt.shape[1]}x{gt.shape[0]} (WxH) does not match rgb "
-                f"image {ref.rgb.name} size {rgb.shape[1]}x{rgb.shape[0]}"
-            )
+        check_size(ref.gt, "mask", gt.shape, ref.rgb, rgb.shape[:2])
     elif ref.gt is not None:
         raise InputError(f"{ref.gt}: ground-truth mask not found")
     else:
