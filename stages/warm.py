@@ -26,8 +26,10 @@ import signal
 import socket
 import struct
 import sys
+from pathlib import Path
 
 from stages.commands import STAGE_COMMANDS, STAGE_NAMES
+from stages.project_code import installed_root, other_project_code, rerun_with
 
 SERVER_ENV = "CMDS_AD_SERVER"
 # Variables that may differ between the server's start and a stage: what DVC adds to a stage's
@@ -47,9 +49,17 @@ REPLY_TIMEOUT_S = 900.0  # the first answer comes after the server's imports (mi
 
 
 def main() -> object:
-    """``cmds-ad``: a stage command goes to the warm server when there is one, else (and for
-    every other command) the command line of stages/cli.py runs in this process."""
+    """``cmds-ad``: a command that DVC runs in a project whose sources differ from the
+    installed ones runs again with the project's code (stages/project_code.py); then a stage
+    command goes to the warm server when there is one, else (and for every other command) the
+    command line of stages/cli.py runs in this process."""
     argv = sys.argv
+    other = other_project_code(os.environ, Path.cwd())
+    if other is not None:
+        project, rel = other
+        sys.stderr.write(f"cmds-ad: running the code of the DVC workspace {project}: its {rel} "
+                         f"differs from the installed code's ({installed_root()})\n")
+        rerun_with(project, argv)
     path = os.environ.get(SERVER_ENV)
     if path and len(argv) > 1 and argv[1] in STAGE_NAMES:
         status = _client(path, argv)

@@ -149,6 +149,23 @@ def two_experiments(lab) -> dict[float, str]:
     return names
 
 
+def test_an_experiment_in_a_temporary_workspace_runs_that_workspaces_code(reduced_demo,
+                                                                          tmp_path):
+    """A temporary or queued experiment runs in DVC's copy of the workspace, and DVC records
+    that copy's code. Where it is not the installed code (here: the project commits a changed
+    stage, and the installed code is this repository's), the stage runs the copy's."""
+    copy = copy_project(reduced_demo, tmp_path / "copy")
+    module = copy / "stages/validate_params.py"
+    module.write_text(module.read_text() + '\nimport sys\nsys.stderr.write("the copy ran\\n")\n')
+    sh(["git", "commit", "-q", "-am", "a changed stage"], copy)
+    result = sh(["dvc", "exp", "run", "--temp"], copy)
+    out = result.stdout + result.stderr
+    assert "the copy ran" in out, out
+    running = re.search(r"running the code of the DVC workspace (\S+): its "
+                        r"stages/validate_params.py differs", out)
+    assert running and Path(running.group(1)).parent.parent == copy / ".dvc/tmp/exps", out
+
+
 def test_exp_show_has_every_experiments_metrics_and_its_baselines(lab, two_experiments):
     shown = experiments(lab)
     zero, one = (shown[two_experiments[v]] for v in (0.0, 1.0))

@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import REPO
 from tests.e2e_helpers import output_files
 from tools.scratch_project import REDUCED_DEMO, copy_project, make_project, project_env, sh
+from stages.project_code import PACKAGES as PROJECT_PACKAGES
+from stages.project_code import first_difference
 from stages.warm import PACKAGES, SERVE, SERVER_ENV, STAGE_NAMES
 
 USED = "cmds-ad: running in a child of the warm server"
@@ -198,6 +200,32 @@ def test_a_dead_socket_makes_the_client_run_itself(project, code, tmp_path):
         assert f"{NOT_USED}: {path} does not answer" in result.stderr
     quiet = _run(["validate-params"], project, _warm(code, str(dead)))
     assert quiet.returncode == 0 and quiet.stderr == ""  # silent unless verbose
+
+
+def test_a_dvc_project_with_other_sources_runs_its_own_code(project, code, server, tmp_path):
+    """DVC runs a stage (DVC_ROOT set) in a workspace whose sources differ from the installed
+    ones, as in a queued experiment's copy of a workspace whose code has changed since: the command
+    runs the project's code, in a fresh process and not in the server's child. Where they are
+    the same, it runs as before."""
+    copy = tmp_path / "copy"
+    for package in PROJECT_PACKAGES:
+        shutil.copytree(code / package, copy / package)
+    shutil.copy(project / "params.yaml", copy / "params.yaml")
+    (copy / ".dvc").mkdir()
+    env = _warm(code, server, CMDS_AD_VERBOSE="1", DVC_ROOT=str(copy))
+    same = _run(["validate-params"], copy, env)
+    assert same.returncode == 0 and same.stderr.startswith(USED), same.stderr
+    module = copy / "stages" / "validate_params.py"
+    module.write_text(module.read_text() + '\nimport sys\nsys.stderr.write("the copy ran\\n")\n')
+    assert first_difference(copy, code) == "stages/validate_params.py"
+    other = _run(["validate-params"], copy, env)
+    assert other.returncode == 0, other.stderr
+    assert other.stderr.startswith(f"cmds-ad: running the code of the DVC workspace {copy}: its "
+                                   "stages/validate_params.py differs"), other.stderr
+    assert "the copy ran" in other.stderr and USED not in other.stderr
+    (copy / "stages" / "new.py").write_text("")
+    module.write_text((code / "stages" / "validate_params.py").read_text())
+    assert first_difference(copy, code) == "stages/new.py"
 
 
 def test_other_commands_run_in_the_client(project, code, server):
