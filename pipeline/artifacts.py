@@ -65,11 +65,19 @@ def _public_tree(root: Path) -> None:
 
 
 def _give_up(claim: Claim, err: BaseException) -> None:
-    """Discard a claim after a failure; running out of disk becomes one ResourceError."""
+    """Discard a claim after a failure. Running out of disk becomes one ResourceError; an I/O
+    error because another process removed the temporary (a write of zarr's own into it, say)
+    becomes the OutputError that says so, as when the removal is found before the rename."""
     if is_disk_full(err) and claim.outermost() is claim:
         message = claim.disk_full(err)  # type: ignore[arg-type]
         claim.discard()
         raise message from None
+    if isinstance(err, OSError):
+        try:
+            claim.verify()
+        except OutputError as removed:
+            claim.discard()
+            raise removed from None
     claim.discard()
 
 

@@ -323,6 +323,31 @@ def test_a_temporary_removed_while_writing_is_never_renamed_into_place(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 
 
+def test_a_temporary_removed_inside_one_of_zarrs_writes_is_the_same_one_error(tmp_path,
+                                                                              monkeypatch):
+    """The removal can land inside a write of zarr's own (between its .partial file and the
+    link into place, as `rm -rf` during `cmds-ad prepare` once did): zarr's FileNotFoundError
+    becomes the error that names the output and says what happened."""
+    import shutil
+
+    out = tmp_path / "prepare/disc"
+    link = os.link
+
+    def removed_first(src, dst, *args, **kwargs):
+        for tmp in out.parent.glob(".disc.tmp-*"):
+            shutil.rmtree(tmp)
+        return link(src, dst, *args, **kwargs)
+
+    with pytest.raises(OutputError, match=r"prepare/disc: its temporary \.disc\.tmp-\S+ \(while "
+                       r"writing train\.zarr in it\) was removed or replaced by another process"):
+        with atomic_dir(out) as tmp:
+            with StoreWriter(tmp / "train.zarr") as writer:
+                monkeypatch.setattr(os, "link", removed_first)
+                writer.create("x", 10, (4,), np.float32)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_finished_store_removed_from_the_folder_being_written_is_noticed(tmp_path):
     import shutil
 
