@@ -619,6 +619,22 @@ def _writing(project: Path) -> Callable[[], bool]:
     return _appears(project / "artifacts/prepare", ".disc.tmp-*/.*.zarr.tmp-*")
 
 
+def _stopped(pid: int) -> bool:
+    """Every thread of the process is stopped (or the process is gone)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # the thread has ended
+        if state not in "tTZX":
+            return False
+    return True
+
+
 @contextmanager
 def _paused(project: Path) -> Iterator[None]:
     """Hold the stage processes of the project still (SIGSTOP) for the block: a writer stays
@@ -628,6 +644,12 @@ def _paused(project: Path) -> Iterator[None]:
     for p in processes:
         p.suspend()
     try:
+        # SIGSTOP arrives asynchronously: a thread running on the other core could still
+        # write a file while the test removes the folder
+        deadline = time.time() + 30
+        while not all(_stopped(p.pid) for p in processes):
+            assert time.time() < deadline, "the stage processes did not stop"
+            time.sleep(0.01)
         yield
     finally:
         for p in processes:
