@@ -3,9 +3,8 @@ generator's MVTec 3D-AD layout; no model runs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,9 +64,7 @@ def test_sizes_are_checked_from_the_headers_as_the_reader_checks_them(category, 
              "mask": ("gt/000.png", lambda: Image.new("L", (xyz.shape[1] + 1, xyz.shape[0])).save(
                  tmp_path / "mask/gt/000.png"))}
     for name, (path, spoil) in cases.items():
-        shutil.copytree(good, tmp_path / name)
-        if name == "mask":
-            (tmp_path / name / "gt").mkdir(exist_ok=True)
+        shutil.copytree(good, tmp_path / name)  # with gt/: the demo's good samples have masks
         spoil()
         (ref,) = [r for r in find_samples(tmp_path / name) if r.id == f"{name}/000"]
         with pytest.raises(InputError) as from_reader:
